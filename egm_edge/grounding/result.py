@@ -1,0 +1,57 @@
+"""The result every runner returns (reference, runtime, remote endpoint): one shape for all."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GroundingResult:
+    """One grounding: the box in pixels of the original image (or why there is none) and how it was made.
+
+    timings holds milliseconds: preprocess, vision, prefill, decode, total, ms_per_token.
+    """
+
+    box: tuple[float, float, float, float] | None
+    box_norm1000: tuple[float, float, float, float] | None
+    text: str
+    reasoning: str
+    answer: str
+    think_tokens: int
+    answer_tokens: int
+    budget_forced: bool
+    parse_reason: str | None = None
+    parse_method: str | None = None
+    image_size: tuple[int, int] | None = None  # (width, height)
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("box", "box_norm1000", "image_size"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_output(cls, text: str, width: int, height: int, *, think_tokens: int, answer_tokens: int,
+                    budget_forced: bool, family: str = "qwen3_vl", timings: dict | None = None) -> "GroundingResult":
+        """Build a result from a model's decoded output text (parsing as EGM does)."""
+        from egm_edge.grounding.parse import parse_box
+        from egm_edge.grounding.prompts import split_thinking
+
+        parsed = parse_box(text, width, height, family=family)
+        reasoning, answer, _ = split_thinking(text)
+        return cls(
+            box=parsed.box,
+            box_norm1000=parsed.box_norm1000,
+            text=text,
+            reasoning=reasoning,
+            answer=answer,
+            think_tokens=think_tokens,
+            answer_tokens=answer_tokens,
+            budget_forced=budget_forced,
+            parse_reason=parsed.reason,
+            parse_method=parsed.method,
+            image_size=(width, height),
+            timings=dict(timings or {}),
+        )
