@@ -1,0 +1,156 @@
+"""The thinking budget: a pure per-request policy with a queue of tokens to force.
+
+The decode loop asks `policy.forced()` before sampling; when it returns a token id,
+that token is emitted instead of a sampled one. Every emitted token (sampled or
+forced) goes back through `policy.observe(token)`. The policy knows nothing about
+models, tensors or executors; it is tested with a scripted fake model.
+
+Modes (DESIGN.md):
+- `hard`: when the reasoning reaches the budget, force the natural close
+  "\\n</think>\\n\\n" (the Thinking template's own separator).
+- `qwen`: force Qwen's stop-thinking sentence, then the close. If the budget is
+  too small to hold the sentence, it degrades to `hard`.
+- `none`: no budget; the model thinks until it closes the reasoning itself.
+
+Invariants: think_tokens (tokens before `</think>`, forced ones included) never
+exceed the budget; budget 0 answers at once; the answer is capped separately by
+`max_answer_tokens`; the whole output never exceeds `max_new_tokens` (derived
+from the bundle's planned maximum sequence), reserving room for the close and
+the answer.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from egm_edge.errors import InputError
+
+MODES = ("hard", "qwen", "none")
+HARD_CLOSE_TEXT = "\n</think>\n\n"
+MAX_BUDGET = 1 << 20
+
+
+@dataclass(frozen=True)
+class ThinkTokens:
+    """Token ids the policy needs, read from the tokenizer (never hard-coded).
+
+    hard_close: ids of "\\n</think>\\n\\n"; qwen_close: ids of the stop sentence +
+    "</think>\\n\\n"; stop: ids that end generation (<|im_end|>, <|endoftext|>).
+    """
+
+    think_close: int
+    hard_close: tuple[int, ...]
+    qwen_close: tuple[int, ...]
+    stop: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "ThinkTokens":
+        """Build from a `tokenizers.Tokenizer` (or anything with token_to_id/encode)."""
+        from egm_edge.grounding import QWEN_STOP_THINKING
+
+        def tid(name):
+            i = tok.token_to_id(name)
+            if i is None:
+                raise InputError(f"The tokenizer has no {name!r} token; it is not a Qwen3 Thinking tokenizer.")
+            return i
+
+        def enc(text):
+            return tuple(tok.encode(text, add_special_tokens=False).ids)
+
+        close = tid("</think>")
+        stop = tuple(i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")) if i is not None)
+        if not stop:
+            raise InputError("The tokenizer has neither <|im_end|> nor <|endoftext|>; cannot tell when to stop.")
+        return cls(close, enc(HARD_CLOSE_TEXT), enc(QWEN_STOP_THINKING), stop)
+
+    def _split(self, seq: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        k = seq.index(self.think_close)
+        return seq[:k], seq[k:]
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """What the caller asks: budget (None = unlimited), mode, answer cap."""
+
+    think_budget: int | None = None
+    mode: str = "hard"
+    max_answer_tokens: int = 128
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"Unknown budget mode {self.mode!r}. Choose from: {', '.join(MODES)}.")
+        if self.think_budget is not None and not (0 <= int(self.think_budget) <= MAX_BUDGET):
+            raise InputError(f"The think budget must be between 0 and {MAX_BUDGET}, got {self.think_budget}.")
+        if self.max_answer_tokens < 1:
+            raise InputError(f"max_answer_tokens must be at least 1, got {self.max_answer_tokens}.")
+
+
+class BudgetPolicy:
+    """Per-request state: phase, counts and the queue of tokens to force."""
+
+    def __init__(self, spec: BudgetSpec, ids: ThinkTokens, max_new_tokens: int):
+        self.spec, self.ids = spec, ids
+        hard_pre, hard_post = ids._split(ids.hard_close)
+        qwen_pre, qwen_post = ids._split(ids.qwen_close)
+        # Room the answer needs after the reasoning: the close itself and the answer cap.
+        reserve = max(len(hard_post), len(qwen_post)) + spec.max_answer_tokens + 1  # + the stop token
+        if max_new_tokens < reserve:
+            raise InputError(
+                f"Only {max_new_tokens} new tokens fit in the planned sequence, fewer than the {reserve} an answer "
+                "needs; use a shorter prompt, a smaller image or a bundle planned for longer sequences."
+            )
+        room = max_new_tokens - reserve
+        budget = spec.think_budget if spec.mode != "none" else None
+        self.budget = room if budget is None else min(int(budget), room)
+        self.max_new_tokens = max_new_tokens
+        use_qwen = spec.mode == "qwen" and self.budget >= len(qwen_pre)
+        pre, post = (qwen_pre, qwen_post) if use_qwen else (hard_pre, hard_post)
+        if self.budget < len(pre):
+            pre = ()
+        self._close = pre + post
+        self._trigger_at = self.budget - len(pre)
+        self.queue: deque[int] = deque()
+        self.phase = "think"
+        self.think_tokens = 0
+        self.answer_tokens = 0
+        self.emitted = 0
+        self.budget_forced = False
+        self.truncated = False  # the answer hit its cap before a stop token
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def forced(self) -> int | None:
+        """The token to emit next instead of sampling, or None to sample."""
+        if self.done:
+            return None
+        if not self.queue and self.phase == "think" and self.think_tokens >= self._trigger_at:
+            self.queue.extend(self._close)
+            self.budget_forced = True
+        if not self.queue and self.phase == "answer" and self.answer_tokens >= self.spec.max_answer_tokens:
+            self.truncated = True
+            self.queue.append(self.ids.stop[0])
+        return self.queue.popleft() if self.queue else None
+
+    def observe(self, token: int) -> None:
+        """Account for an emitted token (sampled or forced)."""
+        if self.done:
+            raise RuntimeError("observe() after the policy is done")
+        self.emitted += 1
+        if token in self.ids.stop:
+            self.phase = "done"
+            self.queue.clear()
+            return
+        if self.phase == "think":
+            if token == self.ids.think_close:
+                self.phase = "answer"
+            else:
+                self.think_tokens += 1
+        else:
+            self.answer_tokens += 1
+        if self.emitted >= self.max_new_tokens:
+            self.truncated = self.truncated or self.phase != "done"
+            self.phase = "done"
+            self.queue.clear()
