@@ -1,0 +1,21 @@
+"""The PyTorch reference ("full model"): a local Qwen3-VL checkpoint run with transformers.
+
+Importing this package is cheap: torch and transformers load only when a runner
+is opened or a checkpoint is written. `ReferenceRunner` is what validate, sweep,
+calibration and training evaluation compare against; `write_tiny_checkpoint`
+builds the random tiny Qwen3-VL that tests use.
+"""
+
+__all__ = ["ReferenceRunner", "write_tiny_checkpoint"]
+
+
+def __getattr__(name: str):
+    if name == "ReferenceRunner":
+        from egm_edge.reference.runner import ReferenceRunner
+
+        return ReferenceRunner
+    if name == "write_tiny_checkpoint":
+        from egm_edge.reference.checkpoint import write_tiny_checkpoint
+
+        return write_tiny_checkpoint
+    raise AttributeError(f"module 'egm_edge.reference' has no attribute {name!r}")
