@@ -24,6 +24,7 @@ class GroundingResult:
     parse_method: str | None = None
     image_size: tuple[int, int] | None = None  # (width, height)
     timings: dict = field(default_factory=dict)
+    truncated: bool = False  # the output hit a length cap before the model stopped
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -34,7 +35,8 @@ class GroundingResult:
 
     @classmethod
     def from_output(cls, text: str, width: int, height: int, *, think_tokens: int, answer_tokens: int,
-                    budget_forced: bool, family: str = "qwen3_vl", timings: dict | None = None) -> "GroundingResult":
+                    budget_forced: bool, family: str = "qwen3_vl", timings: dict | None = None,
+                    truncated: bool = False) -> "GroundingResult":
         """Build a result from a model's decoded output text (parsing as EGM does)."""
         from egm_edge.grounding.parse import parse_box
         from egm_edge.grounding.prompts import split_thinking
@@ -54,4 +56,5 @@ class GroundingResult:
             parse_method=parsed.method,
             image_size=(width, height),
             timings=dict(timings or {}),
+            truncated=truncated,
         )
