@@ -1,0 +1,203 @@
+"""The project's quantization policy on top of ModelOpt's configs, and the quantizer census that enforces it.
+
+Contract:
+- `build_modelopt_config(spec)` = deep copy of the recipe's ModelOpt config, then
+  the KV-cache entries (ModelOpt's own KV config), then `policy_entries(spec)` LAST,
+  so no earlier pattern can re-enable a quantizer the policy turned off. ModelOpt
+  applies `quant_cfg` entries in list order, later ones winning.
+- Policy: the vision tower (`model.visual.*`: patch embed, blocks, merger and
+  deepstack mergers) stays 16-bit unless `vision="fp8"` (then its Linear layers
+  get the FP8 weight/input formats of FP8_DEFAULT_CFG); `lm_head` and every
+  embedding stay unquantized.
+- `count_quantizers(model)` counts enabled quantizers per group (language_model,
+  vision, lm_head, embeddings, kv_cache) and kind (weight, input, output, kv, attn);
+  `check_counts` raises an EgmError when the census contradicts the spec.
+Module names are those of transformers' Qwen3VLForConditionalGeneration (5.23):
+`model.visual.*`, `model.language_model.{embed_tokens,layers.N.*}`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from egm_edge.errors import EgmError, UnsupportedError
+from egm_edge.quantize.recipes import KV_CACHE, QuantSpec
+
+VISION_PREFIX = "model.visual."
+LANGUAGE_PREFIX = "model.language_model."
+GROUPS = ("language_model", "vision", "lm_head", "embeddings", "kv_cache")
+KINDS = ("weight", "input", "output", "kv", "attn")
+
+
+def policy_entries(spec: QuantSpec, fp8_weight: Any = None, fp8_input: Any = None) -> list[dict[str, Any]]:
+    """The project's entries, appended after ModelOpt's and the KV config's (see module docstring)."""
+    entries: list[dict[str, Any]] = []
+    if spec.vision == "fp8":
+        if fp8_weight is None or fp8_input is None:
+            raise ValueError("vision='fp8' needs the FP8 weight and input quantizer formats")
+        entries += [
+            {"quantizer_name": f"{VISION_PREFIX}*weight_quantizer", "parent_class": "nn.Linear", "cfg": copy.deepcopy(fp8_weight)},
+            {"quantizer_name": f"{VISION_PREFIX}*input_quantizer", "parent_class": "nn.Linear", "cfg": copy.deepcopy(fp8_input)},
+            # Attention BMM quantizers of the vision tower are not a KV cache: keep them off.
+            {"quantizer_name": f"{VISION_PREFIX}*_bmm_quantizer", "enable": False},
+            {"quantizer_name": f"{VISION_PREFIX}*output_quantizer", "enable": False},
+            {"quantizer_name": f"{VISION_PREFIX}patch_embed*", "enable": False},
+        ]
+    else:
+        entries.append({"quantizer_name": f"{VISION_PREFIX}*", "enable": False})
+    entries += [
+        {"quantizer_name": "lm_head*", "enable": False},
+        {"quantizer_name": "*lm_head*", "enable": False},
+        {"quantizer_name": "*embed_tokens*", "enable": False},
+        {"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False},
+    ]
+    return entries
+
+
+def build_modelopt_config(spec: QuantSpec) -> dict[str, Any]:
+    """The full ModelOpt config for `spec`: recipe config, KV entries, then the policy (last)."""
+    import modelopt.torch.quantization as mtq
+
+    recipe = spec.recipe_spec
+    base = getattr(mtq, recipe.modelopt_config, None)
+    if base is None:
+        raise UnsupportedError(
+            f"The installed nvidia-modelopt has no {recipe.modelopt_config} (needed by recipe {recipe.name}); install nvidia-modelopt 0.47."
+        )
+    cfg = copy.deepcopy(base)
+    entries = list(cfg.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
+    if spec.kv_cache:
+        kv = copy.deepcopy(getattr(mtq, KV_CACHE[spec.kv_cache][0]))
+        entries += list(kv["quant_cfg"])
+    fp8_w = fp8_i = None
+    if spec.vision == "fp8":
+        fp8 = mtq.FP8_DEFAULT_CFG["quant_cfg"]
+        fp8_w = _last_entry(fp8, "*weight_quantizer")["cfg"]
+        fp8_i = _last_entry(fp8, "*input_quantizer")["cfg"]
+    entries += policy_entries(spec, fp8_w, fp8_i)
+    cfg["quant_cfg"] = entries
+    return cfg
+
+
+def _last_entry(entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for e in reversed(entries):
+        if e.get("quantizer_name") == name and "cfg" in e:
+            return e
+    raise UnsupportedError(f"ModelOpt's FP8_DEFAULT_CFG has no {name!r} entry; install nvidia-modelopt 0.47.")
+
+
+def quantizer_group(name: str) -> str:
+    """Which census group a quantizer (by its full module name) belongs to."""
+    if name.startswith("lm_head.") or ".lm_head." in name:
+        return "lm_head"
+    if name.startswith(VISION_PREFIX):
+        return "vision"
+    if "embed_tokens" in name or "pos_embed" in name:
+        return "embeddings"
+    if name.startswith(LANGUAGE_PREFIX):
+        if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")):
+            return "kv_cache"
+        return "language_model"
+    return "other"
+
+
+def quantizer_kind(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.endswith("weight_quantizer"):
+        return "weight"
+    if leaf.endswith("input_quantizer"):
+        return "input"
+    if leaf.endswith("output_quantizer"):
+        return "output"
+    if leaf in ("k_bmm_quantizer", "v_bmm_quantizer"):
+        return "kv"
+    return "attn"
+
+
+def empty_census() -> dict[str, dict[str, int]]:
+    return {g: {k: 0 for k in KINDS} for g in (*GROUPS, "other")}
+
+
+def count_quantizers(model) -> dict[str, dict[str, int]]:
+    """Enabled quantizers per group and kind (a SequentialQuantizer counts once if any stage is on)."""
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+
+    census = empty_census()
+    for name, mod in model.named_modules():
+        if isinstance(mod, SequentialQuantizer):
+            on = any(q.is_enabled for q in mod)
+        elif isinstance(mod, TensorQuantizer):
+            if ".weight_quantizer." in name or ".input_quantizer." in name:
+                continue  # a stage inside a SequentialQuantizer, counted with its parent
+            on = mod.is_enabled
+        else:
+            continue
+        if on:
+            census[quantizer_group(name)][quantizer_kind(name)] += 1
+    return census
+
+
+def linear_counts(model) -> dict[str, int]:
+    """nn.Linear modules per group: what a recipe is expected to quantize."""
+    import torch
+
+    out = {"language_model": 0, "vision": 0, "lm_head": 0, "layers": 0}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            g = quantizer_group(name + ".weight_quantizer")
+            if g in out:
+                out[g] += 1
+    out["layers"] = int(model.config.text_config.num_hidden_layers)
+    return out
+
+
+def expected_census(spec: QuantSpec, linears: dict[str, int]) -> dict[str, dict[str, int]]:
+    """What `count_quantizers` must find after quantizing with `spec` (zeros where not listed)."""
+    recipe = spec.recipe_spec
+    want = empty_census()
+    n = linears["language_model"]
+    want["language_model"]["weight"] = n
+    want["language_model"]["input"] = 0 if recipe.weight_only else n
+    if spec.vision == "fp8":
+        want["vision"]["weight"] = want["vision"]["input"] = linears["vision"]
+    if spec.kv_cache:
+        want["kv_cache"]["kv"] = 2 * linears["layers"]
+    return want
+
+
+def check_counts(census: dict[str, dict[str, int]], spec: QuantSpec, linears: dict[str, int]) -> None:
+    """Raise EgmError naming every group whose enabled-quantizer count contradicts the spec."""
+    want = expected_census(spec, linears)
+    problems = []
+    for group, kinds in want.items():
+        for kind, n in kinds.items():
+            got = census.get(group, {}).get(kind, 0)
+            if got != n:
+                problems.append(f"{group} {kind} quantizers: {got}, expected {n}")
+    if census["language_model"]["weight"] == 0:
+        problems.insert(0, "no language-model weight is quantized")
+    if problems:
+        raise EgmError(
+            f"Quantizing with {spec.describe()} gave a quantizer census that contradicts the recipe ({'; '.join(problems)}); "
+            "the checkpoint was not written, report this with the model's config.json."
+        )
+
+
+def check_block_sizes(model, spec: QuantSpec) -> None:
+    """Block-quantized recipes need every quantized Linear's input width to be a multiple of the block."""
+    import torch
+
+    block = spec.recipe_spec.block_size
+    if not block:
+        return
+    bad = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and quantizer_group(name + ".weight_quantizer") == "language_model":
+            if mod.in_features % block:
+                bad.append(f"{name} ({mod.in_features})")
+    if bad:
+        raise UnsupportedError(
+            f"Recipe {spec.recipe} quantizes weights in blocks of {block} input channels, but {len(bad)} layers "
+            f"have an input width that is not a multiple of {block}, e.g. {bad[0]}; choose fp8 or int8_sq for this model."
+        )

@@ -1,0 +1,144 @@
+"""Quantization recipes: a registry of frozen specs, and the one request type `QuantSpec`.
+
+Contract: a `Recipe` names the nvidia-modelopt config it is built from (deep-copied
+at build time, never mutated) and states what it does in words a planner and a
+manifest can use (weight/activation formats, calibration algorithm, weight block
+size, whether it needs CUDA, and the `quant_algo` ModelOpt's unified export
+writes for it). A `QuantSpec` is a whole quantization request (recipe + KV cache
++ vision policy + calibration mode); it validates when built and round-trips
+through versioned JSON. Pure Python: importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from egm_edge.errors import InputError
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One post-training quantization recipe, built on one of ModelOpt's own configs."""
+
+    name: str
+    modelopt_config: str  # attribute of modelopt.torch.quantization, deep-copied at build time
+    weights: str  # "fp8", "int4", "int8", "nvfp4"
+    activations: str | None  # same vocabulary, None for weight-only
+    algorithm: str  # ModelOpt calibration algorithm: "max", "awq_lite", "smoothquant"
+    quant_algo: str  # what export_hf_checkpoint writes as quantization.quant_algo
+    block_size: int | None = None  # weight block along input channels (in_features must divide by it)
+    needs_cuda: bool = False
+    description: str = ""
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activations is None
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("fp8", "FP8_DEFAULT_CFG", "fp8", "fp8", "max", "FP8",
+               description="FP8 e4m3 weights and activations, per-tensor scales (SM 8.9+)."),
+        Recipe("int4_awq", "INT4_AWQ_CFG", "int4", None, "awq_lite", "W4A16_AWQ", block_size=128,
+               description="INT4 weights in blocks of 128 with AWQ scaling, 16-bit activations."),
+        Recipe("w4a8_awq", "W4A8_AWQ_BETA_CFG", "int4", "fp8", "awq_lite", "W4A8_AWQ", block_size=128,
+               description="INT4 AWQ weights (block 128) with FP8 activations (SM 9.0)."),
+        Recipe("int8_sq", "INT8_SMOOTHQUANT_CFG", "int8", "int8", "smoothquant", "W8A8_SQ_PER_CHANNEL",
+               description="INT8 per-channel weights and per-tensor activations after SmoothQuant."),
+        Recipe("nvfp4", "NVFP4_DEFAULT_CFG", "nvfp4", "nvfp4", "max", "NVFP4", block_size=16, needs_cuda=True,
+               description="NVFP4 (e2m1, block 16, FP8 block scales) weights and activations (Blackwell)."),
+    )
+}
+
+# KV-cache options: name -> ModelOpt config attribute and the export's kv_cache_quant_algo.
+KV_CACHE: dict[str, tuple[str, str]] = {"fp8": ("FP8_KV_CFG", "FP8")}
+# Vision-tower policy: "16bit" keeps the tower (blocks, merger, deepstack mergers) unquantized.
+VISION_MODES = ("16bit", "fp8")
+
+
+def recipe_names() -> list[str]:
+    return list(RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe, or an InputError listing the valid ones."""
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise InputError(f"Unknown quantization recipe {name!r}. Choose from: {', '.join(RECIPES)}.") from None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A whole quantization request; validated when built, versioned JSON round-trip."""
+
+    recipe: str
+    kv_cache: str | None = None
+    vision: str = "16bit"
+    calib_with_reasoning: bool = False
+
+    def __post_init__(self) -> None:
+        get_recipe(self.recipe)
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE:
+            raise InputError(f"Unknown KV-cache quantization {self.kv_cache!r}. Choose from: {', '.join(KV_CACHE)} (or leave it off).")
+        if self.vision not in VISION_MODES:
+            raise InputError(f"Unknown vision policy {self.vision!r}. Choose from: {', '.join(VISION_MODES)}.")
+        if not isinstance(self.calib_with_reasoning, bool):
+            raise InputError(f"calib_with_reasoning must be true or false, got {self.calib_with_reasoning!r}.")
+
+    @property
+    def recipe_spec(self) -> Recipe:
+        return RECIPES[self.recipe]
+
+    @property
+    def kv_cache_quant_algo(self) -> str | None:
+        return KV_CACHE[self.kv_cache][1] if self.kv_cache else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": SPEC_VERSION, **asdict(self), "recipe_spec": asdict(self.recipe_spec)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
+        if not isinstance(d, dict):
+            raise InputError(f"A quantization spec must be a JSON object, got {type(d).__name__}.")
+        version = d.get("version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise InputError(f"Quantization spec version {version!r} is not supported (this egm-edge reads version {SPEC_VERSION}).")
+        unknown = set(d) - {"version", "recipe", "kv_cache", "vision", "calib_with_reasoning", "recipe_spec"}
+        if unknown:
+            raise InputError(f"Quantization spec has unknown keys {sorted(unknown)}; remove them.")
+        if "recipe" not in d:
+            raise InputError("Quantization spec lacks 'recipe'; add one of: " + ", ".join(RECIPES) + ".")
+        spec = cls(d["recipe"], d.get("kv_cache"), d.get("vision", "16bit"), d.get("calib_with_reasoning", False))
+        stored = d.get("recipe_spec")
+        if stored is not None and stored != asdict(spec.recipe_spec):
+            raise InputError(
+                f"Recipe {spec.recipe!r} was written with a different definition than this egm-edge has; "
+                "re-quantize with this version."
+            )
+        return spec
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantSpec":
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"Quantization spec is not valid JSON ({e}).") from None
+        return cls.from_dict(d)
+
+    def describe(self) -> str:
+        parts = [self.recipe]
+        if self.kv_cache:
+            parts.append(f"kv {self.kv_cache}")
+        parts.append(f"vision {self.vision}")
+        if self.calib_with_reasoning:
+            parts.append("calibrated with reasoning")
+        return ", ".join(parts)

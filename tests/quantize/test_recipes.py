@@ -1,0 +1,102 @@
+"""Recipe registry and QuantSpec: validation, JSON round-trip, and the policy entries (pure, fast)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+
+import pytest
+
+from egm_edge.errors import InputError
+from egm_edge.quantize.policy import policy_entries, quantizer_group, quantizer_kind
+from egm_edge.quantize.recipes import KV_CACHE, RECIPES, VISION_MODES, QuantSpec, get_recipe
+
+
+def all_specs():
+    for r in RECIPES:
+        for kv in (None, *KV_CACHE):
+            for vision in VISION_MODES:
+                for reasoning in (False, True):
+                    yield QuantSpec(r, kv, vision, reasoning)
+
+
+def test_registry_names():
+    assert list(RECIPES) == ["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"]
+    assert [r.name for r in RECIPES.values() if r.needs_cuda] == ["nvfp4"]
+
+
+@pytest.mark.parametrize("spec", list(all_specs()), ids=lambda s: s.describe())
+def test_spec_json_round_trip(spec):
+    again = QuantSpec.from_json(spec.to_json())
+    assert again == spec
+    assert json.loads(again.to_json()) == json.loads(spec.to_json())
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(InputError) as e:
+        get_recipe("int3")
+    assert "fp8, int4_awq, w4a8_awq, int8_sq, nvfp4" in str(e.value)
+    with pytest.raises(InputError):
+        QuantSpec("fp16")
+
+
+@pytest.mark.parametrize("bad", [{"recipe": "fp8", "kv_cache": "int8"}, {"recipe": "fp8", "vision": "int4"},
+                                 {"recipe": "fp8", "colour": 1}, {"recipe": "fp8", "version": 99}, {"kv_cache": "fp8"}])
+def test_bad_specs_are_refused(bad):
+    with pytest.raises(InputError):
+        QuantSpec.from_dict(bad)
+
+
+def test_changed_recipe_definition_is_refused():
+    d = QuantSpec("fp8").to_dict()
+    d["recipe_spec"]["block_size"] = 64
+    with pytest.raises(InputError, match="different definition"):
+        QuantSpec.from_dict(d)
+
+
+QWEN3VL_QUANTIZERS = [
+    "model.visual.patch_embed.proj.weight_quantizer",
+    "model.visual.blocks.0.attn.qkv.input_quantizer",
+    "model.visual.blocks.0.attn.k_bmm_quantizer",
+    "model.visual.merger.linear_fc2.weight_quantizer",
+    "model.visual.deepstack_merger_list.1.linear_fc1.weight_quantizer",
+    "model.language_model.embed_tokens.weight_quantizer",
+    "model.language_model.layers.3.self_attn.q_proj.weight_quantizer",
+    "model.language_model.layers.3.self_attn.k_bmm_quantizer",
+    "model.language_model.layers.3.self_attn.q_bmm_quantizer",
+    "model.language_model.layers.3.mlp.down_proj.input_quantizer",
+    "lm_head.weight_quantizer",
+]
+
+
+def test_groups_and_kinds():
+    groups = [quantizer_group(n) for n in QWEN3VL_QUANTIZERS]
+    assert groups == ["vision"] * 5 + ["embeddings", "language_model", "kv_cache", "language_model", "language_model", "lm_head"]
+    assert quantizer_kind(QWEN3VL_QUANTIZERS[2]) == "kv" and quantizer_kind(QWEN3VL_QUANTIZERS[8]) == "attn"
+
+
+def _final_enable(entries, name):
+    """Simulate ModelOpt's in-order application; bmm quantizers live on attention modules, the rest on Linears."""
+    parent = "attention" if name.endswith("bmm_quantizer") else "nn.Linear"
+    state = None
+    for e in entries:
+        if e.get("parent_class", parent) != parent:
+            continue
+        if fnmatch.fnmatch(name, e["quantizer_name"]):
+            state = e.get("enable", True)
+    return state
+
+
+@pytest.mark.parametrize("vision", VISION_MODES)
+def test_policy_disables_vision_lm_head_embeddings_last(vision):
+    # A base config that enables everything, then the KV config, then the policy.
+    entries = [{"quantizer_name": "*", "cfg": {"num_bits": 8}}, {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": (4, 3)}}]
+    entries += policy_entries(QuantSpec("fp8", "fp8", vision), {"num_bits": (4, 3)}, {"num_bits": (4, 3)})
+    on = {n: _final_enable(entries, n) for n in QWEN3VL_QUANTIZERS}
+    assert not on["lm_head.weight_quantizer"]
+    assert not on["model.language_model.embed_tokens.weight_quantizer"]
+    assert not on["model.visual.blocks.0.attn.k_bmm_quantizer"]
+    assert not on["model.visual.patch_embed.proj.weight_quantizer"]
+    assert on["model.language_model.layers.3.self_attn.k_bmm_quantizer"]
+    vis = on["model.visual.merger.linear_fc2.weight_quantizer"], on["model.visual.deepstack_merger_list.1.linear_fc1.weight_quantizer"]
+    assert vis == ((True, True) if vision == "fp8" else (False, False))
