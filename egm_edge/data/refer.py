@@ -115,7 +115,8 @@ def load_refer(
     for i, ref in enumerate(refs):
         where = f"ref {ref.get('ref_id', f'#{i}')}" if isinstance(ref, dict) else f"ref #{i}"
         if wanted is not None and isinstance(ref, dict) and ref.get("split") != wanted:
-            collector.result.filtered += 1
+            sentences = ref.get("sentences")
+            collector.result.filtered += len(sentences) if isinstance(sentences, list) else 1
             continue
         try:
             per_sentence = _ref_samples(ref, images, anns, root, dataset, split_by)

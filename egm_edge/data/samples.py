@@ -55,7 +55,7 @@ class LoadResult:
     samples: list[Sample] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_lines: list[tuple[str, str]] = field(default_factory=list)
-    filtered: int = 0  # records of other splits when a split was asked for; not errors
+    filtered: int = 0  # samples (expressions) of other splits when a split was asked for; not errors
 
     def by_split(self) -> dict[str, int]:
         return dict(Counter(s.split or "-" for s in self.samples))

@@ -70,7 +70,7 @@ def test_split_selection_and_image_root(tmp_path):
     d = _release(tmp_path, dataset="refcoco+")
     for name in ("testB", "refcoco+_testB"):
         r = load_samples(d / "refs(unc).p", split=name, image_root=tmp_path / "imgs")
-        assert [s.expression for s in r.samples] == ["giraffe in back"] and r.filtered == 3
+        assert [s.expression for s in r.samples] == ["giraffe in back"] and r.filtered == 4
         assert r.samples[0].image.parent == tmp_path / "imgs"
     with pytest.raises(InputError, match="choose from: testA, testB, train, val"):
         load_samples(d, split="test")
