@@ -6,4 +6,14 @@ stage imports its heavy dependencies inside the call that needs them.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "export"]
+
+
+def __getattr__(name: str):
+    # Stage entry points load lazily so `import egm_edge` stays torch-free.
+    if name == "export":
+        # The egm_edge.export package is callable: egm_edge.export(checkpoint_dir, out_dir).
+        import importlib
+
+        return importlib.import_module("egm_edge.export")
+    raise AttributeError(f"module 'egm_edge' has no attribute {name!r}")

@@ -1,0 +1,40 @@
+"""`egm-edge export`: a Qwen3-VL checkpoint to the ONNX IR (vision.onnx, decoder.onnx), validated against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+NAME = "export"
+HELP = "Export a Qwen3-VL checkpoint to ONNX (vision.onnx + decoder.onnx) and validate it against PyTorch."
+ORDER = 30
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--decode-steps", type=int, default=4, metavar="N", help="decode steps checked after the prefill (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
+    p.add_argument("--json", action="store_true", help="print the manifest's validation figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from egm_edge.errors import InputError
+    from egm_edge.export.pipeline import export
+
+    if args.decode_steps < 1:
+        raise InputError(f"--decode-steps must be at least 1, got {args.decode_steps}.")
+    out = export(args.checkpoint, args.out, force=args.force, decode_steps=args.decode_steps, seed=args.seed,
+                 progress=lambda msg: print(f"export: {msg}", file=sys.stderr))
+    manifest = json.loads((out / "manifest.json").read_text())
+    if args.json:
+        print(json.dumps(manifest["validation"], indent=2))
+        return 0
+    for case, figs in manifest["validation"]["cases"].items():
+        worst = min(figs["outputs"].items(), key=lambda kv: kv[1]["cosine"])
+        print(f"{case:>7}: grids {figs['grids']}, worst cosine {worst[1]['cosine']:.7f} ({worst[0]}), "
+              f"greedy agreement {figs['greedy_agreement']:.0%}")
+    print(f"wrote {out} ({manifest['precision']}, opset {manifest['opset']}, {manifest['timings_s']['total']:.1f} s)")
+    return 0

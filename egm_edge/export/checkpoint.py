@@ -1,0 +1,154 @@
+"""What export reads from a checkpoint directory: its config, precision, graph configs and weights.
+
+`inspect_checkpoint(dir)` checks the directory before anything heavy happens
+(config.json present and readable, architecture supported, weights present,
+quantized or not) and returns a frozen `CheckpointInfo`. `load_reference(info)`
+loads the PyTorch reference the graphs are exported from and validated against
+(transformers' Qwen3VLForConditionalGeneration in float32). Precision comes
+from metadata (`manifest.json` of the quantize stage, `hf_quant_config.json`),
+never from file names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egm_edge.errors import CheckpointError, UnsupportedError
+from egm_edge.runtime.vision_inputs import VisionGridConfig
+
+SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
+SUPPORTED_FAMILIES = ("qwen3_vl",)
+WEIGHT_SUFFIXES = (".safetensors",)
+# Small files a later stage (build) needs next to the graphs; copied into the export directory.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checked checkpoint directory: config, precision and the files export hashes."""
+
+    path: Path
+    config: dict
+    precision: str  # "full" for an unquantized checkpoint, else the quantize recipe's name
+    weight_files: tuple[str, ...]
+    weight_bytes: int
+    quant_config: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> dict:
+        return self.config.get("text_config") or {}
+
+    @property
+    def vision(self) -> dict:
+        return self.config.get("vision_config") or {}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"Checkpoint {path.parent} has no {path.name}; pass a Hugging Face checkpoint directory ({what}).") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e}); restore the checkpoint's {path.name}.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; restore the checkpoint's {path.name}.")
+    return data
+
+
+def _precision(path: Path) -> tuple[str, dict]:
+    manifest = path / "manifest.json"
+    quant = path / "hf_quant_config.json"
+    if manifest.is_file():
+        m = _read_json(manifest, "the quantize stage's manifest")
+        if m.get("stage") == "quantize":
+            q = _read_json(quant, "ModelOpt's quantization config") if quant.is_file() else {}
+            recipe = m.get("recipe") or {}
+            name = recipe.get("name") if isinstance(recipe, dict) else recipe
+            return str(name or m.get("precision") or "quantized"), q
+    if quant.is_file():
+        q = _read_json(quant, "ModelOpt's quantization config")
+        algo = (q.get("quantization") or {}).get("quant_algo") or "quantized"
+        return str(algo).lower(), q
+    return "full", {}
+
+
+def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo:
+    """Check that `checkpoint_dir` is a Qwen3-VL checkpoint export can read; raise one clear sentence if not."""
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"Checkpoint directory {path} does not exist; pass --checkpoint DIR holding config.json and *.safetensors.")
+    config = _read_json(path / "config.json", "config.json with the model architecture")
+    from egm_edge.models import spec_from_config
+
+    spec = spec_from_config(path)  # one sentence for an unknown architecture
+    if spec.family not in SUPPORTED_FAMILIES:
+        raise UnsupportedError(
+            f"Export does not support the {spec.family} family yet (checkpoint {path}); "
+            f"it exports: {', '.join(SUPPORTED_ARCHITECTURES)}."
+        )
+    for key in ("text_config", "vision_config"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"{path / 'config.json'} has no {key}; it is not a complete Qwen3-VL config.")
+    weights = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    if not weights:
+        raise CheckpointError(f"Checkpoint {path} has no *.safetensors weights; export reads safetensors only.")
+    precision, quant = _precision(path)
+    size = sum((path / w).stat().st_size for w in weights)
+    return CheckpointInfo(path, config, precision, tuple(weights), size, quant)
+
+
+def vision_grid_config(info: CheckpointInfo) -> VisionGridConfig:
+    """The host-side config of vision.onnx, from the checkpoint's vision config (HF defaults where absent)."""
+    v = info.vision
+    hidden, heads = int(v.get("hidden_size", 1152)), int(v.get("num_heads", 16))
+    rope = v.get("rope_parameters") or {}
+    return VisionGridConfig(
+        head_dim=hidden // heads,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        num_grid_per_side=int(int(v.get("num_position_embeddings", 2304)) ** 0.5),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        patch_size=int(v.get("patch_size", 16)),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        in_channels=int(v.get("in_channels", 3)),
+    )
+
+
+def decoder_config(model) -> dict:
+    """Facts the runtime needs to drive decoder.onnx (cache shapes, special ids), read from the loaded model."""
+    cfg = model.config
+    t = cfg.text_config
+    return {
+        "num_layers": int(t.num_hidden_layers),
+        "num_kv_heads": int(t.num_key_value_heads),
+        "head_dim": int(getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads),
+        "hidden_size": int(t.hidden_size),
+        "vocab_size": int(t.vocab_size),
+        "num_deepstack": len(cfg.vision_config.deepstack_visual_indexes),
+        "image_token_id": int(cfg.image_token_id),
+        "vision_start_token_id": int(cfg.vision_start_token_id),
+        "vision_end_token_id": int(cfg.vision_end_token_id),
+        "spatial_merge_size": int(cfg.vision_config.spatial_merge_size),
+        "cache_dtype": "float32",
+    }
+
+
+def load_reference(info: CheckpointInfo):
+    """The float32 PyTorch reference model (eval mode) for export and validation."""
+    if info.precision != "full":
+        raise UnsupportedError(
+            f"Checkpoint {info.path} is quantized ({info.precision}); exporting quantized checkpoints needs weight "
+            "lowering, which this version does not have yet; export the full-precision checkpoint."
+        )
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    try:
+        model = Qwen3VLForConditionalGeneration.from_pretrained(info.path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"transformers could not load {info.path} ({e}); check that the checkpoint is complete.") from None
+    return model.eval()

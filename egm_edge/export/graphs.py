@@ -1,0 +1,297 @@
+"""Export-friendly torch modules for Qwen3-VL's two ONNX graphs, reading the HF model's own weights.
+
+They re-implement the forward pass of transformers' `Qwen3VLForConditionalGeneration`
+with static control flow, explicit KV cache tensors and host-computed grid
+tensors, so that `torch.onnx.export` sees one graph for every image size,
+prompt length and cache length. Submodules of the HF model are shared, not
+copied, so initializer names follow the checkpoint (`model.language_model.layers.0...`).
+`egm_edge.export.validate` proves ONNX Runtime on these graphs matches the HF model.
+
+## vision.onnx  (N patches, M = N / merge^2 image tokens, E = out_hidden_size, K = len(deepstack_visual_indexes))
+
+| input              | shape                   | dtype   | meaning                                        |
+|--------------------|-------------------------|---------|------------------------------------------------|
+| pixel_patches      | [N, C*T*P*P]            | float32 | flattened patches as the Qwen3-VL processor emits them (merge-block order) |
+| pos_embed_indices  | [N, 4]                  | int64   | `egm_edge.runtime.vision_inputs.vision_grid_inputs` |
+| pos_embed_weights  | [N, 4]                  | float32 | idem                                           |
+| rotary_cos         | [N, vision_head_dim]    | float32 | idem                                           |
+| rotary_sin         | [N, vision_head_dim]    | float32 | idem                                           |
+| segment_ids        | [N]                     | int64   | idem: patches attend only within their segment (one per image frame) |
+
+| output             | shape                   | dtype   | meaning                                        |
+|--------------------|-------------------------|---------|------------------------------------------------|
+| image_features     | [M, E]                  | float32 | merged visual embeddings, images in input order |
+| deepstack_features | [K, M, E]               | float32 | deepstack features, added after decoder layer k at image positions |
+
+## decoder.onnx  (B batch, S new tokens, P past tokens, L logit rows, D hidden, V vocab, L_n layers)
+
+Design: the graph takes `input_ids`, embeds them and places `image_features`
+rows, in order (row-major over batch and sequence), at the tokens equal to
+`image_token_id`; the same rows of `deepstack_features[k]` are added to the
+hidden states after layer k. Decode steps pass empty features ([0, E] and
+[K, 0, E]). Prefill and decode are the same graph; P may be 0.
+
+| input                       | shape                  | dtype   | meaning                                   |
+|-----------------------------|------------------------|---------|-------------------------------------------|
+| input_ids                   | [B, S]                 | int64   | new tokens                                |
+| image_features              | [M, E]                 | float32 | one row per image-pad token in input_ids  |
+| deepstack_features          | [K, M, E]              | float32 | from vision.onnx                          |
+| position_ids                | [3, B, S]              | int64   | M-RoPE ids, `egm_edge.runtime.mrope`      |
+| attention_mask              | [B, P+S]               | int64   | 1 = real token, 0 = padding (past and new) |
+| logits_index                | [B, L]                 | int64   | positions in 0..S-1 whose logits to return (e.g. [[S-1]]) |
+| past_key_values.{i}.key     | [B, kv_heads, P, head_dim] | float32 | cache of layer i, i in 0..L_n-1     |
+| past_key_values.{i}.value   | [B, kv_heads, P, head_dim] | float32 |                                     |
+
+| output                      | shape                  | dtype   | meaning                                   |
+|-----------------------------|------------------------|---------|-------------------------------------------|
+| logits                      | [B, L, V]              | float32 | next-token logits at the requested rows   |
+| present.{i}.key             | [B, kv_heads, P+S, head_dim] | float32 | past + new keys (RoPE applied)      |
+| present.{i}.value           | [B, kv_heads, P+S, head_dim] | float32 |                                     |
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from egm_edge.errors import UnsupportedError
+
+_ACTS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def _act(name: str):
+    if name not in _ACTS:
+        raise UnsupportedError(f"Unsupported activation {name!r} in the checkpoint config; supported: {', '.join(_ACTS)}.")
+    return _ACTS[name]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def vision_io_names() -> tuple[list[str], list[str]]:
+    inputs = ["pixel_patches", "pos_embed_indices", "pos_embed_weights", "rotary_cos", "rotary_sin", "segment_ids"]
+    return inputs, ["image_features", "deepstack_features"]
+
+
+def decoder_io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    inputs = ["input_ids", "image_features", "deepstack_features", "position_ids", "attention_mask", "logits_index"]
+    return inputs + past, ["logits"] + present
+
+
+class VisionGraph(nn.Module):
+    """Qwen3-VL vision tower: patches + host grid tensors -> image features and deepstack features."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.visual = hf_model.model.visual
+        visual = self.model.visual
+        cfg = visual.config
+        if not cfg.deepstack_visual_indexes:
+            raise UnsupportedError("The checkpoint's vision config has no deepstack_visual_indexes; egm-edge exports Qwen3-VL with deepstack only.")
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.merge_hidden = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.deepstack_index = {layer: k for k, layer in enumerate(cfg.deepstack_visual_indexes)}
+        self.act = _act(cfg.hidden_act)
+        proj = visual.patch_embed.proj
+        # Conv3d with stride == kernel over one patch is a linear map of the flattened patch.
+        self.patch_linear = nn.Linear(proj.weight[0].numel(), proj.out_channels, bias=proj.bias is not None)
+        with torch.no_grad():
+            self.patch_linear.weight.copy_(proj.weight.reshape(proj.out_channels, -1))
+            if proj.bias is not None:
+                self.patch_linear.bias.copy_(proj.bias)
+        self.patch_linear.to(proj.weight.dtype)
+
+    def _attention(self, blk: nn.Module, x: torch.Tensor, cos, sin, bias) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = blk.attn.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # [H, N, hd]
+        c, s = cos.unsqueeze(0), sin.unsqueeze(0)
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        scores = torch.matmul(q, k.transpose(1, 2)) * (self.head_dim**-0.5) + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [H, N, hd]
+        return blk.attn.proj(out.transpose(0, 1).reshape(n, -1))
+
+    def _merge(self, merger: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if merger.use_postshuffle_norm:
+            x = merger.norm(x.reshape(-1, self.merge_hidden))
+        else:
+            x = merger.norm(x).reshape(-1, self.merge_hidden)
+        return merger.linear_fc2(F.gelu(merger.linear_fc1(x)))
+
+    def forward(self, pixel_patches, pos_embed_indices, pos_embed_weights, rotary_cos, rotary_sin, segment_ids):
+        visual = self.model.visual
+        x = self.patch_linear(pixel_patches)
+        pos = visual.pos_embed(pos_embed_indices) * pos_embed_weights.unsqueeze(-1)
+        x = x + pos.sum(dim=1)
+        same = segment_ids.unsqueeze(0) == segment_ids.unsqueeze(1)
+        bias = torch.where(same, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(0)
+        deepstack = []
+        for layer, blk in enumerate(visual.blocks):
+            x = x + self._attention(blk, blk.norm1(x), rotary_cos, rotary_sin, bias)
+            x = x + blk.mlp.linear_fc2(self.act(blk.mlp.linear_fc1(blk.norm2(x))))
+            if layer in self.deepstack_index:
+                deepstack.append(self._merge(visual.deepstack_merger_list[self.deepstack_index[layer]], x))
+        return self._merge(visual.merger, x), torch.stack(deepstack, dim=0)
+
+
+class DecoderGraph(nn.Module):
+    """Qwen3-VL language model with explicit KV cache, image placement and deepstack injection."""
+
+    def __init__(self, hf_model: nn.Module, image_token_id: int):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.language_model = hf_model.model.language_model
+        self.lm_head = hf_model.lm_head
+        lm = self.model.language_model
+        cfg = lm.config
+        rope = lm.rotary_emb
+        rope_type = cfg.rope_parameters.get("rope_type", "default")
+        if "dynamic" in rope_type or rope_type == "longrope":
+            raise UnsupportedError(f"Unsupported text rope_type {rope_type!r}: its frequencies change with sequence length; supported: default, linear, yarn, llama3.")
+        self.image_token_id = int(image_token_id)
+        self.n_deepstack = len(hf_model.config.vision_config.deepstack_visual_indexes)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.act = _act(cfg.hidden_act)
+        self.rope_scaling = float(rope.attention_scaling)
+        section = list(cfg.rope_parameters.get("mrope_section", [24, 20, 20]))
+        half = self.head_dim // 2
+        if sum(section) != half:
+            raise UnsupportedError(f"mrope_section {section} must sum to head_dim/2 = {half}.")
+        # Interleaved M-RoPE: frequency j takes its position from axis H if j % 3 == 1 (within the H section),
+        # from W if j % 3 == 2 (within the W section), else from T.
+        axis = torch.zeros(half, dtype=torch.long)
+        axis[1 : section[1] * 3 : 3] = 1
+        axis[2 : section[2] * 3 : 3] = 2
+        self.register_buffer("rope_axis", axis, persistent=False)
+        self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
+
+    def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = position_ids.permute(1, 2, 0).float()  # [B, S, 3]
+        pos = torch.index_select(pos, 2, self.rope_axis)  # [B, S, half]
+        freqs = pos * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
+        return cos, sin
+
+    def _attention(self, attn, x, cos, sin, bias, past_k, past_v):
+        b, s, _ = x.shape
+        q = attn.q_norm(attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = attn.v_proj(x).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k = torch.cat((past_k, k), dim=2)
+        v = torch.cat((past_v, v), dim=2)
+        rep = self.n_heads // self.n_kv
+        q = q.reshape(b, self.n_kv, rep * s, self.head_dim)  # group query heads per kv head, no kv copy
+        scores = torch.matmul(q, k.transpose(2, 3)) * (self.head_dim**-0.5)
+        scores = scores.reshape(b, self.n_heads, s, -1) + bias
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).reshape(b, self.n_kv, rep * s, -1)
+        out = torch.matmul(probs, v).reshape(b, self.n_heads, s, self.head_dim)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
+
+    def forward(self, input_ids, image_features, deepstack_features, position_ids, attention_mask, logits_index, *past):
+        lm = self.model.language_model
+        h = lm.embed_tokens(input_ids)
+        b, s, d = h.shape
+        # k-th image-pad token (row-major) takes feature row k; row 0 of the padded table is a zero row.
+        is_image = input_ids == self.image_token_id
+        flat = is_image.reshape(-1).to(torch.long)
+        slot = (torch.cumsum(flat, dim=0) * flat).reshape(b, s)
+        zero = image_features.new_zeros(1, d)
+        h = torch.where(is_image.unsqueeze(-1), torch.cat((zero, image_features.to(h.dtype)), dim=0)[slot], h)
+
+        cos, sin = self._rope(position_ids, h.dtype)
+        p = attention_mask.shape[1] - s
+        key_pos = torch.arange(attention_mask.shape[1], device=h.device)
+        query_pos = torch.arange(s, device=h.device) + p
+        allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        bias = torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
+
+        presents = []
+        for i, layer in enumerate(lm.layers):
+            a, k, v = self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, bias, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+            h = h + a
+            mlp = layer.mlp
+            x = layer.post_attention_layernorm(h)
+            h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if i < self.n_deepstack:
+                table = torch.cat((zero, deepstack_features[i].to(h.dtype)), dim=0)
+                h = h + table[slot]
+        h = lm.norm(h)
+        rows = torch.gather(h, 1, logits_index.unsqueeze(-1).expand(-1, -1, d))
+        return (self.lm_head(rows).float(), *presents)
+
+
+# --- trace samples, dynamic axes and dimension names (every dynamic size >= 2: torch.export specialises 0 and 1)
+
+
+def vision_export_spec(vcfg) -> tuple[tuple, tuple, dict]:
+    """(sample args, dynamic_shapes, dimension names) for exporting VisionGraph."""
+    import numpy as np
+
+    from egm_edge.runtime.vision_inputs import vision_grid_inputs
+
+    m = vcfg.spatial_merge_size
+    grids = [(1, 2 * m, 3 * m), (1, 3 * m, m)]
+    grid = vision_grid_inputs(grids, vcfg)
+    n = grid["segment_ids"].shape[0]
+    gen = torch.Generator().manual_seed(0)
+    patches = torch.randn(n, vcfg.patch_dim, generator=gen)
+    inputs, outputs = vision_io_names()
+    args = (patches, *(torch.from_numpy(np.ascontiguousarray(grid[k])) for k in inputs[1:]))
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = tuple({0: dyn} for _ in inputs)
+    dims = {name: ["patches"] for name in inputs}
+    dims.update({"image_features": ["image_tokens", None], "deepstack_features": [None, "image_tokens", None]})
+    return args, shapes, dims
+
+
+def decoder_export_spec(dcfg: dict) -> tuple[tuple, tuple, dict]:
+    """(sample args, dynamic_shapes, dimension names) for exporting DecoderGraph."""
+    b, s, p, n_img, d = 2, 7, 3, 3, dcfg["hidden_size"]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(dcfg["vocab_size"], 100), (b, s), generator=gen)
+    ids[0, 2:4] = dcfg["image_token_id"]
+    ids[1, 1] = dcfg["image_token_id"]
+    kv = (b, dcfg["num_kv_heads"], p, dcfg["head_dim"])
+    past = tuple(torch.randn(kv, generator=gen) for _ in range(2 * dcfg["num_layers"]))
+    args = (
+        ids,
+        torch.randn(n_img, d, generator=gen),
+        torch.randn(dcfg["num_deepstack"], n_img, d, generator=gen),
+        torch.randint(0, 9, (3, b, s), generator=gen),
+        torch.ones(b, p + s, dtype=torch.long),
+        torch.tensor([[s - 1, s - 2], [s - 1, 0]]),
+        *past,
+    )
+    dyn = torch.export.Dim.DYNAMIC
+    shapes = ({0: dyn, 1: dyn}, {0: dyn}, {1: dyn}, {1: dyn, 2: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn},
+              tuple({0: dyn, 2: dyn} for _ in past))
+    inputs, outputs = decoder_io_names(dcfg["num_layers"])
+    dims = {
+        "input_ids": ["batch", "seq"], "image_features": ["image_tokens", None],
+        "deepstack_features": [None, "image_tokens", None], "position_ids": [None, "batch", "seq"],
+        "attention_mask": ["batch", "total_seq"], "logits_index": ["batch", "logit_rows"],
+        "logits": ["batch", "logit_rows", None],
+    }
+    dims.update({name: ["batch", None, "past_seq", None] for name in inputs if name.startswith("past_key_values.")})
+    dims.update({name: ["batch", None, "total_seq", None] for name in outputs if name.startswith("present.")})
+    return args, shapes, dims

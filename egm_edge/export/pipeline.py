@@ -1,0 +1,114 @@
+"""`export(checkpoint_dir, out_dir)`: the export stage, from a Qwen3-VL checkpoint to the ONNX IR directory.
+
+Output directory (written in a temporary sibling and renamed into place; the
+manifest is written last, so a directory without one is not an export):
+
+    vision.onnx [+ vision.onnx.data]    see egm_edge.export.graphs for every input/output
+    decoder.onnx [+ decoder.onnx.data]  weights in one external file when above EXTERNAL_DATA_THRESHOLD
+    config.json, tokenizer*, preprocessor_config.json, generation_config.json, chat_template.jinja
+    manifest.json   stage "export": inputs (sha256), precision, opset, versions, timings,
+                    runtime (decoder / vision configs the host needs), graphs, validation figures
+
+The graphs are checked against the PyTorch reference before the rename
+(egm_edge.export.validate); a miss raises EgmError and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+MANIFEST_VERSION = 1
+_BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _fp32_estimate(info) -> int:
+    dtype = str(info.config.get("dtype") or info.config.get("torch_dtype") or info.text.get("dtype") or "bfloat16")
+    return info.weight_bytes * 4 // _BYTES_PER_DTYPE.get(dtype, 2)
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = False, decode_steps: int = 4, seed: int = 0,
+           progress: Callable[[str], None] | None = None) -> Path:
+    """Export a Qwen3-VL checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
+
+    `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
+    """
+    from egm_edge.artifacts import check_output_dir, staged_output
+    from egm_edge.export.checkpoint import SIDE_FILES, decoder_config, inspect_checkpoint, load_reference, vision_grid_config
+    from egm_edge.export.onnx_io import OPSET, check_disk_space, check_environment
+
+    say = progress or (lambda _msg: None)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    info = inspect_checkpoint(checkpoint_dir)
+    versions = check_environment(OPSET)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force)
+    check_disk_space(out_dir.parent, _fp32_estimate(info))
+    with staged_output(out_dir, force=force) as tmp:
+        say(f"loading {info.path} ({info.precision})")
+        t = time.perf_counter()
+        model = load_reference(info)
+        timings["load"] = time.perf_counter() - t
+        vcfg, dcfg = vision_grid_config(info), decoder_config(model)
+        graphs = _export_graphs(model, vcfg, dcfg, tmp, timings, say)
+        for name in SIDE_FILES:
+            if (info.path / name).is_file():
+                shutil.copyfile(info.path / name, tmp / name)
+        say("validating ONNX Runtime against PyTorch")
+        from egm_edge.export.validate import validate_export
+
+        t = time.perf_counter()
+        report = validate_export(tmp, model, info.path, vcfg, dcfg, info.precision, steps=decode_steps, seed=seed)
+        timings["validate"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        _write_manifest(info, tmp, graphs, vcfg, dcfg, versions, timings, report, OPSET)
+    say(f"wrote {out_dir}")
+    return out_dir
+
+
+def _export_graphs(model, vcfg, dcfg: dict, tmp: Path, timings: dict, say) -> dict:
+    from egm_edge.export.graphs import (
+        DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
+    )
+    from egm_edge.export.onnx_io import check_disk_space, export_graph, weight_bytes
+
+    graphs = {}
+    for name, module, spec, io in (
+        ("vision", VisionGraph(model).eval(), vision_export_spec(vcfg), vision_io_names()),
+        ("decoder", DecoderGraph(model, dcfg["image_token_id"]).eval(), decoder_export_spec(dcfg), decoder_io_names(dcfg["num_layers"])),
+    ):
+        size = weight_bytes(module)
+        check_disk_space(tmp, size)
+        say(f"exporting {name}.onnx ({size / 1e6:.1f} MB of weights)")
+        t = time.perf_counter()
+        args, shapes, dims = spec
+        files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size)
+        timings[f"export_{name}"] = time.perf_counter() - t
+        graphs[name] = {"file": files[0], "external_data": files[1] if len(files) > 1 else None, "inputs": io[0], "outputs": io[1]}
+    return graphs
+
+
+def _write_manifest(info, out: Path, graphs: dict, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+    from egm_edge.artifacts import file_hashes, package_versions, write_manifest
+
+    inputs = file_hashes(info.path, [n for n in sorted(os.listdir(info.path)) if n != "manifest.json"])
+    return write_manifest(
+        out,
+        "export",
+        manifest_version=MANIFEST_VERSION,
+        architecture="Qwen3VLForConditionalGeneration",
+        precision=info.precision,
+        graph_dtype="float32",
+        opset=opset,
+        inputs={"checkpoint": str(info.path.resolve()), "sha256": inputs},
+        outputs={"sha256": file_hashes(out)},
+        graphs=graphs,
+        runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
+        versions={**package_versions(), **versions},
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        validation=report,
+    )

@@ -1,0 +1,233 @@
+"""Check exported graphs against the PyTorch reference right after export; failure stops the export.
+
+Two cases, each a prefill plus `steps` greedy decode steps (the reference's
+tokens are fed to both sides, so every step compares like with like):
+- "random": two images of different sizes in one call, random pixel patches and
+  random text tokens around the image-pad runs;
+- "real": one rendered image of a third size through the Qwen3-VL preprocessing,
+  with the EGM grounding prompt when the checkpoint has a tokenizer.
+ONNX Runtime runs vision.onnx -> decoder.onnx end to end on host-computed grid
+tensors and M-RoPE ids (egm_edge.runtime), the reference is transformers'
+model on the same pixels and tokens. Per output (image features, deepstack
+features, prefill logits, decode logits, final KV cache): cosine similarity
+and max abs error relative to the reference's max magnitude. Thresholds are
+per precision (`THRESHOLDS`); a miss raises EgmError quoting the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from egm_edge.errors import EgmError
+from egm_edge.runtime.mrope import decode_position_ids, rope_index
+from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image, smart_resize
+from egm_edge.runtime.vision_inputs import VisionGridConfig, vision_grid_inputs
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Pass when cosine >= `cosine` and max|ort - ref| <= `rel_max_abs` * max|ref| for every output."""
+
+    cosine: float
+    rel_max_abs: float
+
+
+# fp32 graphs of a full-precision checkpoint differ from PyTorch only by kernel rounding.
+THRESHOLDS = {"full": Threshold(cosine=0.9999, rel_max_abs=1e-3)}
+PREFILL_ROWS = 8  # prefill logits compared at the last rows; the KV cache covers every position
+IMAGE_SIZES = {"random": ((256, 320), (352, 224)), "real": ((300, 410),)}  # (height, width) in pixels
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    pixel_patches: np.ndarray
+    grids: tuple[tuple[int, int, int], ...]
+    input_ids: np.ndarray  # [1, S]
+
+
+def _metric(got: np.ndarray, ref: np.ndarray) -> dict:
+    g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    if g.shape != r.shape:
+        return {"cosine": 0.0, "max_abs_err": float("inf"), "ref_max_abs": 0.0, "rel_max_abs": float("inf"), "shape": list(got.shape)}
+    denom = np.linalg.norm(g) * np.linalg.norm(r)
+    cos = float(g @ r / denom) if denom > 0 else float(np.allclose(g, r))
+    err = float(np.abs(g - r).max()) if g.size else 0.0
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    return {"cosine": cos, "max_abs_err": err, "ref_max_abs": scale, "rel_max_abs": err / scale if scale > 0 else err, "shape": list(ref.shape)}
+
+
+def _special_ids(dcfg: dict) -> set[int]:
+    return {dcfg["image_token_id"], dcfg["vision_start_token_id"], dcfg["vision_end_token_id"]}
+
+
+def _prompt(text_before: list[int], n_tokens: list[int], text_after: list[int], dcfg: dict) -> np.ndarray:
+    ids = list(text_before)
+    for n in n_tokens:
+        ids += [dcfg["vision_start_token_id"]] + [dcfg["image_token_id"]] * n + [dcfg["vision_end_token_id"]]
+    return np.asarray([ids + list(text_after)], dtype=np.int64)
+
+
+def _render(height: int, width: int, rng: np.random.Generator):
+    """A deterministic picture with smooth gradients and a few solid shapes (natural-image-like statistics)."""
+    from PIL import Image, ImageDraw
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx / width * 200 + 30, yy / height * 180 + 40, (xx + yy) / (width + height) * 120 + 60], -1)
+    img = Image.fromarray(base.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
+        x1, y1 = x0 + int(rng.integers(width // 8, width // 3)), y0 + int(rng.integers(height // 8, height // 3))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return img
+
+
+def _processor_config(checkpoint: Path, vcfg: VisionGridConfig) -> ImageProcessorConfig:
+    if (checkpoint / "preprocessor_config.json").is_file():
+        return ImageProcessorConfig.from_json(checkpoint / "preprocessor_config.json")
+    return ImageProcessorConfig(patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size, temporal_patch_size=vcfg.temporal_patch_size)
+
+
+def build_cases(checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, seed: int = 0) -> list[Case]:
+    rng = np.random.default_rng(seed)
+    pcfg = _processor_config(checkpoint, vcfg)
+    m2 = vcfg.spatial_merge_size**2
+    special = _special_ids(dcfg)
+    vocab = min(dcfg["vocab_size"], 50_000)
+
+    def text(n: int) -> list[int]:
+        ids = rng.integers(0, vocab, n)
+        return [int(i) if int(i) not in special else 0 for i in ids]
+
+    grids = []
+    for h, w in IMAGE_SIZES["random"]:
+        rh, rw = smart_resize(h, w, pcfg.factor, pcfg.min_pixels, pcfg.max_pixels)
+        grids.append((1, rh // vcfg.patch_size, rw // vcfg.patch_size))
+    n_patches = sum(t * h * w for t, h, w in grids)
+    patches = rng.standard_normal((n_patches, vcfg.patch_dim)).astype(np.float32)
+    cases = [Case("random", patches, tuple(grids), _prompt(text(5), [t * h * w // m2 for t, h, w in grids], text(7), dcfg))]
+
+    (h, w), = IMAGE_SIZES["real"]
+    pre = preprocess_image(_render(h, w, rng), pcfg)
+    ids = None
+    if (checkpoint / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        from egm_edge.grounding import qwen_chat_prompt, user_text
+
+        tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+        enc = tok.encode(qwen_chat_prompt(user_text("the largest round shape"), pre.n_image_tokens), add_special_tokens=False).ids
+        if sum(i == dcfg["image_token_id"] for i in enc) == pre.n_image_tokens:
+            ids = np.asarray([enc], dtype=np.int64)
+    if ids is None:
+        ids = _prompt(text(4), [pre.n_image_tokens], text(12), dcfg)
+    cases.append(Case("real", pre.pixel_values, (pre.grid_thw,), ids))
+    return cases
+
+
+def _reference(model, case: Case, steps: int) -> dict:
+    import torch
+
+    image_id = model.config.image_token_id
+    ids = torch.from_numpy(case.input_ids)
+    grid = torch.tensor(case.grids, dtype=torch.long)
+    pix = torch.from_numpy(case.pixel_patches)
+    with torch.no_grad():
+        vis = model.model.visual(pix, grid_thw=grid)
+        out = model(input_ids=ids, pixel_values=pix, image_grid_thw=grid, mm_token_type_ids=(ids == image_id).int(),
+                    use_cache=True, logits_to_keep=PREFILL_ROWS)
+        logits, cache = out.logits, out.past_key_values
+        prefill = logits.numpy()
+        tokens, step_logits = [], []
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1)
+            tokens.append(int(nxt[0]))
+            out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+            logits, cache = out.logits, out.past_key_values
+            step_logits.append(logits[:, -1].numpy())
+        kv = np.concatenate([np.concatenate([l.keys.numpy().ravel(), l.values.numpy().ravel()]) for l in cache.layers])
+    return {
+        "image_features": vis.pooler_output.numpy(),
+        "deepstack_features": torch.stack(list(vis.deepstack_features)).numpy(),
+        "prefill_logits": prefill[:, -PREFILL_ROWS:],
+        "tokens": tokens,
+        "decode_logits": np.stack(step_logits),
+        "kv_cache": kv,
+    }
+
+
+def _ort(vision, decoder, case: Case, tokens: list[int], vcfg: VisionGridConfig, dcfg: dict) -> dict:
+    feats, deep = vision.run(["image_features", "deepstack_features"], {"pixel_patches": case.pixel_patches, **vision_grid_inputs(case.grids, vcfg)})
+    ids = case.input_ids
+    s = ids.shape[1]
+    pos, delta = rope_index(ids, case.grids, dcfg["image_token_id"], vcfg.spatial_merge_size)
+    n_layers, kvh, hd = dcfg["num_layers"], dcfg["num_kv_heads"], dcfg["head_dim"]
+    past = [np.zeros((1, kvh, 0, hd), np.float32) for _ in range(2 * n_layers)]
+    names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    outs = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    feeds = {"input_ids": ids, "image_features": feats, "deepstack_features": deep, "position_ids": pos,
+             "attention_mask": np.ones((1, s), np.int64), "logits_index": np.arange(max(s - PREFILL_ROWS, 0), s, dtype=np.int64)[None]}
+    res = decoder.run(["logits", *outs], {**feeds, **dict(zip(names, past))})
+    prefill, past = res[0], res[1:]
+    empty_f = np.zeros((0, feats.shape[1]), np.float32)
+    empty_d = np.zeros((deep.shape[0], 0, deep.shape[2]), np.float32)
+    step_logits, greedy = [], [int(prefill[0, -1].argmax())]
+    for k, tok in enumerate(tokens):
+        feeds = {"input_ids": np.asarray([[tok]], np.int64), "image_features": empty_f, "deepstack_features": empty_d,
+                 "position_ids": decode_position_ids([s + k], delta), "attention_mask": np.ones((1, s + k + 1), np.int64),
+                 "logits_index": np.zeros((1, 1), np.int64)}
+        res = decoder.run(["logits", *outs], {**feeds, **dict(zip(names, past))})
+        step_logits.append(res[0][:, -1])
+        greedy.append(int(res[0][0, -1].argmax()))
+        past = res[1:]
+    kv = np.concatenate([p.ravel() for p in past])
+    return {"image_features": feats, "deepstack_features": deep, "prefill_logits": prefill,
+            "decode_logits": np.stack(step_logits), "kv_cache": kv, "greedy": greedy}
+
+
+def _sessions(out_dir: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # Validate what the CPU bundle will run: ONNX Runtime with all its graph optimisations.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    mk = lambda name: ort.InferenceSession(str(out_dir / name), so, providers=["CPUExecutionProvider"])  # noqa: E731
+    return mk("vision.onnx"), mk("decoder.onnx")
+
+
+def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
+                    steps: int = 4, seed: int = 0) -> dict:
+    """Compare ONNX Runtime on `out_dir`'s graphs with `model`; returns the figures, raises EgmError on a miss."""
+    threshold = THRESHOLDS[precision]
+    t0 = time.perf_counter()
+    vision, decoder = _sessions(Path(out_dir))
+    report: dict = {"precision": precision, "threshold": asdict(threshold), "steps": steps, "seed": seed, "cases": {}}
+    failures = []
+    for case in build_cases(Path(checkpoint), vcfg, dcfg, seed):
+        ref = _reference(model, case, steps)
+        got = _ort(vision, decoder, case, ref["tokens"], vcfg, dcfg)
+        outputs = {k: _metric(got[k], ref[k]) for k in ("image_features", "deepstack_features", "prefill_logits", "decode_logits", "kv_cache")}
+        agree = [int(a == b) for a, b in zip(got["greedy"], ref["tokens"])]
+        report["cases"][case.name] = {
+            "grids": [list(g) for g in case.grids],
+            "prompt_tokens": int(case.input_ids.shape[1]),
+            "outputs": outputs,
+            "greedy_agreement": sum(agree) / max(len(agree), 1),
+        }
+        for name, m in outputs.items():
+            if not (m["cosine"] >= threshold.cosine and m["rel_max_abs"] <= threshold.rel_max_abs):
+                failures.append(f"{case.name}/{name}: cosine {m['cosine']:.6f} (need >= {threshold.cosine}), "
+                                f"max abs err {m['max_abs_err']:.3g} = {m['rel_max_abs']:.3g} of max |ref| (need <= {threshold.rel_max_abs})")
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    report["passed"] = not failures
+    if failures:
+        raise EgmError(f"Exported graphs disagree with the PyTorch reference ({precision}): {'; '.join(failures)}; "
+                       "the export was not written, report this with the checkpoint's config.json.")
+    return report
