@@ -1,0 +1,370 @@
+"""The reference runner: a local Qwen3-VL checkpoint decoded greedily with PyTorch + transformers.
+
+Contract: `ReferenceRunner.open(model_dir)` loads a Qwen3VLForConditionalGeneration
+checkpoint (safetensors only, no remote code, nothing downloaded; a ModelOpt
+quantized checkpoint goes through `egm_edge.quantize.loader.load_dequantized`).
+Inputs are built as the HF processor builds them but without torchvision:
+`egm_edge.runtime.preprocess` for pixels, `grounding.qwen_chat_prompt` for the
+text, the checkpoint's tokenizer.json through `tokenizers`. Decoding shares the
+runtime's pieces (`runtime.budget.BudgetPolicy`, `runtime.sampling.Sampler`), so
+the thinking budget and token choice here are the ones the deployed runtime
+applies; only the network differs. `ground()` returns a `GroundingResult` whose
+box is in pixels of the original image. torch/transformers load in `open()`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from egm_edge.errors import CheckpointError, InputError
+from egm_edge.runtime.preprocess import ImageProcessorConfig, PreprocessedImage, preprocess_image
+
+SUPPORTED_ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+SUPPORTED_MODEL_TYPE = "qwen3_vl"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """config.json of a supported checkpoint, or a CheckpointError saying what was found instead."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"Model directory {model_dir} does not exist; pass a local Qwen3-VL checkpoint directory.")
+    path = model_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory.") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e}); restore the checkpoint's config.json.") from None
+    archs = cfg.get("architectures") or []
+    mtype = cfg.get("model_type")
+    if SUPPORTED_ARCHITECTURE not in archs or mtype != SUPPORTED_MODEL_TYPE:
+        found = ", ".join(map(str, archs)) or "no architectures"
+        raise CheckpointError(
+            f"Checkpoint {model_dir} is {found} (model_type {mtype!r}); the reference runner supports "
+            f"{SUPPORTED_ARCHITECTURE} (model_type '{SUPPORTED_MODEL_TYPE}') only."
+        )
+    return cfg
+
+
+def _image_config(model_dir: Path, cfg: dict[str, Any]) -> ImageProcessorConfig:
+    vision = cfg.get("vision_config") or {}
+    path = model_dir / "preprocessor_config.json"
+    if path.is_file():
+        icfg = ImageProcessorConfig.from_json(path)
+    else:
+        icfg = ImageProcessorConfig(
+            patch_size=int(vision.get("patch_size", 16)),
+            merge_size=int(vision.get("spatial_merge_size", 2)),
+            temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+        )
+    for key, mine in (("patch_size", icfg.patch_size), ("spatial_merge_size", icfg.merge_size), ("temporal_patch_size", icfg.temporal_patch_size)):
+        if key in vision and int(vision[key]) != mine:
+            raise CheckpointError(
+                f"{path.name} has {key}={mine} but config.json's vision_config has {vision[key]}; the checkpoint is inconsistent."
+            )
+    return icfg
+
+
+@dataclass
+class Generation:
+    """Output of one decode: emitted token ids (stop token included) and how they came about."""
+
+    tokens: list[int]
+    think_tokens: int
+    answer_tokens: int
+    budget_forced: bool
+    truncated: bool
+    timings: dict[str, float] = field(default_factory=dict)  # ms: vision, prefill, decode, ms_per_token
+
+    @property
+    def decode_steps(self) -> int:
+        return max(len(self.tokens) - 1, 0)
+
+
+@dataclass
+class Prompt:
+    """A rendered grounding request: token ids and the image tensors they refer to."""
+
+    ids: list[int]
+    image: PreprocessedImage
+    preprocess_ms: float
+
+
+class ReferenceRunner:
+    """A loaded checkpoint plus its tokenizer and image settings; reusable across requests."""
+
+    def __init__(self, model, tokenizer, image_config: ImageProcessorConfig, model_dir: Path, device: str):
+        from egm_edge.runtime.budget import ThinkTokens
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.model_dir = model_dir
+        self.device = device
+        self.image_token_id = int(model.config.image_token_id)
+        self.think_ids = ThinkTokens.from_tokenizer(tokenizer)
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> "ReferenceRunner":
+        """Load a local Qwen3-VL checkpoint (see the module docstring for what is refused)."""
+        model_dir = Path(model_dir)
+        cfg = read_model_config(model_dir)
+        if dtype not in DTYPES:
+            raise InputError(f"Unknown dtype {dtype!r}. Choose from: {', '.join(DTYPES)}.")
+        if not (model_dir / "tokenizer.json").is_file():
+            raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
+        image_config = _image_config(model_dir, cfg)
+        quantized = (model_dir / "hf_quant_config.json").is_file()
+        if not quantized and not any(model_dir.glob("*.safetensors")):
+            others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
+            raise CheckpointError(
+                f"Model directory {model_dir} has no .safetensors weights (found {', '.join(others) or 'none'}); "
+                "only safetensors are loaded, convert the checkpoint first."
+            )
+
+        import torch
+        from tokenizers import Tokenizer
+
+        tdtype = getattr(torch, dtype)
+        if quantized:
+            try:
+                from egm_edge.quantize.loader import load_dequantized
+            except ImportError as e:
+                raise CheckpointError(
+                    f"Checkpoint {model_dir} is ModelOpt-quantized (hf_quant_config.json) but its loader "
+                    f"egm_edge.quantize.loader is not available ({e}); install egm-edge with the quant extra."
+                ) from None
+            model = load_dequantized(model_dir, dtype=tdtype)
+        else:
+            model = _load_hf(model_dir, tdtype)
+        model = model.to(device).eval()
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        return cls(model, tokenizer, image_config, model_dir, device)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def build_prompt(self, image, expression: str, task: str = "vanilla", *, exif_transpose: bool = True) -> Prompt:
+        """Load + preprocess the image and tokenize the EGM prompt for it."""
+        from egm_edge.grounding import qwen_chat_prompt, user_text
+        from egm_edge.runtime.image import load_image
+
+        t0 = time.perf_counter()
+        text = user_text(expression, task)  # validates expression and task before any pixel work
+        img = load_image(image, exif_transpose=exif_transpose)
+        pre = preprocess_image(img, self.image_config)
+        ids = self.tokenizer.encode(qwen_chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
+        n_pad = sum(1 for i in ids if i == self.image_token_id)
+        if n_pad != pre.n_image_tokens:
+            raise CheckpointError(
+                f"The tokenizer in {self.model_dir} turned {pre.n_image_tokens} <|image_pad|> into {n_pad} image tokens "
+                f"(id {self.image_token_id}); tokenizer.json and config.json do not belong together."
+            )
+        return Prompt(ids, pre, _ms(t0))
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        pixel_values=None,
+        grid_thw=None,
+        *,
+        think_budget: int | None = None,
+        budget_mode: str = "hard",
+        max_new_tokens: int = 4096,
+        max_answer_tokens: int = 128,
+        sampling=None,
+    ) -> Generation:
+        """Decode after `prompt_ids` with a KV cache under the thinking budget policy.
+
+        pixel_values: float32 [n_patches, 3*T*P*P] (numpy or torch) and grid_thw
+        [n_images, 3] (or one (t, h, w) tuple); both None for a text-only prompt.
+        sampling: a `runtime.sampling.SamplingSpec`; None is greedy (EGM's evaluation).
+        """
+        import numpy as np
+        import torch
+
+        from egm_edge.runtime.budget import BudgetPolicy, BudgetSpec
+        from egm_edge.runtime.sampling import Sampler, SamplingSpec
+
+        spec = BudgetSpec(think_budget, budget_mode, max_answer_tokens)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        policy = BudgetPolicy(spec, self.think_ids, max_new_tokens)
+        sampler = Sampler(sampling or SamplingSpec())
+        model, dev = self.model, self.device
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
+        timings: dict[str, float] = {}
+
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            mm: dict[str, Any] = {}
+            grid = None
+            if pixel_values is not None:
+                grid = torch.as_tensor(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3), device=dev)
+                pv = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32), device=dev)
+                mm["image"] = model.model.get_image_features(pv, grid, return_dict=True)
+            timings["vision"] = _ms(t0)
+
+            t0 = time.perf_counter()
+            positions, delta = self._prefill_positions(ids, grid)
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config.get_text_config())
+            out = model(
+                input_ids=ids,
+                image_grid_thw=grid,
+                mm_encoder_outputs=mm or None,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[0, -1]
+            timings["prefill"] = _ms(t0)
+
+            t0 = time.perf_counter()
+            tokens: list[int] = []
+            past = ids.shape[1]
+            while True:
+                tok = policy.forced()
+                if tok is None:
+                    tok = sampler(logits.float().cpu().numpy())
+                tokens.append(tok)
+                policy.observe(tok)
+                if policy.done:
+                    break
+                step_pos = torch.full((4, 1, 1), past, dtype=torch.long, device=dev)
+                step_pos[1:] += delta  # mrope rows continue from the image-shifted position
+                out = model(
+                    input_ids=torch.tensor([[tok]], dtype=torch.long, device=dev),
+                    position_ids=step_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[0, -1]
+                past += 1
+            timings["decode"] = _ms(t0)
+        steps = max(len(tokens) - 1, 0)
+        timings["ms_per_token"] = timings["decode"] / steps if steps else 0.0
+        return Generation(tokens, policy.think_tokens, policy.answer_tokens, policy.budget_forced, policy.truncated, timings)
+
+    def _prefill_positions(self, ids, grid):
+        """[4, 1, S] position ids (text row + 3 mrope rows) and the mrope delta, via transformers' own get_rope_index."""
+        import torch
+
+        n = ids.shape[1]
+        text = torch.arange(n, dtype=torch.long, device=ids.device).view(1, 1, n)
+        if grid is None:
+            return text.expand(4, 1, n).clone(), 0
+        mm_types = (ids == self.image_token_id).int()
+        rope, deltas = self.model.model.get_rope_index(ids, mm_types, image_grid_thw=grid)
+        return torch.cat([text, rope], dim=0), int(deltas.reshape(-1)[0])
+
+    def decode_text(self, tokens: Sequence[int]) -> str:
+        """Output text as EGM reads it: special tokens skipped, `</think>` kept (it may be flagged special)."""
+        close = self.think_ids.think_close
+        body = [t for t in tokens if t not in self.think_ids.stop]
+        if close in body:
+            k = body.index(close)
+            return (
+                self.tokenizer.decode(body[:k], skip_special_tokens=True)
+                + "</think>"
+                + self.tokenizer.decode(body[k + 1 :], skip_special_tokens=True)
+            )
+        return self.tokenizer.decode(body, skip_special_tokens=True)
+
+    # -- grounding -------------------------------------------------------------------------
+
+    def ground(
+        self,
+        image,
+        expression: str,
+        *,
+        think_budget: int | None = None,
+        task: str = "vanilla",
+        budget_mode: str = "hard",
+        max_new_tokens: int = 4096,
+        max_answer_tokens: int = 128,
+        exif_transpose: bool = True,
+        sampling=None,
+    ):
+        """Ground `expression` in `image` (path, bytes, data URL or PIL image) -> GroundingResult."""
+        from egm_edge.grounding import GroundingResult
+        from egm_edge.runtime.budget import BudgetSpec
+
+        t0 = time.perf_counter()
+        BudgetSpec(think_budget, budget_mode, max_answer_tokens)  # refuse bad settings before loading the image
+        prompt = self.build_prompt(image, expression, task, exif_transpose=exif_transpose)
+        gen = self.generate_ids(
+            prompt.ids,
+            prompt.image.pixel_values,
+            prompt.image.grid_thw,
+            think_budget=think_budget,
+            budget_mode=budget_mode,
+            max_new_tokens=max_new_tokens,
+            max_answer_tokens=max_answer_tokens,
+            sampling=sampling,
+        )
+        text = self.decode_text(gen.tokens)
+        timings = {"preprocess": prompt.preprocess_ms, **gen.timings}
+        timings["total"] = _ms(t0)
+        height, width = prompt.image.original
+        return GroundingResult.from_output(
+            text,
+            width,
+            height,
+            think_tokens=gen.think_tokens,
+            answer_tokens=gen.answer_tokens,
+            budget_forced=gen.budget_forced,
+            timings=timings,
+        )
+
+    def ground_many(self, samples: Iterable[Any], *, progress: bool = True, **kwargs) -> list:
+        """Ground each sample (anything with .image and .expression, optionally .task; or (image, expression) pairs)."""
+        items = list(samples)
+        results = []
+        for s in _progress(items, progress):
+            if isinstance(s, (tuple, list)):
+                image, expr, task = s[0], s[1], kwargs.get("task", "vanilla")
+            else:
+                image, expr, task = s.image, s.expression, getattr(s, "task", None) or kwargs.get("task", "vanilla")
+            results.append(self.ground(image, expr, **{**kwargs, "task": task}))
+        return results
+
+
+def _load_hf(model_dir: Path, dtype):
+    from transformers import Qwen3VLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return Qwen3VLForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Could not load the checkpoint in {model_dir} ({str(e).splitlines()[0]}); check that its files are complete.") from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _progress(items: list, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers; without it, run silently
+        return items
+    return tqdm(items, desc="grounding", unit="sample")
