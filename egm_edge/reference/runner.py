@@ -136,6 +136,10 @@ class ReferenceRunner:
         from tokenizers import Tokenizer
 
         tdtype = getattr(torch, dtype)
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            from egm_edge.errors import UnsupportedError
+
+            raise UnsupportedError(f"Device {device!r} was asked for but this machine has no CUDA; use --device cpu.")
         if quantized:
             try:
                 from egm_edge.quantize.loader import load_dequantized

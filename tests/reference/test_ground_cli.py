@@ -76,3 +76,20 @@ def test_bad_input_exits_2(capsys, tmp_path, tiny_checkpoint, small_image, case)
         extra = ["--think-budget", "-3"]
     rc, _, err = _ground(capsys, "--model", str(tiny_checkpoint), "--image", image, "--expr", expr, *extra)
     _one_sentence_error(rc, err)
+
+
+def test_missing_default_model_exits_2(capsys, small_image, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "egm_edge.assets", None)  # no embedded model in this install
+    rc, _, err = _ground(capsys, "--image", str(small_image), "--expr", "a cat")
+    assert "--model" in _one_sentence_error(rc, err)
+
+
+def test_cuda_without_cuda_exits_2(capsys, tiny_checkpoint, small_image):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc, _, err = _ground(capsys, "--model", str(tiny_checkpoint), "--image", str(small_image), "--expr", "a", "--device", "cuda")
+    assert "no CUDA" in _one_sentence_error(rc, err)

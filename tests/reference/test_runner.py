@@ -112,3 +112,11 @@ def test_unsupported_checkpoints_are_refused(tmp_path, tiny_checkpoint, monkeypa
     monkeypatch.setitem(sys.modules, "egm_edge.quantize.loader", None)  # the loader is not importable
     with pytest.raises(CheckpointError, match="ModelOpt-quantized"):
         ReferenceRunner.open(pickled)
+
+
+def test_importing_the_package_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, egm_edge.reference, egm_edge.reference.runner, egm_edge.commands.ground; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
