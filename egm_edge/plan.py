@@ -366,7 +366,8 @@ def _gib(b: int | float) -> str:
 def _verdict(p: Plan, spec: ModelSpec, target: TargetProfile, explore: bool, kw: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
     need = f"{_gib(p.total_bytes)} of {_gib(p.usable_bytes)} usable"
     if p.fits:
-        return f"fits: {need}; largest think budget that fits: {p.max_think_budget}", ()
+        limit = " (the context window's limit)" if p.max_think_budget == spec.text.max_positions - (p.context_tokens - p.think_budget) else ""
+        return f"fits: {need}; largest think budget that fits: {p.max_think_budget}{limit}", ()
     if p.max_think_budget is not None:
         head = f"does not fit: {need}; the largest think budget that fits is {p.max_think_budget}"
     else:
