@@ -1,0 +1,145 @@
+"""The materialised calibration set: samples rendered exactly as at inference, stored once, hashed.
+
+Contract: `render(sample, task, tokenizer, image_config, image_token_id)` turns one
+`egm_edge.data.Sample` into `Rendered(input_ids, pixel_values, grid_thw)` with the
+same pieces the runtime and the reference runner use (`runtime.image.load_image`,
+`runtime.preprocess.preprocess_image`, `grounding.user_text` + `qwen_chat_prompt`,
+the checkpoint's tokenizer.json). With reasoning, the full-precision model's own
+greedy continuation (reasoning, `</think>`, answer) is appended to the ids.
+`save(path, calib, holdout, meta)` writes one safetensors file whose sha256 is the
+calibration hash recorded in the manifest; `load(path)` reads it back bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from egm_edge.errors import CheckpointError, InputError
+
+RENDER_VERSION = 1  # bump when rendering changes, so cached sets are not reused
+
+
+@dataclass
+class Rendered:
+    """One calibration sequence: token ids (prompt, plus generated text when reasoning) and its image."""
+
+    input_ids: np.ndarray  # int64 [L]
+    pixel_values: np.ndarray  # float32 [n_patches, 3*T*P*P]
+    grid_thw: np.ndarray  # int64 [1, 3]
+    n_prompt: int  # ids before any generated continuation
+
+    @property
+    def n_generated(self) -> int:
+        return int(self.input_ids.shape[0]) - self.n_prompt
+
+
+def image_config_for(image_config, max_pixels: int | str, min_pixels: int | str):
+    """The checkpoint's image settings with the recipe's size policy applied (a cap never raises the model's)."""
+    from dataclasses import replace
+
+    kw = {}
+    if max_pixels != "model":
+        kw["max_pixels"] = min(int(max_pixels), image_config.max_pixels)
+    if min_pixels != "model":
+        kw["min_pixels"] = int(min_pixels)
+    if kw:
+        lo, hi = kw.get("min_pixels", image_config.min_pixels), kw.get("max_pixels", image_config.max_pixels)
+        if lo > hi:
+            raise InputError(f"Calibration image policy gives min_pixels={lo} above max_pixels={hi}; lower min_pixels.")
+    return replace(image_config, **kw) if kw else image_config
+
+
+def render(sample, task: str, tokenizer, image_config, image_token_id: int) -> Rendered:
+    """`sample` rendered as the runtime renders a grounding request (see module docstring)."""
+    from egm_edge.grounding import qwen_chat_prompt, user_text
+    from egm_edge.runtime.image import load_image
+    from egm_edge.runtime.preprocess import preprocess_image
+
+    text = user_text(sample.expression, task)
+    pre = preprocess_image(load_image(sample.image), image_config)
+    ids = tokenizer.encode(qwen_chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
+    n_pad = sum(1 for i in ids if i == image_token_id)
+    if n_pad != pre.n_image_tokens:
+        raise CheckpointError(
+            f"The tokenizer turned {pre.n_image_tokens} <|image_pad|> into {n_pad} image tokens (id {image_token_id}); "
+            "tokenizer.json and config.json of the checkpoint do not belong together."
+        )
+    return Rendered(np.asarray(ids, dtype=np.int64), pre.pixel_values.astype(np.float32, copy=False),
+                    np.asarray([pre.grid_thw], dtype=np.int64), len(ids))
+
+
+def with_reasoning(runner, item: Rendered, max_new_tokens: int) -> Rendered:
+    """Append the full-precision model's own greedy reasoning + answer (stop token included)."""
+    gen = runner.generate_ids(item.input_ids.tolist(), item.pixel_values, item.grid_thw[0], max_new_tokens=max_new_tokens)
+    ids = np.concatenate([item.input_ids, np.asarray(gen.tokens, dtype=np.int64)])
+    return Rendered(ids, item.pixel_values, item.grid_thw, item.n_prompt)
+
+
+def save(path: Path, calib: Sequence[Rendered], holdout: Sequence[Rendered], meta: dict[str, Any]) -> None:
+    """One safetensors file: `calib.{i}.*` and `holdout.{i}.*` tensors, `meta` as JSON metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    for prefix, items in (("calib", calib), ("holdout", holdout)):
+        for i, r in enumerate(items):
+            tensors[f"{prefix}.{i}.input_ids"] = torch.from_numpy(np.ascontiguousarray(r.input_ids))
+            tensors[f"{prefix}.{i}.pixel_values"] = torch.from_numpy(np.ascontiguousarray(r.pixel_values))
+            tensors[f"{prefix}.{i}.grid_thw"] = torch.from_numpy(np.ascontiguousarray(r.grid_thw))
+            tensors[f"{prefix}.{i}.n_prompt"] = torch.tensor([r.n_prompt], dtype=torch.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"egm_edge_calibration": json.dumps(meta, sort_keys=True, default=str)})
+    tmp.replace(path)
+
+
+def load(path: Path) -> tuple[list[Rendered], list[Rendered], dict[str, Any]]:
+    from safetensors import safe_open
+
+    out: dict[str, list[Rendered]] = {"calib": [], "holdout": []}
+    with safe_open(str(path), framework="np") as f:
+        meta = json.loads((f.metadata() or {}).get("egm_edge_calibration", "{}"))
+        keys = set(f.keys())
+        for prefix in out:
+            i = 0
+            while f"{prefix}.{i}.input_ids" in keys:
+                g = lambda k: f.get_tensor(f"{prefix}.{i}.{k}")  # noqa: E731
+                out[prefix].append(Rendered(g("input_ids"), g("pixel_values"), g("grid_thw"), int(g("n_prompt")[0])))
+                i += 1
+    return out["calib"], out["holdout"], meta
+
+
+def stats(items: Sequence[Rendered]) -> dict[str, Any]:
+    """Token and image-size figures for the manifest."""
+    if not items:
+        return {"n": 0}
+    lengths = [int(r.input_ids.shape[0]) for r in items]
+    gen = [r.n_generated for r in items]
+    patches = [int(r.pixel_values.shape[0]) for r in items]
+    return {
+        "n": len(items),
+        "tokens_total": int(sum(lengths)),
+        "tokens_max": int(max(lengths)),
+        "generated_tokens_mean": float(np.mean(gen)),
+        "image_patches_mean": float(np.mean(patches)),
+        "image_patches_max": int(max(patches)),
+    }
+
+
+def model_inputs(item: Rendered, image_token_id: int, device, dtype) -> dict[str, Any]:
+    """Keyword arguments for Qwen3VLForConditionalGeneration.forward (batch of one)."""
+    import torch
+
+    ids = torch.as_tensor(item.input_ids, device=device).view(1, -1)
+    return {
+        "input_ids": ids,
+        "pixel_values": torch.as_tensor(item.pixel_values, device=device).to(dtype),
+        "image_grid_thw": torch.as_tensor(item.grid_thw, device=device),
+        # transformers needs the image-token mask to build the 3-D mrope positions.
+        "mm_token_type_ids": (ids == image_token_id).int(),
+    }

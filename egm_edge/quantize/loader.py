@@ -1,0 +1,200 @@
+"""Run a ModelOpt unified HF checkpoint of Qwen3-VL as a PyTorch reference (transformers cannot load it correctly).
+
+Contract: `load_dequantized(model_dir, dtype=torch.float32, activations=True)` builds
+Qwen3VLForConditionalGeneration from config.json and loads every *.safetensors
+shard, dequantizing quantized Linear weights itself; the format is read from each
+tensor (dtype, shape, companion scales), never from file names:
+- FP8 e4m3 `weight` * `weight_scale` (per tensor or per output channel);
+- INT8 `weight` * per-output-channel `weight_scale` (SmoothQuant);
+- INT4 packed uint8 [out/2, in] (two output rows per byte, low nibble first) *
+  block scales `weight_scale` [out, in/block]; with `weight_scale_2` (W4A8) the
+  dequantized weight is rounded through FP8 at that scale, as ModelOpt's sequential
+  weight quantizer does;
+- NVFP4 packed uint8 [out, in/2] (e2m1, low nibble first) * FP8 block scales * `weight_scale_2`.
+`pre_quant_scale` (AWQ / SmoothQuant smoothing left unfolded) multiplies the
+Linear's input; where ModelOpt folded it into the preceding RMSNorm, the norm's
+stored weight already carries it. With activations=True, inputs with an
+`input_scale` are fake-quantized (FP8 e4m3 or INT8, per tensor) before the
+matmul, as the serving engines do. What is NOT reproduced: the FP8 KV cache
+(`k_scale`/`v_scale` are read but K/V stay in `dtype`) and NVFP4's dynamic
+per-block activation quantization (NVFP4 inputs stay in `dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from egm_edge.errors import CheckpointError
+
+FP8_MAX = 448.0
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def read_tensors(model_dir: Path) -> dict:
+    """Every tensor of every *.safetensors file in `model_dir` (CPU, stored dtype)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"Checkpoint {model_dir} has no *.safetensors weights; re-run egm-edge quantize.")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def fp8_round(x, scale):
+    """x rounded through FP8 e4m3 at `scale` (saturating), back in x's dtype."""
+    import torch
+
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def unpack_int4(packed):
+    """uint8 [out/2, in] -> int8 [out, in]: byte j of column i holds rows 2j (low nibble) and 2j+1 (high)."""
+    import torch
+
+    p = packed.to(torch.int16)
+    lo, hi = p & 0x0F, (p >> 4) & 0x0F
+    vals = torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1])
+    return torch.where(vals >= 8, vals - 16, vals).to(torch.int8)
+
+
+def unpack_e2m1(packed):
+    """uint8 [out, in/2] -> float32 [out, in]: element 2i in the low nibble, 2i+1 in the high one."""
+    import torch
+
+    table = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32)
+    p = packed.to(torch.int64)
+    idx = torch.stack([p & 0x0F, (p >> 4) & 0x0F], dim=-1).reshape(packed.shape[0], -1)
+    return table[idx]
+
+
+def dequantize_weight(w, scales: dict):
+    """The float32 weight a quantized Linear computes with (see module docstring for formats)."""
+    import torch
+
+    ws = scales.get("weight_scale")
+    ws2 = scales.get("weight_scale_2")
+    if ws is None:
+        return w.float()
+    if w.dtype == torch.float8_e4m3fn:
+        s = ws.float()
+        return w.float() * (s.view(-1, 1) if s.dim() == 1 else s)
+    if w.dtype == torch.int8:
+        return w.float() * ws.float().view(-1, 1)
+    if w.dtype == torch.uint8 and ws.dtype == torch.float8_e4m3fn:  # NVFP4
+        vals = unpack_e2m1(w)
+        block = vals.shape[1] // ws.shape[1]
+        return vals * ws.float().repeat_interleave(block, dim=1) * (ws2.float() if ws2 is not None else 1.0)
+    if w.dtype == torch.uint8:  # INT4 AWQ
+        q = unpack_int4(w).float()
+        block = q.shape[1] // ws.shape[1]
+        deq = q * ws.float().repeat_interleave(block, dim=1)
+        return fp8_round(deq, ws2.float()) if ws2 is not None else deq
+    raise CheckpointError(f"Quantized weight of dtype {w.dtype} with scale {tuple(ws.shape)} is not a format this loader knows.")
+
+
+def fake_quant_input(x, scale, kind: str):
+    import torch
+
+    s = scale.to(x.dtype)
+    if kind == "fp8":
+        return fp8_round(x, s)
+    return torch.round(x / s).clamp(-128, 127) * s
+
+
+def split_checkpoint(tensors: dict) -> tuple[dict, dict]:
+    """(plain tensors by key, {linear prefix: {suffix: tensor}} for quantized linears' extras)."""
+    plain, extras = {}, {}
+    for k, v in tensors.items():
+        prefix, _, leaf = k.rpartition(".")
+        if leaf in SCALE_SUFFIXES:
+            extras.setdefault(prefix, {})[leaf] = v
+        else:
+            plain[k] = v
+    return plain, extras
+
+
+def _activation_kind(stored_dtype, extras: dict) -> str | None:
+    """How this Linear's input is quantized in the serving engine: 'fp8', 'int8', or None."""
+    import torch
+
+    if "input_scale" not in extras:
+        return None
+    if stored_dtype == torch.int8:
+        return "int8"
+    ws = extras.get("weight_scale")
+    if stored_dtype == torch.uint8 and ws is not None and ws.dtype == torch.float8_e4m3fn:
+        return None  # NVFP4: dynamic per-block input quantization, not reproduced
+    return "fp8"
+
+
+def load_dequantized(model_dir, dtype=None, *, activations: bool = True):
+    """Qwen3VLForConditionalGeneration with dequantized weights (and input fake-quant hooks); eval mode."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    dtype = dtype or torch.float32
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} is missing or not JSON ({e}); pass a quantized checkpoint directory.") from None
+    if "Qwen3VLForConditionalGeneration" not in (raw.get("architectures") or []):
+        raise CheckpointError(f"Checkpoint {model_dir} is {raw.get('architectures')}; the dequantizing loader supports Qwen3VLForConditionalGeneration only.")
+    raw.pop("quantization_config", None)  # built as a plain model; this loader applies the numerics
+    config = Qwen3VLConfig.from_dict(raw)
+    with no_init_weights():
+        model = Qwen3VLForConditionalGeneration(config)
+    model = model.to(dtype).eval()
+
+    plain, extras = split_checkpoint(read_tensors(model_dir))
+    state, stored = {}, {}
+    for prefix, ex in extras.items():
+        wkey = f"{prefix}.weight"
+        if wkey in plain and "weight_scale" in ex:
+            stored[prefix] = plain[wkey].dtype
+            plain[wkey] = dequantize_weight(plain[wkey], ex)
+    for k, v in plain.items():
+        state[k] = v.to(dtype) if v.is_floating_point() or v.dtype in (torch.uint8, torch.int8) else v
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"Checkpoint {model_dir} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+            "re-run egm-edge quantize."
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    modules = dict(model.named_modules())
+    for prefix, ex in extras.items():
+        mod = modules.get(prefix)
+        if not isinstance(mod, torch.nn.Linear):
+            continue  # k_scale / v_scale sit on k_proj / v_proj but describe the KV cache (not reproduced)
+        pqs = ex.get("pre_quant_scale")
+        kind = _activation_kind(stored.get(prefix), ex) if activations else None
+        if pqs is None and kind is None:
+            continue
+        mod.register_forward_pre_hook(_input_hook(pqs.to(dtype) if pqs is not None else None,
+                                                  ex.get("input_scale"), kind))
+    return model
+
+
+def _input_hook(pqs, input_scale, kind):
+    def hook(module, args):
+        x = args[0]
+        if pqs is not None:
+            x = x * pqs
+        if kind is not None:
+            x = fake_quant_input(x, input_scale, kind)
+        return (x, *args[1:])
+
+    return hook
