@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -49,3 +50,35 @@ def coco128_dir(shared_data) -> Path:
     if not d.is_dir():
         pytest.skip(f"{d} is absent")
     return d
+
+
+# A tiny random Qwen3-VL checkpoint (real Qwen tokenizer), exported and built into a CPU bundle once per session.
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, qwen_tokenizer_dir):
+    pytest.importorskip("torch")
+    from egm_edge.reference.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("rt") / "ckpt", qwen_tokenizer_dir, seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_ckpt):
+    pytest.importorskip("onnx")
+    from egm_edge.build import build_cpu
+    from egm_edge.export.pipeline import export
+
+    root = tmp_path_factory.mktemp("rtb")
+    ex = export(tiny_ckpt, root / "export", decode_steps=2)
+    return build_cpu(ex, root / "bundle", max_answer_tokens=16, max_seq_len=1024)
+
+
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    img = Image.new("RGB", (300, 200), (240, 240, 240))
+    d = ImageDraw.Draw(img)
+    d.rectangle((30, 40, 110, 120), fill=(200, 30, 30))
+    d.ellipse((170, 60, 260, 150), fill=(30, 60, 200))
+    img.save(path)
+    return path

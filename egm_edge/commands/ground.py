@@ -1,7 +1,8 @@
-"""`egm-edge ground`: ground one referring expression in one image with a local checkpoint.
+"""`egm-edge ground`: ground one referring expression in one image, with a bundle or a checkpoint.
 
-Runs the PyTorch reference runner (`egm_edge.reference.ReferenceRunner`) on a Qwen3-VL
-checkpoint directory (default: the embedded model) and prints the box in pixels of
+With `--bundle DIR` it runs the torch-free runtime (`egm_edge.runtime.Grounder`);
+otherwise the PyTorch reference runner (`egm_edge.reference.ReferenceRunner`) on a
+Qwen3-VL checkpoint directory (default: the embedded model). It prints the box in pixels of
 the original image, the raw output, think/answer token counts, whether the budget
 closed the reasoning, and timings. Bad input (missing/corrupt image, empty or huge
 expression, wrong checkpoint) is one sentence and exit status 2, checked before the
@@ -14,7 +15,7 @@ import argparse
 import json
 
 NAME = "ground"
-HELP = "Ground a referring expression in an image with a local Qwen3-VL checkpoint (PyTorch reference)."
+HELP = "Ground a referring expression in an image with a bundle (runtime) or a Qwen3-VL checkpoint (PyTorch reference)."
 ORDER = 10
 
 
@@ -23,7 +24,9 @@ def register(p: argparse.ArgumentParser) -> None:
     from egm_edge.reference.runner import DTYPES
     from egm_edge.runtime.budget import MODES
 
-    p.add_argument("--model", metavar="DIR", help="Qwen3-VL checkpoint directory (default: the embedded model)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--bundle", metavar="DIR", help="bundle built by `egm-edge build` (torch-free runtime)")
+    src.add_argument("--model", metavar="DIR", help="Qwen3-VL checkpoint directory (default: the embedded model)")
     p.add_argument("--image", required=True, metavar="IMG", help="image file")
     p.add_argument("--expr", required=True, metavar="TEXT", help="referring expression, e.g. 'the red car on the left'")
     p.add_argument("--think-budget", type=int, default=None, metavar="N",
@@ -36,6 +39,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--draw", metavar="OUT.png", help="save the image with the predicted box drawn")
 
 
 def _default_model_dir():
@@ -56,21 +60,22 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before the (slow) model load.
     user_text(args.expr, args.task)
     BudgetSpec(args.think_budget, args.budget_mode, args.max_answer_tokens)
-    load_image(args.image)
-    model_dir = args.model or _default_model_dir()
+    image = load_image(args.image)
+    kw = dict(think_budget=args.think_budget, task=args.task, budget_mode=args.budget_mode,
+              max_new_tokens=args.max_new_tokens, max_answer_tokens=args.max_answer_tokens)
+    if args.bundle:
+        from egm_edge.runtime.grounder import Grounder
 
-    from egm_edge.reference.runner import ReferenceRunner
+        result = Grounder.open(args.bundle).ground(image, args.expr, **kw)
+    else:
+        from egm_edge.reference.runner import ReferenceRunner
 
-    runner = ReferenceRunner.open(model_dir, dtype=args.dtype, device=args.device)
-    result = runner.ground(
-        args.image,
-        args.expr,
-        think_budget=args.think_budget,
-        task=args.task,
-        budget_mode=args.budget_mode,
-        max_new_tokens=args.max_new_tokens,
-        max_answer_tokens=args.max_answer_tokens,
-    )
+        runner = ReferenceRunner.open(args.model or _default_model_dir(), dtype=args.dtype, device=args.device)
+        result = runner.ground(args.image, args.expr, **kw)
+    if args.draw:
+        from egm_edge.runtime.draw import draw_boxes
+
+        draw_boxes(image, [(result.box, args.expr, (230, 40, 40))]).save(args.draw)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return 0

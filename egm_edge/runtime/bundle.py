@@ -1,0 +1,138 @@
+"""A deployable bundle on disk, as the runtime reads it (torch-free).
+
+Layout (written by `egm-edge build`, DESIGN.md "Pipeline"):
+
+    bundle/
+      manifest.json            stage "build", target, precision, sources, versions; written last
+      vision.onnx              patches + host grid tensors -> image features, deepstack features
+      decoder.onnx             one graph for prefill and decode with explicit KV cache
+      tokenizer.json           the model's tokenizer (every special id is read from it)
+      preprocessor_config.json the HF image-processor values (min/max pixels, patch, merge)
+      generation_config.json   stop tokens, think tags, default budget and mode, caps
+
+manifest["runtime"] holds what the host needs to drive the graphs: `decoder`
+(num_layers, num_kv_heads, head_dim, hidden_size, vocab_size, num_deepstack,
+image_token_id) and `vision` (egm_edge.runtime.vision_inputs.VisionGridConfig).
+A directory without manifest.json is not a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from egm_edge.errors import CheckpointError
+from egm_edge.runtime.preprocess import ImageProcessorConfig
+from egm_edge.runtime.vision_inputs import VisionGridConfig
+
+BUNDLE_FILES = ("manifest.json", "vision.onnx", "decoder.onnx", "tokenizer.json", "preprocessor_config.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    num_deepstack: int
+    image_token_id: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderShape":
+        return cls(**{f.name: int(d[f.name]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decode defaults shipped with a bundle; per-request arguments override them."""
+
+    family: str = "qwen3_vl"
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    stop_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
+    think_budget: int | None = None  # None = unlimited
+    budget_mode: str = "hard"
+    max_answer_tokens: int = 128
+    max_seq_len: int = 4096  # planned maximum of prompt + image tokens + output
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stop_tokens"] = list(self.stop_tokens)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "stop_tokens" in kw:
+            kw["stop_tokens"] = tuple(kw["stop_tokens"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+    decoder: DecoderShape
+    vision: VisionGridConfig
+    image_processor: ImageProcessorConfig
+    generation: GenerationConfig
+
+    @property
+    def target(self) -> str:
+        return self.manifest.get("target", "cpu")
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("precision", "unknown")
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name") or self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} has no {path.name}; it is not a complete {what}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); rebuild the {what}.") from None
+
+
+def open_bundle(path) -> Bundle:
+    """Read and check a bundle directory; one clear sentence for anything missing or foreign."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Bundle directory {path} does not exist; build one with `egm-edge build --target cpu`.")
+    if not (path / "manifest.json").is_file():
+        raise CheckpointError(
+            f"{path} has no manifest.json, so it is not a finished bundle (an interrupted build leaves none); rebuild it."
+        )
+    manifest = read_json(path / "manifest.json", "bundle")
+    if manifest.get("stage") != "build":
+        raise CheckpointError(
+            f"{path} holds a {manifest.get('stage', 'unknown')!r} artifact, not a bundle; run `egm-edge build` on it."
+        )
+    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"Bundle {path} is missing {', '.join(missing)}; rebuild it.")
+    rt = manifest.get("runtime") or {}
+    try:
+        decoder = DecoderShape.from_dict(rt["decoder"])
+        vision = VisionGridConfig.from_dict(rt["vision"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"Bundle {path} has an incomplete manifest 'runtime' section ({e}); rebuild it.") from None
+    return Bundle(
+        path=path,
+        manifest=manifest,
+        decoder=decoder,
+        vision=vision,
+        image_processor=ImageProcessorConfig.from_json(path / "preprocessor_config.json"),
+        generation=GenerationConfig.from_dict(read_json(path / "generation_config.json", "bundle")),
+    )

@@ -1,0 +1,236 @@
+"""Torch-free grounding on a bundle: image + expression -> box, with the reasoning capped.
+
+`Grounder.open(bundle_dir)` loads the graphs; `ground(image, expression, ...)`
+runs one request: preprocess (numpy) -> vision graph (cached per image) ->
+prefill -> decode loop. The loop owns the KV cache, the M-RoPE positions, the
+sampler and the thinking-budget policy; the executor only runs graphs.
+
+- `generate(image, text, ...)` takes the user text as sent (e.g. by an OpenAI
+  client); `ground` builds EGM's prompt from an expression first.
+- `stream(...)` yields `TokenEvent`s as tokens are produced; the last event
+  carries the finished `GroundingResult`.
+- A repeated image (same pixels after preprocessing) reuses its encoding from a
+  small LRU cache, so several expressions on one camera frame pay for the vision
+  tower once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from egm_edge.grounding import GroundingResult, qwen_chat_prompt, user_text
+from egm_edge.runtime.budget import BudgetPolicy, BudgetSpec, ThinkTokens
+from egm_edge.runtime.bundle import Bundle, open_bundle
+from egm_edge.runtime.executors import make_executor
+from egm_edge.runtime.image import load_image
+from egm_edge.runtime.mrope import decode_position_ids, rope_index
+from egm_edge.runtime.preprocess import preprocess_image
+from egm_edge.runtime.sampling import Sampler, SamplingSpec
+from egm_edge.runtime.vision_inputs import vision_grid_inputs
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One emitted token: its text delta, the phase it belongs to, and whether the budget forced it."""
+
+    token_id: int
+    text: str
+    phase: str  # "reasoning" | "content"
+    forced: bool
+    result: GroundingResult | None = None  # set on the final event only
+
+
+class _Detok:
+    """Incremental detokenizer: emits only complete characters."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tok.decode(self.ids, skip_special_tokens=False)
+        if full.endswith("\ufffd"):
+            return ""
+        delta, self.text = full[len(self.text):], full
+        return delta
+
+
+class Grounder:
+    def __init__(self, bundle: Bundle, executor, tokenizer, image_cache_size: int = 4):
+        self.bundle, self.executor, self.tok = bundle, executor, tokenizer
+        self.ids = ThinkTokens.from_tokenizer(tokenizer)
+        self.image_token_id = tokenizer.token_to_id("<|image_pad|>")
+        if self.image_token_id is None or self.image_token_id != bundle.decoder.image_token_id:
+            from egm_edge.errors import CheckpointError
+
+            raise CheckpointError(
+                f"The bundle's tokenizer maps <|image_pad|> to {self.image_token_id}, but its decoder expects "
+                f"{bundle.decoder.image_token_id}; the bundle mixes files from different models, rebuild it."
+            )
+        self._cache: OrderedDict[str, tuple] = OrderedDict()
+        self._cache_size = image_cache_size
+
+    @classmethod
+    def open(cls, bundle_dir, executor: str = "auto", threads: int | None = None) -> "Grounder":
+        from tokenizers import Tokenizer
+
+        bundle = open_bundle(bundle_dir)
+        tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
+        return cls(bundle, make_executor(bundle, executor, threads=threads), tok)
+
+    @property
+    def model_name(self) -> str:
+        return self.bundle.name
+
+    # -- public calls -------------------------------------------------------------------------------------
+    def ground(self, image, expression: str, think_budget=_UNSET, task: str = "vanilla", **kw) -> GroundingResult:
+        text = user_text(expression, task=task, family=self.bundle.generation.family)
+        return self.generate(image, text, think_budget=think_budget, **kw)
+
+    def ground_batch(self, requests, **kw) -> list[GroundingResult]:
+        """requests: iterable of (image, expression) or dicts with image/expression/task/think_budget.
+
+        Runs them in order at batch size 1 (the fastest on a CPU), sharing image encodings.
+        """
+        out = []
+        for r in requests:
+            r = r if isinstance(r, dict) else {"image": r[0], "expression": r[1]}
+            out.append(self.ground(**{**kw, **r}))
+        return out
+
+    def generate(self, image, text: str, **kw) -> GroundingResult:
+        result = None
+        for ev in self._run(image, text, **kw):
+            result = ev.result or result
+        return result
+
+    def stream(self, image, expression: str, think_budget=_UNSET, task: str = "vanilla", **kw) -> Iterator[TokenEvent]:
+        text = user_text(expression, task=task, family=self.bundle.generation.family)
+        return self._run(image, text, think_budget=think_budget, **kw)
+
+    def stream_text(self, image, text: str, **kw) -> Iterator[TokenEvent]:
+        return self._run(image, text, **kw)
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def _encode(self, prep):
+        key = hashlib.sha256(prep.pixel_values.tobytes() + repr(prep.grid_thw).encode()).hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key], True
+        grid = vision_grid_inputs([prep.grid_thw], self.bundle.vision)
+        enc = self.executor.encode_image(prep.pixel_values, grid)
+        self._cache[key] = enc
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return enc, False
+
+    def _run(self, image, text: str, *, think_budget=_UNSET, budget_mode: str | None = None,
+             sampling: SamplingSpec | None = None, max_answer_tokens: int | None = None,
+             max_new_tokens: int | None = None, exif_transpose: bool = True) -> Iterator[TokenEvent]:
+        gen = self.bundle.generation
+        t0 = time.perf_counter()
+        img = load_image(image, exif_transpose=exif_transpose)
+        width, height = img.size
+        prep = preprocess_image(img, self.bundle.image_processor)
+        prompt = qwen_chat_prompt(text, prep.n_image_tokens)
+        prompt_ids = np.asarray([self.tok.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
+        n_prompt = prompt_ids.shape[1]
+        room = gen.max_seq_len - n_prompt
+        if max_new_tokens is not None:
+            room = min(room, int(max_new_tokens))
+        spec = BudgetSpec(
+            gen.think_budget if think_budget is _UNSET else think_budget,
+            budget_mode or gen.budget_mode,
+            max_answer_tokens or gen.max_answer_tokens,
+        )
+        if room <= 0:
+            from egm_edge.errors import InputError
+
+            raise InputError(
+                f"The prompt takes {n_prompt} tokens ({prep.n_image_tokens} for the image), at or over the bundle's "
+                f"planned maximum sequence of {gen.max_seq_len}; use a smaller image or a bundle built for longer sequences."
+            )
+        policy = BudgetPolicy(spec, self.ids, max_new_tokens=room)
+        sampler = Sampler(sampling or SamplingSpec())
+        t1 = time.perf_counter()
+
+        (feats, deep), cached = self._encode(prep)
+        t2 = time.perf_counter()
+
+        d = self.bundle.decoder
+        past = [np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32) for _ in range(2 * d.num_layers)]
+        positions, deltas = rope_index(prompt_ids, [prep.grid_thw], self.image_token_id, self.bundle.vision.spatial_merge_size)
+        logits, past = self.executor.decode(
+            {
+                "input_ids": prompt_ids,
+                "image_features": feats,
+                "deepstack_features": deep,
+                "position_ids": positions,
+                "attention_mask": np.ones((1, n_prompt), np.int64),
+                "logits_index": np.asarray([[n_prompt - 1]], np.int64),
+            },
+            past,
+        )
+        t3 = time.perf_counter()
+
+        empty_feats = np.zeros((0, feats.shape[1]), np.float32)
+        empty_deep = np.zeros((deep.shape[0], 0, deep.shape[2]), np.float32)
+        detok = {"reasoning": _Detok(self.tok), "content": _Detok(self.tok)}
+        out_ids: list[int] = []
+        n_total = n_prompt
+        decode_steps = 0
+        while True:
+            forced = policy.forced()
+            token = forced if forced is not None else sampler(logits[0, -1])
+            phase = "reasoning" if policy.phase == "think" else "content"
+            policy.observe(token)
+            if token in self.ids.stop:
+                break
+            out_ids.append(token)
+            piece = "" if token == self.ids.think_close else detok[phase].push(token)
+            yield TokenEvent(token, piece, phase, forced is not None)
+            if policy.done:
+                break
+            logits, past = self.executor.decode(
+                {
+                    "input_ids": np.asarray([[token]], np.int64),
+                    "image_features": empty_feats,
+                    "deepstack_features": empty_deep,
+                    "position_ids": decode_position_ids([n_total], deltas, 1),
+                    "attention_mask": np.ones((1, n_total + 1), np.int64),
+                    "logits_index": np.zeros((1, 1), np.int64),
+                },
+                past,
+            )
+            n_total += 1
+            decode_steps += 1
+        t4 = time.perf_counter()
+
+        text_out = self.tok.decode(out_ids, skip_special_tokens=False)
+        ms = lambda a, b: round((b - a) * 1000.0, 3)  # noqa: E731
+        timings = {
+            "preprocess": ms(t0, t1),
+            "vision": ms(t1, t2),
+            "prefill": ms(t2, t3),
+            "decode": ms(t3, t4),
+            "total": ms(t0, t4),
+            "ms_per_token": round((t4 - t3) * 1000.0 / max(1, decode_steps), 3),
+            "vision_cached": cached,
+            "prompt_tokens": n_prompt,
+            "output_tokens": len(out_ids),
+        }
+        result = GroundingResult.from_output(
+            text_out, width, height,
+            think_tokens=policy.think_tokens, answer_tokens=policy.answer_tokens,
+            budget_forced=policy.budget_forced, family=self.bundle.generation.family, timings=timings,
+            truncated=policy.truncated,
+        )
+        yield TokenEvent(-1, "", "content", False, result=result)

@@ -1,0 +1,57 @@
+"""The cpu build: optimised graphs, side files, manifest written last, refusal of non-exports, CLI."""
+
+import json
+
+import pytest
+
+from egm_edge.cli import main
+from egm_edge.runtime.bundle import BUNDLE_FILES, open_bundle
+
+
+def test_bundle_layout_and_manifest(tiny_bundle):
+    for f in BUNDLE_FILES:
+        assert (tiny_bundle / f).is_file(), f
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert m["stage"] == "build" and m["target"] == "cpu" and m["precision"] == "full"
+    assert m["smoke_test"]["think_tokens"] <= 8
+    assert set(m["outputs"]["sha256"]) >= {"vision.onnx", "decoder.onnx", "tokenizer.json"}
+    b = open_bundle(tiny_bundle)
+    assert b.generation.max_seq_len == 1024 and b.generation.max_answer_tokens == 16
+    assert b.decoder.num_layers >= 1 and b.vision.spatial_merge_size == 2
+
+
+def test_graphs_are_ort_optimised(tiny_bundle):
+    import onnx
+
+    m = onnx.load(str(tiny_bundle / "decoder.onnx"), load_external_data=False)
+    domains = {n.domain for n in m.graph.node}
+    # ONNX Runtime's CPU fusions (e.g. SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization) were saved.
+    assert "com.microsoft" in domains or any("LayerNormalization" in n.op_type for n in m.graph.node)
+
+
+def test_build_refuses_a_directory_that_is_not_an_export(tmp_path, tiny_ckpt, capsys):
+    assert main(["build", "--target", "cpu", "--export", str(tiny_ckpt), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished export" in err or "artifact" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_build_refuses_to_overwrite_without_force(tiny_bundle, capsys):
+    m = json.loads((tiny_bundle / "manifest.json").read_text())
+    rc = main(["build", "--target", "cpu", "--export", m["inputs"]["export"], "--out", str(tiny_bundle)])
+    assert rc == 2 and "--force" in capsys.readouterr().err
+
+
+def test_bad_budget_argument_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--target", "cpu", "--export", str(tmp_path), "--out", str(tmp_path / "o"), "--think-budget", "lots"])
+    assert e.value.code == 2
+
+
+def test_ground_cli_on_a_bundle_draws_the_box(tiny_bundle, scene, tmp_path, capsys):
+    out = tmp_path / "drawn.png"
+    rc = main(["ground", "--bundle", str(tiny_bundle), "--image", str(scene), "--expr", "the red square",
+               "--think-budget", "3", "--json", "--draw", str(out)])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["think_tokens"] == 3 and out.is_file()

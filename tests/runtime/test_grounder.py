@@ -1,0 +1,107 @@
+"""The torch-free runtime on a real CPU bundle: same tokens as the PyTorch reference, budgets, caching, errors."""
+
+import json
+
+import pytest
+
+from egm_edge.errors import CheckpointError, InputError
+from egm_edge.runtime.grounder import Grounder
+
+
+@pytest.fixture(scope="module")
+def grounder(tiny_bundle):
+    return Grounder.open(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    from egm_edge.reference import ReferenceRunner
+
+    return ReferenceRunner.open(tiny_ckpt)
+
+
+@pytest.mark.parametrize("budget,mode", [(0, "hard"), (6, "hard"), (30, "qwen"), (None, "hard")])
+def test_runtime_equals_reference(grounder, reference, scene, budget, mode):
+    kw = dict(think_budget=budget, budget_mode=mode, max_answer_tokens=12, max_new_tokens=48)
+    got = grounder.ground(scene, "the red square", **kw)
+    ref = reference.ground(scene, "the red square", **kw)
+    assert got.text == ref.text
+    assert (got.think_tokens, got.answer_tokens, got.budget_forced) == (ref.think_tokens, ref.answer_tokens, ref.budget_forced)
+    assert got.box == ref.box
+    if budget is not None:
+        assert got.think_tokens <= budget
+
+
+def test_result_fields_and_timings(grounder, scene):
+    r = grounder.ground(scene, "the blue circle", think_budget=4)
+    assert r.image_size == (300, 200) and r.think_tokens == 4 and r.budget_forced
+    for k in ("preprocess", "vision", "prefill", "decode", "total", "ms_per_token"):
+        assert r.timings[k] >= 0
+    assert r.answer_tokens <= 16  # the bundle's answer cap
+    json.dumps(r.to_dict())
+
+
+def test_repeated_image_reuses_its_encoding(grounder, scene):
+    a = grounder.ground(scene, "the red square", think_budget=2)
+    b = grounder.ground(scene, "the blue circle", think_budget=2)
+    c = grounder.ground(scene, "the red square", think_budget=2)
+    assert b.timings["vision_cached"] and c.timings["vision_cached"]
+    assert a.text == c.text
+
+
+def test_stream_yields_the_same_text(grounder, scene):
+    events = list(grounder.stream(scene, "the red square", think_budget=5))
+    final = events[-1].result
+    reasoning = "".join(e.text for e in events[:-1] if e.phase == "reasoning")
+    content = "".join(e.text for e in events[:-1] if e.phase == "content")
+    assert reasoning.strip() == final.reasoning and content.strip() == final.answer
+    assert sum(1 for e in events if e.forced) >= 1  # the budget forced the close
+
+
+def test_batch(grounder, scene):
+    rs = grounder.ground_batch([(scene, "the red square"), {"image": scene, "expression": "the blue circle", "think_budget": 0}],
+                               think_budget=3)
+    assert [r.think_tokens for r in rs] == [3, 0]
+
+
+def test_prompt_longer_than_the_planned_sequence(grounder, scene):
+    from dataclasses import replace
+
+    short = replace(grounder.bundle, generation=replace(grounder.bundle.generation, max_seq_len=80))
+    g = Grounder(short, grounder.executor, grounder.tok)
+    with pytest.raises(InputError, match="planned maximum sequence"):
+        g.ground(scene, "the red square")
+    # Room for the prompt but not for an answer: refused before any decoding.
+    g = Grounder(replace(short, generation=replace(short.generation, max_seq_len=100)), grounder.executor, grounder.tok)
+    with pytest.raises(InputError, match="fewer than"):
+        g.ground(scene, "the red square")
+
+
+@pytest.mark.parametrize("bad", ["", " "])
+def test_empty_expression(grounder, scene, bad):
+    with pytest.raises(InputError, match="empty"):
+        grounder.ground(scene, bad)
+
+
+def test_corrupt_image(grounder, tmp_path):
+    p = tmp_path / "bad.jpg"
+    p.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(InputError):
+        grounder.ground(p, "x")
+
+
+def test_bad_budget(grounder, scene):
+    with pytest.raises(InputError, match="think budget"):
+        grounder.ground(scene, "x", think_budget=-3)
+
+
+def test_missing_and_incomplete_bundles(tmp_path, tiny_bundle):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Grounder.open(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "vision.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        Grounder.open(tmp_path / "half")
+    export_dir = json.loads((tiny_bundle / "manifest.json").read_text())["inputs"]["export"]
+    with pytest.raises(CheckpointError, match="'export' artifact, not a bundle"):
+        Grounder.open(export_dir)
