@@ -44,6 +44,9 @@ class OrtExecutor:
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        # ORT's pool threads spin after each run by default; between decode steps they would
+        # compete with the host loop for the same cores (2 on this machine, 6-12 on a Jetson).
+        so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("EGM_EDGE_ORT_SPIN", "0"))
         providers = ["CPUExecutionProvider"]
         self.vision = ort.InferenceSession(str(bundle.file("vision.onnx")), so, providers=providers)
         self.decoder = ort.InferenceSession(str(bundle.file("decoder.onnx")), so, providers=providers)
