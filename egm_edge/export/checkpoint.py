@@ -71,9 +71,12 @@ def _precision(path: Path) -> tuple[str, dict]:
             name = recipe.get("name") if isinstance(recipe, dict) else recipe
             return str(name or m.get("precision") or "quantized"), q
     if quant.is_file():
+        from egm_edge.quantize.recipes import RECIPES
+
         q = _read_json(quant, "ModelOpt's quantization config")
-        algo = (q.get("quantization") or {}).get("quant_algo") or "quantized"
-        return str(algo).lower(), q
+        algo = str((q.get("quantization") or {}).get("quant_algo") or "quantized")
+        names = [r.name for r in RECIPES.values() if r.quant_algo == algo]
+        return (names[0] if names else algo.lower()), q
     return "full", {}
 
 
@@ -138,13 +141,13 @@ def decoder_config(model) -> dict:
 
 
 def load_reference(info: CheckpointInfo):
-    """The float32 PyTorch reference model (eval mode) for export and validation."""
-    if info.precision != "full":
-        raise UnsupportedError(
-            f"Checkpoint {info.path} is quantized ({info.precision}); exporting quantized checkpoints needs weight "
-            "lowering, which this version does not have yet; export the full-precision checkpoint."
-        )
+    """The float32 PyTorch reference model (eval mode): transformers' own, or the dequantizing loader's."""
     import torch
+
+    if info.precision != "full":
+        from egm_edge.quantize.loader import load_dequantized
+
+        return load_dequantized(info.path, dtype=torch.float32, activations=True)
     from transformers import Qwen3VLForConditionalGeneration
 
     try:

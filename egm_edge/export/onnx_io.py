@@ -15,7 +15,8 @@ from pathlib import Path
 
 from egm_edge.errors import EgmError, UnsupportedError
 
-OPSET = 18
+# 21: float8/int4 Q/DQ with output_dtype and blocked quantization; onnxruntime >= 1.20 and TensorRT 10 read it.
+OPSET = 21
 MIN_VERSIONS = {"onnx": (1, 16), "onnxruntime": (1, 20), "torch": (2, 6)}
 # Protobuf cannot hold more than 2 GiB; stay well below it and keep big graphs' weights in a side file.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -83,7 +84,8 @@ def name_dims(proto, dims: dict[str, list[str | None]]) -> None:
                 d.dim_param = name
 
 
-def export_graph(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, dims: dict, weight_bytes: int, opset: int = OPSET) -> list[str]:
+def export_graph(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, dims: dict, weight_bytes: int,
+                 opset: int = OPSET, translations: dict | None = None) -> list[str]:
     """Export `module(*args)` to `path`; returns the file names written (graph, and external data if any)."""
     import torch
 
@@ -97,6 +99,7 @@ def export_graph(module, args: tuple, path: Path, input_names, output_names, dyn
             output_names=list(output_names),
             dynamic_shapes=dynamic_shapes,
             optimize=True,
+            custom_translation_table=translations or None,
             verbose=False,
         )
     proto = program.model_proto

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from egm_edge.errors import CheckpointError, UnsupportedError
+
 MANIFEST_VERSION = 1
 _BYTES_PER_DTYPE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -44,6 +46,11 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     info = inspect_checkpoint(checkpoint_dir)
+    from egm_edge.export.validate import THRESHOLDS
+
+    if info.precision not in THRESHOLDS:
+        raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
+                               f"export one of: {', '.join(THRESHOLDS)}.")
     versions = check_environment(OPSET)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
@@ -54,7 +61,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
         vcfg, dcfg = vision_grid_config(info), decoder_config(model)
-        graphs = _export_graphs(model, vcfg, dcfg, tmp, timings, say)
+        graphs, lowering = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
@@ -65,35 +72,59 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
         report = validate_export(tmp, model, info.path, vcfg, dcfg, info.precision, steps=decode_steps, seed=seed)
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        _write_manifest(info, tmp, graphs, vcfg, dcfg, versions, timings, report, OPSET)
+        _write_manifest(info, tmp, graphs, lowering, vcfg, dcfg, versions, timings, report, OPSET)
     say(f"wrote {out_dir}")
     return out_dir
 
 
-def _export_graphs(model, vcfg, dcfg: dict, tmp: Path, timings: dict, say) -> dict:
+def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say) -> tuple[dict, dict]:
+    """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowering summary)."""
     from egm_edge.export.graphs import (
         DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
     )
     from egm_edge.export.onnx_io import check_disk_space, export_graph, weight_bytes
 
+    replacements, translations, lowering = {}, None, {}
+    if info.precision != "full":
+        from egm_edge.export import lowering as low
+
+        replacements = low.quantized_linears(info.path, model)
+        if not replacements:
+            raise CheckpointError(f"Checkpoint {info.path} says {info.precision} but holds no quantized Linear weights; re-run egm-edge quantize.")
+        translations, lowering = low.translation_table(), low.summary(replacements)
+        say(f"lowering {sum(lowering.values())} quantized Linear layers: {lowering}")
     graphs = {}
-    for name, module, spec, io in (
-        ("vision", VisionGraph(model).eval(), vision_export_spec(vcfg), vision_io_names()),
-        ("decoder", DecoderGraph(model, dcfg["image_token_id"]).eval(), decoder_export_spec(dcfg), decoder_io_names(dcfg["num_layers"])),
-    ):
-        size = weight_bytes(module)
-        check_disk_space(tmp, size)
-        say(f"exporting {name}.onnx ({size / 1e6:.1f} MB of weights)")
-        t = time.perf_counter()
-        args, shapes, dims = spec
-        files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size)
-        timings[f"export_{name}"] = time.perf_counter() - t
-        graphs[name] = {"file": files[0], "external_data": files[1] if len(files) > 1 else None, "inputs": io[0], "outputs": io[1]}
-    return graphs
+    with _swapped(model, replacements):
+        for name, build, spec, io in (
+            ("vision", lambda: VisionGraph(model), lambda: vision_export_spec(vcfg), vision_io_names()),
+            ("decoder", lambda: DecoderGraph(model, dcfg["image_token_id"]), lambda: decoder_export_spec(dcfg), decoder_io_names(dcfg["num_layers"])),
+        ):
+            module = build().eval()
+            size = weight_bytes(module)
+            check_disk_space(tmp, size)
+            say(f"exporting {name}.onnx ({size / 1e6:.1f} MB of weights)")
+            t = time.perf_counter()
+            args, shapes, dims = spec()
+            files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size, translations=translations)
+            timings[f"export_{name}"] = time.perf_counter() - t
+            graphs[name] = {"file": files[0], "external_data": files[1] if len(files) > 1 else None,
+                            "bytes": sum((tmp / f).stat().st_size for f in files), "inputs": io[0], "outputs": io[1]}
+    return graphs, lowering
 
 
-def _write_manifest(info, out: Path, graphs: dict, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+def _swapped(model, replacements: dict):
+    if not replacements:
+        import contextlib
+
+        return contextlib.nullcontext(model)
+    from egm_edge.export.lowering import swapped
+
+    return swapped(model, replacements)
+
+
+def _write_manifest(info, out: Path, graphs: dict, lowering: dict, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
     from egm_edge.artifacts import file_hashes, package_versions, write_manifest
+    from egm_edge.export.validate import disabled_optimizers
 
     inputs = file_hashes(info.path, [n for n in sorted(os.listdir(info.path)) if n != "manifest.json"])
     return write_manifest(
@@ -107,6 +138,8 @@ def _write_manifest(info, out: Path, graphs: dict, vcfg, dcfg: dict, versions: d
         inputs={"checkpoint": str(info.path.resolve()), "sha256": inputs},
         outputs={"sha256": file_hashes(out)},
         graphs=graphs,
+        lowering=lowering,
+        onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision))},
         runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
         versions={**package_versions(), **versions},
         timings_s={k: round(v, 3) for k, v in timings.items()},

@@ -1,0 +1,218 @@
+"""Weight lowering: quantized Linear layers of a ModelOpt checkpoint as ONNX Runtime / ONNX quantized ops.
+
+Each quantized Linear of the checkpoint (format read from its tensors, as
+`egm_edge.quantize.loader` documents) is swapped, for the duration of the
+export, for a `QuantizedLinear` that computes exactly what the dequantizing
+reference computes, through three torch custom ops that the exporter
+translates to ONNX:
+- INT4 AWQ (W4A16, block 128): `com.microsoft::MatMulNBits` (bits 4, zero point
+  8, accuracy_level 0 = fp32 compute); the packed 4-bit weight is the only copy.
+- FP8 (e4m3 weights and per-tensor input scale): QuantizeLinear/DequantizeLinear
+  to float8e4m3fn on the input, DequantizeLinear of the e4m3 weight, MatMul.
+- INT8 SmoothQuant: the same with int8 (per-output-channel weight scales).
+AWQ/SmoothQuant `pre_quant_scale`s left unfolded become a Mul on the input.
+W4A8 and NVFP4 have no CPU lowering and are refused with one sentence.
+Weights are stored transposed ([in, out]) so no Transpose sits between the
+DequantizeLinear and the MatMul.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from egm_edge.errors import UnsupportedError
+
+INT4_BLOCK = 128
+# ONNX Runtime fuses Q/DQ + MatMul into MatMulIntegerToFloat, which has no float8 kernel: FP8 graphs
+# must be run with this transformer disabled (recorded in the export manifest).
+FP8_DISABLED_ORT_OPTIMIZERS = ("QDQSelectorActionTransformer",)
+
+
+@torch.library.custom_op("egm_edge::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, k: int, n: int, block: int) -> torch.Tensor:
+    """x @ W^T for W stored as MatMulNBits does: uint8 [n, k/block, block/2], low nibble first, zero point 8."""
+    u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k).to(x.dtype) - 8
+    w = u * scales.reshape(n, -1).to(x.dtype).repeat_interleave(block, dim=1)
+    return x @ w.T
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, k, n, block):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("egm_edge::fake_quant", mutates_args=())
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-tensor quantize-dequantize of an activation, saturating, round half to even (fp8 e4m3 or int8)."""
+    s = scale.to(x.dtype)
+    if kind == "fp8":
+        return (x / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype) * s
+    return torch.round(x / s).clamp(-128, 127) * s
+
+
+@fake_quant.register_fake
+def _(x, scale, kind):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("egm_edge::dequantize", mutates_args=())
+def dequantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [in, out] from an fp8/int8 weight [in, out] and a per-tensor or per-output-channel scale."""
+    return w.to(torch.float32) * scale.to(torch.float32)
+
+
+@dequantize.register_fake
+def _(w, scale):
+    return torch.empty(w.shape, dtype=torch.float32, device=w.device)
+
+
+def _register_matmul_nbits_schema() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("MatMulNBits", "com.microsoft"):
+        return
+    p, a = OpSchema.FormalParameter, OpSchema.Attribute
+    onnx.defs.register_schema(OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[p("A", "T1"), p("B", "T2"), p("scales", "T1")], outputs=[p("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[a(n, OpSchema.AttrType.INT, "") for n in ("K", "N", "bits", "block_size", "accuracy_level")],
+    ))
+
+
+def translation_table() -> dict:
+    """`custom_translation_table` for torch.onnx.export: the three ops above as ONNX (Runtime) ops."""
+    import onnx
+    import onnxscript
+    from onnxscript import opset21 as op
+
+    _register_matmul_nbits_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def t_matmul_nbits(x, packed, scales, k: int, n: int, block: int):
+        return msft.MatMulNBits(x, packed, scales, K=k, N=n, bits=4, block_size=block, accuracy_level=0)
+
+    def t_fake_quant(x, scale, kind: str):
+        dtype = onnx.TensorProto.FLOAT8E4M3FN if kind == "fp8" else onnx.TensorProto.INT8
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, output_dtype=dtype), scale)
+
+    def t_dequantize(w, scale):
+        return op.DequantizeLinear(w, scale, axis=1)
+
+    return {
+        torch.ops.egm_edge.matmul_nbits.default: t_matmul_nbits,
+        torch.ops.egm_edge.fake_quant.default: t_fake_quant,
+        torch.ops.egm_edge.dequantize.default: t_dequantize,
+    }
+
+
+@dataclass(frozen=True)
+class LinearFormat:
+    weights: str  # "int4", "fp8", "int8"
+    activations: str | None  # "fp8", "int8" or None
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight stays quantized in the exported graph (see the module docstring)."""
+
+    def __init__(self, fmt: LinearFormat, in_features: int, out_features: int, tensors: dict, bias=None):
+        super().__init__()
+        self.fmt, self.k, self.n = fmt, in_features, out_features
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x):
+        if "pre_quant_scale" in self._buffers:
+            x = x * self.pre_quant_scale
+        if self.fmt.activations:
+            x = torch.ops.egm_edge.fake_quant(x, self.input_scale, self.fmt.activations)
+        if self.fmt.weights == "int4":
+            y = torch.ops.egm_edge.matmul_nbits(x, self.packed, self.scales, self.k, self.n, INT4_BLOCK)
+        else:
+            y = x @ torch.ops.egm_edge.dequantize(self.weight_t, self.weight_scale)
+        return y if self.bias is None else y + self.bias
+
+
+def _format(prefix: str, weight: torch.Tensor, ex: dict) -> LinearFormat:
+    ws = ex["weight_scale"]
+    if weight.dtype == torch.uint8 and ws.dtype == torch.float8_e4m3fn:
+        raise UnsupportedError(f"{prefix} is NVFP4; ONNX export has no NVFP4 lowering (it runs only in TensorRT-LLM on Blackwell); export an fp8, int8_sq or int4_awq checkpoint.")
+    if weight.dtype == torch.uint8:
+        if "weight_scale_2" in ex or "input_scale" in ex:
+            raise UnsupportedError(f"{prefix} is W4A8 AWQ; the CPU export lowers only W4A16 (int4_awq); quantize with int4_awq.")
+        return LinearFormat("int4", None)
+    if weight.dtype == torch.float8_e4m3fn:
+        return LinearFormat("fp8", "fp8" if "input_scale" in ex else None)
+    if weight.dtype == torch.int8:
+        return LinearFormat("int8", "int8" if "input_scale" in ex else None)
+    raise UnsupportedError(f"{prefix} has a quantized weight of dtype {weight.dtype}, which export cannot lower.")
+
+
+def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear) -> QuantizedLinear:
+    from egm_edge.quantize.loader import unpack_int4
+
+    fmt = _format(prefix, weight, ex)
+    k, n = linear.in_features, linear.out_features
+    t: dict[str, torch.Tensor] = {}
+    if fmt.weights == "int4":
+        if k % INT4_BLOCK or ex["weight_scale"].shape != (n, k // INT4_BLOCK):
+            raise UnsupportedError(f"{prefix}: int4 weight scales {tuple(ex['weight_scale'].shape)} are not blocks of {INT4_BLOCK} over {k} inputs; MatMulNBits needs block 128.")
+        u = (unpack_int4(weight).to(torch.int16) + 8).to(torch.uint8).reshape(n, k // INT4_BLOCK, INT4_BLOCK)
+        t["packed"] = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+        t["scales"] = ex["weight_scale"].float().reshape(-1).contiguous()
+    else:
+        t["weight_t"] = weight.T.contiguous()
+        ws = ex["weight_scale"].float().reshape(-1)
+        t["weight_scale"] = ws[0].reshape(()) if ws.numel() == 1 else ws.contiguous()
+    if fmt.activations:
+        t["input_scale"] = ex["input_scale"].float().reshape(())
+    if ex.get("pre_quant_scale") is not None:
+        t["pre_quant_scale"] = ex["pre_quant_scale"].float().reshape(-1)
+    return QuantizedLinear(fmt, k, n, t, linear.bias)
+
+
+def quantized_linears(checkpoint_dir, model: nn.Module) -> dict[str, QuantizedLinear]:
+    """{module path: QuantizedLinear} for every quantized Linear of the checkpoint (empty for a full one)."""
+    from egm_edge.quantize.loader import read_tensors, split_checkpoint
+
+    plain, extras = split_checkpoint(read_tensors(checkpoint_dir))
+    modules = dict(model.named_modules())
+    out = {}
+    for prefix, ex in sorted(extras.items()):
+        mod = modules.get(prefix)
+        if "weight_scale" not in ex or not isinstance(mod, nn.Linear) or f"{prefix}.weight" not in plain:
+            continue  # k_scale/v_scale describe the KV cache, which stays float32 here
+        out[prefix] = _lowered(prefix, plain[f"{prefix}.weight"], ex, mod)
+    return out
+
+
+@contextlib.contextmanager
+def swapped(model: nn.Module, replacements: dict[str, nn.Module]):
+    """Temporarily replace submodules by path; the originals (with their hooks) come back afterwards."""
+    saved = []
+    try:
+        for path, new in replacements.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            saved.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, new)
+        yield model
+    finally:
+        for parent, name, old in reversed(saved):
+            setattr(parent, name, old)
+
+
+def summary(replacements: dict[str, QuantizedLinear]) -> dict[str, int]:
+    """How many Linear layers each lowering got: {"int4/MatMulNBits": n, "fp8/QDQ": n, ...}."""
+    names = {"int4": "int4/MatMulNBits", "fp8": "fp8/QDQ", "int8": "int8/QDQ"}
+    out: dict[str, int] = {}
+    for q in replacements.values():
+        key = names[q.fmt.weights] + ("" if q.fmt.activations else " weight-only")
+        out[key] = out.get(key, 0) + 1
+    return out

@@ -1,0 +1,135 @@
+"""Weight lowering: quantized Linears as MatMulNBits / FP8 Q/DQ / INT8 Q/DQ agree with the dequantizing loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from egm_edge.errors import UnsupportedError
+
+torch = pytest.importorskip("torch")
+
+QUANT_TEXT = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 4, 4], "mrope_interleaved": True}}
+
+
+def _linear_case(precision: str, k=256, n=64, seed=0):
+    """(stored weight, scale dict, torch Linear) for one Linear in the checkpoint's format."""
+    from quantized import _int4
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    lin = torch.nn.Linear(k, n, bias=False)
+    if precision == "int4_awq":
+        packed, scale = _int4(w, torch)
+        return packed, {"weight_scale": scale, "pre_quant_scale": 0.5 + torch.rand(k, generator=gen)}, lin
+    if precision == "fp8":
+        s = w.abs().max() / 448
+        return (w / s).to(torch.float8_e4m3fn), {"weight_scale": s.reshape(()), "input_scale": torch.tensor(0.03)}, lin
+    s = w.abs().amax(1) / 127
+    q = torch.round(w / s[:, None]).to(torch.int8)
+    return q, {"weight_scale": s, "input_scale": torch.tensor(0.03), "pre_quant_scale": 0.5 + torch.rand(k, generator=gen)}, lin
+
+
+@pytest.mark.parametrize("precision,ops", [("int4_awq", {"MatMulNBits"}), ("fp8", {"QuantizeLinear", "DequantizeLinear"}),
+                                          ("int8_sq", {"QuantizeLinear", "DequantizeLinear"})])
+def test_each_lowering_matches_the_loader_numerics(precision, ops, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from egm_edge.export import lowering
+    from egm_edge.quantize.loader import _activation_kind, dequantize_weight, fake_quant_input
+
+    weight, ex, lin = _linear_case(precision)
+    q = lowering._lowered("layer", weight, ex, lin)
+    x = torch.randn(2, 5, 256) * 2
+
+    ref_x = x * ex["pre_quant_scale"] if "pre_quant_scale" in ex else x
+    kind = _activation_kind(weight.dtype, ex)
+    if kind:
+        ref_x = fake_quant_input(ref_x, ex["input_scale"], kind)
+    ref = ref_x @ dequantize_weight(weight, ex).T
+    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(q, (x,), dynamo=True, opset_version=21, input_names=["x"],
+                                dynamic_shapes=({0: dyn, 1: dyn},), custom_translation_table=lowering.translation_table())
+    program.save(str(tmp_path / "m.onnx"))
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert ops <= {n.op_type for n in model.graph.node}
+    floats = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 256 * 64]
+    assert not floats, "a float copy of the quantized weight was left in the graph"
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(lowering.FP8_DISABLED_ORT_OPTIMIZERS) if precision == "fp8" else [])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    r = ref.numpy()
+    cos = float((got * r).sum() / np.linalg.norm(got) / np.linalg.norm(r))
+    assert cos >= 0.9999 and np.abs(got - r).max() <= 2e-2 * np.abs(r).max()
+
+
+def test_formats_without_cpu_lowering_are_refused():
+    from egm_edge.export import lowering
+
+    weight, ex, lin = _linear_case("int4_awq")
+    with pytest.raises(UnsupportedError, match="W4A8"):
+        lowering._lowered("layer", weight, {**ex, "weight_scale_2": torch.tensor(0.1), "input_scale": torch.tensor(0.1)}, lin)
+    with pytest.raises(UnsupportedError, match="NVFP4"):
+        lowering._lowered("layer", weight, {"weight_scale": ex["weight_scale"].to(torch.float8_e4m3fn)}, lin)
+
+
+@pytest.fixture(scope="module")
+def quant_base(tmp_path_factory):
+    from conftest import write_small_tokenizer
+
+    from egm_edge.reference.checkpoint import write_tiny_checkpoint
+
+    tok = write_small_tokenizer(tmp_path_factory.mktemp("qtok"))
+    # int4 blocks of 128 need every Linear's input width to be a multiple of 128.
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("qbase") / "tiny", tok, seed=0, text=QUANT_TEXT, vision={"out_hidden_size": 128})
+
+
+def _export_quantized(base, tmp_path, precision):
+    from quantized import write_quantized
+
+    from egm_edge.export import export
+
+    return export(write_quantized(base, tmp_path / f"ckpt-{precision}", precision), tmp_path / f"ir-{precision}", decode_steps=3)
+
+
+def test_int4_awq_export_holds_only_packed_weights_and_validates(quant_base, tmp_path):
+    import onnx
+
+    out = _export_quantized(quant_base, tmp_path, "int4_awq")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "int4_awq" and m["validation"]["passed"]
+    assert m["lowering"] == {"int4/MatMulNBits weight-only": 14}  # 7 Linears x 2 layers
+    assert all(c["greedy_agreement"] == 1.0 for c in m["validation"]["cases"].values())
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 14
+    vocab = m["runtime"]["decoder"]["vocab_size"]  # embeddings and lm_head stay unquantized by design
+    big_floats = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and vocab not in i.dims]
+    assert not big_floats, big_floats
+
+
+def test_refusals_before_export(quant_base, tmp_path):
+    from quantized import write_quantized
+
+    from egm_edge.export import export
+
+    with pytest.raises(UnsupportedError, match="w4a8_awq"):
+        export(write_quantized(quant_base, tmp_path / "w4a8", "w4a8_awq"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EGM_EDGE_SLOW"), reason="two more full exports (~45 s); set EGM_EDGE_SLOW=1")
+@pytest.mark.parametrize("precision", ["fp8", "int8_sq"])
+def test_activation_quantized_exports_validate(quant_base, tmp_path, precision):
+    out = _export_quantized(quant_base, tmp_path, precision)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["validation"]["passed"] and m["lowering"] == {f"{precision[:4].rstrip('_')}/QDQ": 14}
+    shutil.rmtree(out)
