@@ -1,0 +1,91 @@
+"""Synthetic grounding sets: deterministic samples and EGM eval JSONL + PNG files on disk.
+
+Contract: sample `i` of seed `s` is a pure function of (s, i, amodal_fraction):
+`draw(seed, i)` gives the same scene, expression and task every time, whatever
+else was drawn before, so training streams and on-disk sets never drift apart.
+`generate(out_dir, n, seed)` writes `images/NNNNNN.png` and `samples.jsonl`
+(written last) with EGM's fields (`image` relative to the JSONL's folder,
+`sent`, `bbox` xyxy pixels, `height`, `width`) plus `split` (the expression
+type) and `task` ("vanilla" or "amodal"). Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from egm_edge.synth.expressions import TYPES, Expression, make_sample
+from egm_edge.synth.world import Scene, render
+
+JSONL_NAME = "samples.jsonl"
+DEFAULT_AMODAL_FRACTION = 0.15
+
+
+@dataclass(frozen=True)
+class Sample:
+    scene: Scene
+    expr: Expression
+    task: str  # "vanilla" | "amodal"
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.scene.shapes[self.expr.target].box
+
+    def record(self, image: str) -> dict:
+        return {
+            "image": image,
+            "sent": self.expr.sent,
+            "bbox": list(self.box),
+            "height": self.scene.height,
+            "width": self.scene.width,
+            "split": self.expr.type,
+            "task": self.task,
+        }
+
+
+def draw(seed: int, i: int, amodal_fraction: float = DEFAULT_AMODAL_FRACTION) -> Sample:
+    """Sample `i` of the stream `seed`; expression types cycle so every split is balanced."""
+    rng = np.random.default_rng([int(seed), int(i)])
+    amodal = bool(rng.random() < amodal_fraction)
+    scene, expr = make_sample(rng, TYPES[i % len(TYPES)], amodal=amodal)
+    return Sample(scene, expr, "amodal" if amodal else "vanilla")
+
+
+def generate(out_dir, n: int, seed: int, amodal_fraction: float = DEFAULT_AMODAL_FRACTION) -> Path:
+    """Write `n` samples of stream `seed` under `out_dir`; returns the JSONL path."""
+    from egm_edge.errors import InputError
+
+    if n < 1:
+        raise InputError(f"The number of samples must be at least 1, got {n}.")
+    if not 0.0 <= amodal_fraction <= 1.0:
+        raise InputError(f"The amodal fraction must be between 0 and 1, got {amodal_fraction}.")
+    out = Path(out_dir)
+    jsonl = out / JSONL_NAME
+    if jsonl.exists():
+        raise InputError(f"{jsonl} already exists; choose an empty output folder.")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        s = draw(seed, i, amodal_fraction)
+        name = f"images/{i:06d}.png"
+        render(s.scene).save(out / name, format="PNG")
+        lines.append(json.dumps(s.record(name)))
+    tmp = jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.rename(jsonl)
+    return jsonl
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a synthetic (or any EGM eval) JSONL file, with `image` made absolute."""
+    path = Path(path)
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            r["image"] = str((path.parent / r["image"]).resolve())
+            records.append(r)
+    return records

@@ -1,0 +1,92 @@
+"""A small byte-level BPE tokenizer with Qwen3's special tokens, for the tiny grounder.
+
+Contract: `build_tokenizer(corpus, vocab_size)` trains a byte-level BPE with
+Qwen2/3's pre-tokenizer (digits split one per token, the same split regex) on
+`corpus`, then appends Qwen3's 26 added tokens by name with Qwen's `special`
+flags (<think>/</think> are not "special", so decoding keeps them). Every byte is
+in the alphabet, so any text encodes. `write_tokenizer_files(tok, dir, template)`
+writes tokenizer.json, tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>)
+and chat_template.jinja. Ids are whatever training produced: read them by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+# Qwen3's added tokens in Qwen's order; True = "special" (skipped by skip_special_tokens).
+QWEN3_ADDED_TOKENS = (
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
+    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
+    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
+)
+# Qwen2/Qwen3's pre-tokenizer split: words, single digits, punctuation runs, newlines, spaces.
+QWEN_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The Thinking template opens the reasoning in the generation prompt.
+_INSTRUCT_GEN = "{{- '<|im_start|>assistant\\n' }}"
+_THINKING_GEN = "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 768):
+    """Train the BPE on `corpus`; `vocab_size` counts the byte alphabet and merges, not the added tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    for name, special in QWEN3_ADDED_TOKENS:
+        t = AddedToken(name, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([t])
+    return tok
+
+
+def thinking_template(instruct_template: str) -> str:
+    """The Qwen3-VL instruct template with the Thinking generation prompt."""
+    if _INSTRUCT_GEN not in instruct_template:
+        raise ValueError("the chat template has no '<|im_start|>assistant\\n' generation prompt to extend")
+    return instruct_template.replace(_INSTRUCT_GEN, _THINKING_GEN)
+
+
+def write_tokenizer_files(tok, out_dir, chat_template: str, model_max_length: int = 4096) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    added = {
+        str(tok.token_to_id(name)): {
+            "content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": special,
+        }
+        for name, special in QWEN3_ADDED_TOKENS
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [n for n, s in QWEN3_ADDED_TOKENS if s and n not in ("<|endoftext|>",)],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(chat_template)

@@ -1,0 +1,95 @@
+"""EGM-style reasoning traces and answers for synthetic samples, and their training token ids.
+
+Contract: `reasoning(scene, e)` is a short chain of thought that lists the
+candidate shapes with their boxes (0..1000 of the original image, EGM's
+round(v*1000/W)) in an order that makes the pick a position, then names the pick
+("... The largest is the second one."). `answer(scene, e)` is exactly what
+Qwen3-VL/EGM emits after the reasoning (`grounding.format_answer`).
+`assistant_ids(tok, reasoning, answer, cut=..., qwen_stop=...)` assembles the
+assistant token ids as the runtime's budget policy produces them: reasoning ids
+(optionally cut after `cut` tokens), the close (the hard "\\n</think>\\n\\n" or
+Qwen's stop sentence, each tokenized on its own as the policy does), the answer
+and <|im_end|>. Ids are always read from the tokenizer.
+"""
+
+from __future__ import annotations
+
+from egm_edge.grounding import QWEN_STOP_THINKING, format_answer, to_norm1000
+from egm_edge.runtime.budget import HARD_CLOSE_TEXT
+from egm_edge.synth.expressions import ORDINALS, Expression, axis_key, members
+from egm_edge.synth.world import Scene
+
+_SIDE_ORDER = {"left": "left to right", "right": "right to left", "top": "top to bottom", "bottom": "bottom to top"}
+
+
+def box_norm(scene: Scene, i: int) -> tuple[int, int, int, int]:
+    return to_norm1000(scene.shapes[i].box, scene.width, scene.height)
+
+
+def fmt_box(b) -> str:
+    return "[" + ", ".join(str(int(v)) for v in b) + "]"
+
+
+def _listing(boxes: list[str]) -> str:
+    if len(boxes) == 1:
+        return boxes[0]
+    return ", ".join(boxes[:-1]) + " and " + boxes[-1]
+
+
+def _group_sentence(scene: Scene, e: Expression, order: list[int], how: str = "") -> str:
+    boxes = [fmt_box(box_norm(scene, i)) for i in order]
+    noun = e.group.noun(plural=len(order) > 1)
+    verb = "are" if len(order) > 1 else "is"
+    return f"The {noun}{how} {verb} at {_listing(boxes)}."
+
+
+def candidates(scene: Scene, e: Expression) -> list[int]:
+    """The shapes the reasoning lists, in the order it lists them."""
+    group = members(scene, e.group)
+    if e.type == "ordinal":
+        return sorted(group, key=axis_key(scene, e.side))
+    return sorted(group, key=lambda i: (scene.shapes[i].cx, scene.shapes[i].cy))
+
+
+def reasoning(scene: Scene, e: Expression) -> str:
+    """The chain of thought for this sample (without the closing tag)."""
+    order = candidates(scene, e)
+    pos = ORDINALS[order.index(e.target)]
+    if e.type == "unique":
+        return f"The {e.group.noun()} is at {fmt_box(box_norm(scene, e.target))}."
+    if e.type == "relational":
+        (a,) = members(scene, e.anchor)
+        return (
+            f"{_group_sentence(scene, e, order)} The {e.anchor.noun()} is at {fmt_box(box_norm(scene, a))}. "
+            f"The {e.group.noun()} {e.relation} it is the {pos} one."
+        )
+    if e.type == "superlative":
+        return f"{_group_sentence(scene, e, order)} The {e.superlative} is the {pos} one."
+    how = f" from {_SIDE_ORDER[e.side]}"
+    pick = f"{e.side}most" if e.rank == 0 else f"{ORDINALS[e.rank]} from the {e.side}"
+    return f"{_group_sentence(scene, e, order, how)} The {pick} is the {pos} one."
+
+
+def answer(scene: Scene, e: Expression) -> str:
+    return format_answer(box_norm(scene, e.target), e.sent)
+
+
+def assistant_text(scene: Scene, e: Expression) -> str:
+    """The full natural output: reasoning, close, answer (no end-of-turn token)."""
+    return reasoning(scene, e) + HARD_CLOSE_TEXT + answer(scene, e)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return list(tok.encode(text, add_special_tokens=False).ids)
+
+
+def assistant_ids(tok, reasoning_text: str, answer_text: str, cut: int | None = None, qwen_stop: bool = False) -> list[int]:
+    """Assistant token ids; `cut` keeps only that many reasoning tokens (a budget-forced close)."""
+    r = _ids(tok, reasoning_text)
+    if cut is not None:
+        r = r[: max(0, int(cut))]
+    close = _ids(tok, QWEN_STOP_THINKING if qwen_stop else HARD_CLOSE_TEXT)
+    end = tok.token_to_id("<|im_end|>")
+    if end is None:
+        raise ValueError("the tokenizer has no <|im_end|> token")
+    return r + close + _ids(tok, answer_text) + [end]

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Train the tiny EGM-style grounder (a real Qwen3VLForConditionalGeneration) on the synthetic world.
+
+Reproducible from --seed: the tokenizer corpus is stream seed+1, training samples
+are stream seed (sample i = `synth.draw(seed, i)`), the periodic quick eval uses
+stream seed+2; none of them is the final evaluation's seed (scripts/eval_tiny_grounder.py,
+default 20261122). Every training sample is fresh. Inputs are built exactly as
+the reference runner builds them at inference: `runtime.preprocess.preprocess_image`
+pixels, `grounding.qwen_chat_prompt` text, and assistant ids from
+`synth.assistant_ids` (reasoning, close, answer, <|im_end|>); about 22% of the
+samples have their reasoning cut at a random token (0 included) and closed early,
+a third of those with Qwen's stop sentence, so a budget-forced close still
+yields an answer. Loss is on assistant tokens only.
+
+    python scripts/train_tiny_grounder.py --out runs/tiny --seed 0 --steps 1200
+
+Writes OUT/init (the random checkpoint + tokenizer), OUT/last (weights + optimizer
+state every --ckpt-every steps; --resume continues from it), OUT/final (the
+trained checkpoint, weights stored in --save-dtype) and OUT/train_log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TEXT = {
+    "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 32,
+    "intermediate_size": 512, "max_position_embeddings": 4096,
+    # head_dim 32 has 16 rotary frequencies: T/H/W 6/5/5, interleaved as in Qwen3-VL.
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+}
+VISION = {
+    "depth": 3, "hidden_size": 128, "intermediate_size": 384, "num_heads": 4, "patch_size": 16, "spatial_merge_size": 2,
+    "temporal_patch_size": 2, "out_hidden_size": 192, "num_position_embeddings": 576, "deepstack_visual_indexes": [1],
+}
+# 64..80 image tokens per image: every synthetic image lands at a similar scale.
+MIN_PIXELS, MAX_PIXELS = 64 * 1024, 80 * 1024
+INSTRUCT_TEMPLATE = REPO.parent / "shared" / "data" / "qwen3-vl-tokenizer" / "chat_template.instruct.jinja"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--truncate-fraction", type=float, default=0.22)
+    p.add_argument("--amodal-fraction", type=float, default=0.15)
+    p.add_argument("--vocab", type=int, default=640)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-n", type=int, default=24)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls on a shared machine")
+    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--chat-template", type=Path, default=INSTRUCT_TEMPLATE,
+                   help="the Qwen3-VL instruct chat template (its Thinking variant is shipped)")
+    return p.parse_args(argv)
+
+
+def build_tokenizer_dir(out: Path, seed: int, vocab: int, template_path: Path) -> Path:
+    from egm_edge.grounding import QWEN_STOP_THINKING, qwen_chat_prompt, user_text
+    from egm_edge.synth import assistant_text, draw
+    from egm_edge.synth.tokenizer import build_tokenizer, thinking_template, write_tokenizer_files
+
+    if not template_path.is_file():
+        # A clone without ../shared: reuse the template shipped with the committed checkpoint.
+        from egm_edge.assets import default_model_dir
+
+        template = (default_model_dir() / "chat_template.jinja").read_text()
+    else:
+        template = thinking_template(template_path.read_text())
+    corpus = [QWEN_STOP_THINKING] * 20
+    for i in range(3000):
+        s = draw(seed + 1, i)
+        corpus.append(qwen_chat_prompt(user_text(s.expr.sent, s.task), 0))
+        corpus.append(assistant_text(s.scene, s.expr))
+    tok = build_tokenizer(corpus, vocab)
+    d = out / "tokenizer"
+    write_tokenizer_files(tok, d, template)
+    return d
+
+
+class Batcher:
+    """Builds training batches of stream `seed` exactly as the runner builds inference inputs."""
+
+    def __init__(self, tok, image_config, seed: int, truncate_fraction: float, amodal_fraction: float):
+        self.tok, self.cfg, self.seed = tok, image_config, seed
+        self.truncate_fraction, self.amodal_fraction = truncate_fraction, amodal_fraction
+        self.pad = tok.token_to_id("<|endoftext|>")
+        self.image_token = tok.token_to_id("<|image_pad|>")
+
+    def example(self, i: int):
+        import numpy as np
+
+        from egm_edge.grounding import qwen_chat_prompt, user_text
+        from egm_edge.runtime.preprocess import preprocess_image
+        from egm_edge.synth import answer, assistant_ids, draw, reasoning, render
+
+        s = draw(self.seed, i, self.amodal_fraction)
+        pre = preprocess_image(render(s.scene), self.cfg)
+        prompt = self.tok.encode(qwen_chat_prompt(user_text(s.expr.sent, s.task), pre.n_image_tokens), add_special_tokens=False).ids
+        rng = np.random.default_rng([self.seed, i, 7])
+        think = reasoning(s.scene, s.expr)
+        cut, qwen_stop = None, False
+        if rng.random() < self.truncate_fraction:
+            n = len(self.tok.encode(think, add_special_tokens=False).ids)
+            cut = 0 if rng.random() < 0.3 else int(rng.integers(0, n))
+            qwen_stop = bool(rng.random() < 1 / 3)
+        target = assistant_ids(self.tok, think, answer(s.scene, s.expr), cut=cut, qwen_stop=qwen_stop)
+        return prompt, target, pre
+
+    def batch(self, start: int, size: int, device):
+        import numpy as np
+        import torch
+
+        exs = [self.example(i) for i in range(start, start + size)]
+        length = max(len(p) + len(t) for p, t, _ in exs)
+        ids = np.full((size, length), self.pad, dtype=np.int64)
+        labels = np.full((size, length), -100, dtype=np.int64)
+        for r, (p, t, _) in enumerate(exs):
+            ids[r, : len(p) + len(t)] = p + t
+            labels[r, len(p) : len(p) + len(t)] = t
+        ids_t = torch.from_numpy(ids)
+        # Right padding under a causal mask never reaches a real token, so no attention mask is
+        # needed (SDPA then takes its fast causal path); pads carry no loss.
+        return {
+            "input_ids": ids_t.to(device),
+            "labels": torch.from_numpy(labels).to(device),
+            "mm_token_type_ids": (ids_t == self.image_token).long().to(device),
+            "pixel_values": torch.from_numpy(np.concatenate([e[2].pixel_values for e in exs])).to(device),
+            "image_grid_thw": torch.tensor([e[2].grid_thw for e in exs], dtype=torch.long, device=device),
+        }
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def quick_eval(model, tok, image_config, out: Path, seed: int, n: int, device: str) -> dict:
+    from egm_edge.reference.runner import ReferenceRunner
+    from egm_edge.synth import draw
+    from egm_edge.synth.evaluate import evaluate
+
+    model.eval()
+    runner = ReferenceRunner(model, tok, image_config, out, device)
+    res = evaluate(runner, [draw(seed, i) for i in range(n)], budgets=(None, 0), max_new_tokens=256)
+    model.train()
+    return {b: {"acc50": round(r["all"]["acc50"], 3), "miou": round(r["all"]["miou"], 3),
+                "split": {k: round(v["acc50"], 3) for k, v in r["split"].items()}} for b, r in res.items()}
+
+
+def save_last(model, opt, step: int, out: Path) -> None:
+    import torch
+
+    tmp = out / "last.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    torch.save({"step": step, "optimizer": opt.state_dict()}, tmp / "train_state.pt")
+    if (out / "last").exists():
+        shutil.rmtree(out / "last")
+    os.replace(tmp, out / "last")
+
+
+def save_final(model, init: Path, out: Path, dtype: str) -> Path:
+    import torch
+
+    final = out / "final"
+    tmp = out / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp)
+    for f in tmp.glob("*.safetensors"):
+        f.unlink()
+    model.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
+    model.to(torch.float32)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from egm_edge.reference.checkpoint import write_tiny_checkpoint
+    from egm_edge.reference.runner import _image_config, read_model_config
+
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    init = out / "init"
+    if not init.exists():
+        tokdir = build_tokenizer_dir(out, args.seed, args.vocab, args.chat_template)
+        write_tiny_checkpoint(init, tokdir, seed=args.seed, text=TEXT, vision=VISION, tie_word_embeddings=True,
+                              min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        shutil.copyfile(tokdir / "chat_template.jinja", init / "chat_template.jinja")
+    tok = Tokenizer.from_file(str(init / "tokenizer.json"))
+    image_config = _image_config(init, read_model_config(init))
+    src = out / "last" if args.resume and (out / "last").exists() else init
+    model = Qwen3VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32, local_files_only=True).to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    start = 0
+    if src != init:
+        state = torch.load(src / "train_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    batcher = Batcher(tok, image_config, args.seed, args.truncate_fraction, args.amodal_fraction)
+    meta = {"event": "start", "params": n_params, "device": device, "args": {k: str(v) for k, v in vars(args).items()},
+            "train_seed": args.seed, "tokenizer_seed": args.seed + 1, "quick_eval_seed": args.seed + 2, "start_step": start}
+    log = open(out / "train_log.jsonl", "a")
+
+    def emit(rec):
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(json.dumps(rec), flush=True)
+
+    emit(meta)
+    t_start = time.time()
+    torch.manual_seed(args.seed + start)
+    ema = None
+    for step in range(start, args.steps):
+        t0 = time.time()
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = batcher.batch(step * args.batch, args.batch, device)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        if step % 10 == 0 or step == args.steps - 1:
+            emit({"step": step, "loss": round(loss.item(), 4), "loss_ema": round(ema, 4), "lr": round(lr, 6),
+                  "sec_per_step": round(time.time() - t0, 2), "elapsed_min": round((time.time() - t_start) / 60, 2)})
+        if (step + 1) % args.ckpt_every == 0:
+            save_last(model, opt, step + 1, out)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            emit({"step": step + 1, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
+    save_last(model, opt, args.steps, out)
+    final = save_final(model, init, out, args.save_dtype)
+    wall = time.time() - t_start
+    emit({"event": "done", "steps": args.steps, "wall_min": round(wall / 60, 2), "final": str(final)})
+    model.eval()
+    emit({"step": args.steps, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
