@@ -6,7 +6,7 @@ stage imports its heavy dependencies inside the call that needs them.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "export"]
+__all__ = ["__version__", "export", "quantize"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,9 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("egm_edge.export")
+    if name == "quantize":
+        # Callable too: egm_edge.quantize(model_dir, recipe, calibration, out_dir).
+        import importlib
+
+        return importlib.import_module("egm_edge.quantize")
     raise AttributeError(f"module 'egm_edge' has no attribute {name!r}")

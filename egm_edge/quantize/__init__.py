@@ -1,9 +1,16 @@
 """Quantize stage: ModelOpt PTQ of a Qwen3-VL checkpoint into ModelOpt's unified HF checkpoint.
 
-One public call, `quantize(model_dir, recipe, calibration, out_dir, ...)`; recipes
-and calibration recipes are registries of frozen specs. Importing this package is
-cheap: torch, transformers and modelopt load inside the calls that need them.
+Public call: `egm_edge.quantize(model_dir, recipe, calibration, out_dir, *, kv_cache=None,
+vision="16bit", calib_with_reasoning=False, force=False)`, the same as
+`egm_edge.quantize.quantize(...)` (see `egm_edge.quantize.api`). As with
+`egm_edge.export`, the package is callable because its name is also the stage's
+function. `load_dequantized(model_dir)` runs a quantized checkpoint in PyTorch.
+Recipes and calibration recipes are registries of frozen specs. Importing this
+package is cheap: torch, transformers and modelopt load inside the calls.
 """
+
+import sys
+import types
 
 from egm_edge.quantize.recipes import RECIPES, QuantSpec, Recipe, get_recipe
 
@@ -20,3 +27,13 @@ def __getattr__(name: str):
 
         return load_dequantized
     raise AttributeError(f"module 'egm_edge.quantize' has no attribute {name!r}")
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        from egm_edge.quantize.api import quantize
+
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

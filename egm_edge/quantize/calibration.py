@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from egm_edge.errors import InputError
 
-TASKS = ("vanilla", "amodal", "source")  # "source": each sample keeps the task its data says
+TASKS = ("vanilla", "amodal", "source")
+MIN_NEW_TOKENS = 64  # "source": each sample keeps the task its data says
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class CalibrationRecipe:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{where} has {key}={v!r}; give a positive whole number.")
+        if self.max_new_tokens < MIN_NEW_TOKENS:
+            raise InputError(f"{where} has max_new_tokens={self.max_new_tokens}; give at least {MIN_NEW_TOKENS} (reasoning plus an answer).")
         if not isinstance(self.holdout, int) or isinstance(self.holdout, bool) or self.holdout < 0:
             raise InputError(f"{where} has holdout={self.holdout!r}; give a whole number >= 0.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -75,7 +75,9 @@ def render(sample, task: str, tokenizer, image_config, image_token_id: int) -> R
 
 def with_reasoning(runner, item: Rendered, max_new_tokens: int) -> Rendered:
     """Append the full-precision model's own greedy reasoning + answer (stop token included)."""
-    gen = runner.generate_ids(item.input_ids.tolist(), item.pixel_values, item.grid_thw[0], max_new_tokens=max_new_tokens)
+    # The runtime's budget policy closes the reasoning in time for an answer of up to a quarter of the cap.
+    gen = runner.generate_ids(item.input_ids.tolist(), item.pixel_values, item.grid_thw[0], max_new_tokens=max_new_tokens,
+                              max_answer_tokens=min(128, max_new_tokens // 4))
     ids = np.concatenate([item.input_ids, np.asarray(gen.tokens, dtype=np.int64)])
     return Rendered(ids, item.pixel_values, item.grid_thw, item.n_prompt)
 

@@ -1,0 +1,66 @@
+"""`egm-edge validate`: candidate vs reference on the same samples, with a gate (see egm_edge.validate).
+
+Exit status: 0 the gate passed; 1 a drop exceeded its limit (the split and the
+size are printed); 2 bad input (missing data file, malformed lines in strict mode,
+missing images, different tokenizers, an endpoint that does not answer) or an
+incomplete run (samples that failed after retries; rerunning retries only them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+NAME = "validate"
+HELP = "Validate a candidate (bundle or endpoint) against a reference (checkpoint, bundle or endpoint): accuracy deltas and a gate."
+ORDER = 50
+
+
+def _budget(text: str):
+    if text.lower() in ("none", "unlimited"):
+        return "none"
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens or 'none'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative")
+    return v
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidate", required=True, metavar="BUNDLE|URL", help="bundle directory, checkpoint directory or OpenAI-compatible URL")
+    p.add_argument("--reference", required=True, metavar="MODEL_DIR|BUNDLE|URL",
+                   help="the full model: checkpoint directory (PyTorch), bundle directory or OpenAI-compatible URL")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help="grounding samples (EGM eval JSONL or a refer release)")
+    p.add_argument("--out", required=True, metavar="DIR", help="report.json, report.md, predictions-*.jsonl, worst-regressions/")
+    p.add_argument("--image-root", metavar="DIR", help="folder the data's image paths are relative to")
+    p.add_argument("--lenient", action="store_true", help="skip and count malformed records and missing images instead of stopping")
+    p.add_argument("--split-by", default="split", metavar="FIELD", help="sample field to group by (default: split)")
+    p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS", help="allowed Acc@0.5 drop in points on any split (default 1.0)")
+    p.add_argument("--max-miou-drop", type=float, default=1.0, metavar="POINTS", help="allowed mean-IoU drop in points on any split (default 1.0)")
+    p.add_argument("--think-budget", type=_budget, default=None, metavar="N|none",
+                   help="reasoning budget for both sides (default: the candidate bundle's, else unlimited)")
+    p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap after '</think>' (default: the candidate bundle's, else 128)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on all output tokens (default 4096, as EGM)")
+    p.add_argument("--limit", type=int, default=None, metavar="K", help="validate a seeded subset of K samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and the bootstrap (default 0)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="concurrent requests to an endpoint (default 4)")
+    p.add_argument("--model-name", metavar="NAME", help="model name to send to endpoints (default: the first of /v1/models)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per endpoint request (default 120)")
+    p.add_argument("--retries", type=int, default=3, metavar="N", help="retries of a failed endpoint request (default 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from egm_edge.validate import validate
+
+    report = validate(
+        args.candidate, args.reference, args.data, out_dir=args.out, split_by=args.split_by, max_acc_drop=args.max_acc_drop,
+        max_miou_drop=args.max_miou_drop, think_budget=args.think_budget, limit=args.limit, concurrency=args.concurrency,
+        seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
+        max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+        timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"),
+    )
+    print(report.summary())
+    return report.exit_code

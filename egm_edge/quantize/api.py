@@ -1,0 +1,288 @@
+"""`quantize()`: the quantize stage, from a full-precision Qwen3-VL checkpoint to ModelOpt's unified HF checkpoint.
+
+Contract: everything a user can get wrong is refused before the model is loaded
+(unknown recipe, nvfp4 without CUDA, unsupported or already-quantized checkpoint,
+an output directory holding an artifact without force, a calibration recipe with
+no usable samples, too little memory for the estimate). Then: load the model,
+render (and optionally let it reason on) the calibration set, materialise and
+hash it, quantize with ModelOpt under the project policy, check the quantizer
+census, export with `export_hf_checkpoint` into a staged directory, copy the
+tokenizer/processor/chat-template files, measure fidelity against the full model
+through `loader.load_dequantized`, write fidelity.json/.md and `manifest.json`
+last, and rename the directory into place. An interrupted run leaves nothing
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from egm_edge.errors import CheckpointError, EgmError, UnsupportedError
+from egm_edge.quantize.recipes import QuantSpec
+
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "video_preprocessor_config.json",
+    "processor_config.json", "generation_config.json",
+)
+# Peak memory over the weights in the load dtype: the model, ModelOpt's export copies, activations.
+MEMORY_FACTOR = 2.5
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("EGM_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "egm-edge")
+    return Path(root) / "calibration"
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Number of stored tensor elements, read from the safetensors headers only."""
+    n = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as h:
+            size = struct.unpack("<Q", h.read(8))[0]
+            header = json.loads(h.read(size))
+        for k, v in header.items():
+            if k != "__metadata__":
+                elems = 1
+                for d in v["shape"]:
+                    elems *= d
+                n += elems
+    return n
+
+
+def available_memory(device: str) -> int | None:
+    """Free bytes where the model will live (GPU memory on CUDA, else MemAvailable); None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model_dir: Path, dtype: str, device: str) -> dict[str, Any]:
+    import torch
+
+    params = parameter_count(model_dir)
+    need = int(params * torch.tensor([], dtype=getattr(torch, dtype)).element_size() * MEMORY_FACTOR)
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise UnsupportedError(
+            f"Quantizing {model_dir} ({params / 1e9:.2f}B parameters in {dtype}) needs about {need / 2**30:.1f} GiB "
+            f"on {device} but {free / 2**30:.1f} GiB is free; free memory, use a machine with more, or a GPU."
+        )
+    return {"parameters": params, "estimated_peak_bytes": need, "available_bytes": free}
+
+
+def checkpoint_dtype(cfg: dict[str, Any]) -> str:
+    for d in (cfg, cfg.get("text_config") or {}):
+        v = d.get("dtype") or d.get("torch_dtype")
+        if v in ("float32", "bfloat16", "float16"):
+            return v
+    return "float32"
+
+
+def _calibration_key(recipe, spec: QuantSpec, tokenizer_sha: str, image_cfg, model_hashes: dict[str, str]) -> str:
+    from dataclasses import asdict
+
+    from egm_edge.quantize.calibset import RENDER_VERSION
+
+    key = {"recipe": recipe.digest(), "render": RENDER_VERSION, "tokenizer": tokenizer_sha, "image": asdict(image_cfg),
+           "reasoning": spec.calib_with_reasoning}
+    if spec.calib_with_reasoning:  # the model's own text: depends on its weights
+        key["weights"] = {k: v for k, v in model_hashes.items() if k.endswith(".safetensors")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="sample")
+
+
+def _expected_quant_algo(spec: QuantSpec) -> set[str]:
+    algo = spec.recipe_spec.quant_algo
+    # An FP8 vision tower beside a non-FP8 language model is per-layer mixed in ModelOpt's export.
+    return {algo} if spec.vision == "16bit" or algo == "FP8" else {"MIXED_PRECISION"}
+
+
+def quantize(
+    model_dir,
+    recipe,
+    calibration,
+    out_dir,
+    *,
+    kv_cache: str | None = None,
+    vision: str = "16bit",
+    calib_with_reasoning: bool = False,
+    force: bool = False,
+    cache_dir=None,
+    device: str | None = None,
+    dtype: str = "auto",
+    fidelity: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Quantize `model_dir` with `recipe` (a name or a QuantSpec) calibrated on `calibration`
+    (a TOML path or a CalibrationRecipe) into `out_dir`; returns `out_dir` (see module docstring)."""
+    from egm_edge.artifacts import check_output_dir, file_hashes, sha256_file, staged_output, write_manifest
+    from egm_edge.quantize import calibset
+    from egm_edge.quantize.calibration import CalibrationRecipe, sample_task, select_samples
+    from egm_edge.reference.runner import DTYPES, read_model_config
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning)
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.recipe_spec.needs_cuda and not device.startswith("cuda"):
+        raise UnsupportedError(
+            f"Recipe {spec.recipe} needs a CUDA GPU (ModelOpt's NVFP4 kernels) and this run is on {device}; "
+            "run it on a GPU machine or choose fp8, int4_awq, w4a8_awq or int8_sq."
+        )
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = read_model_config(model_dir)  # one sentence for a missing or unsupported checkpoint
+    if (model_dir / "hf_quant_config.json").is_file():
+        raise CheckpointError(f"Checkpoint {model_dir} is already quantized (hf_quant_config.json); quantize the full-precision checkpoint.")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
+    if out_dir.resolve() == model_dir.resolve():
+        raise EgmError(f"Output directory {out_dir} is the input checkpoint; choose another --out.")
+    check_output_dir(out_dir, force)
+    calib_recipe = calibration if isinstance(calibration, CalibrationRecipe) else CalibrationRecipe.from_toml(calibration)
+    dtype = checkpoint_dtype(cfg) if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise EgmError(f"Unknown dtype {dtype!r}. Choose from: auto, {', '.join(DTYPES)}.")
+    memory = check_memory(model_dir, dtype, device)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    t0 = time.perf_counter()
+    calib_samples, hold_samples, source_summary = select_samples(calib_recipe, cache / "sources")
+    input_hashes = file_hashes(model_dir)
+    timings["select_and_hash_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from egm_edge.reference import ReferenceRunner
+
+    runner = ReferenceRunner.open(model_dir, dtype=dtype, device=device)
+    model = runner.model
+    timings["load_s"] = time.perf_counter() - t0
+
+    image_cfg = calibset.image_config_for(runner.image_config, calib_recipe.max_pixels, calib_recipe.min_pixels)
+    key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes)
+    calib_file = cache / f"calib-{key[:24]}.safetensors"
+    t0 = time.perf_counter()
+    if calib_file.is_file():
+        calib_items, hold_items, _ = calibset.load(calib_file)
+        reused = True
+    else:
+        reused = False
+        rendered = []
+        for s in _progress(calib_samples + hold_samples, "rendering calibration", progress):
+            r = calibset.render(s, sample_task(calib_recipe, s), runner.tokenizer, image_cfg, runner.image_token_id)
+            if spec.calib_with_reasoning:
+                r = calibset.with_reasoning(runner, r, calib_recipe.max_new_tokens)
+            rendered.append(r)
+        calib_items, hold_items = rendered[: len(calib_samples)], rendered[len(calib_samples):]
+        meta = {"key": key, "recipe": calib_recipe.to_dict(), "with_reasoning": spec.calib_with_reasoning,
+                "samples": [str(s.sample_id or s.image) + " | " + s.expression for s in calib_samples + hold_samples]}
+        calibset.save(calib_file, calib_items, hold_items, meta)
+    calib_sha = sha256_file(calib_file)
+    timings["calibration_set_s"] = time.perf_counter() - t0
+
+    from egm_edge.quantize import fidelity as fid
+    from egm_edge.quantize import policy
+
+    policy.check_block_sizes(model, spec)
+    linears = policy.linear_counts(model)
+    image_token_id = runner.image_token_id
+    t0 = time.perf_counter()
+    ref_logits = fid.reference_logits(model, hold_items, image_token_id) if fidelity and hold_items else []
+    timings["reference_logits_s"] = time.perf_counter() - t0
+
+    import modelopt.torch.quantization as mtq
+
+    quant_cfg = policy.build_modelopt_config(spec)
+    pdtype = next(model.parameters()).dtype
+
+    def forward_loop(m):
+        with torch.inference_mode():
+            for it in _progress(calib_items, f"calibrating {spec.recipe}", progress):
+                m(**calibset.model_inputs(it, image_token_id, device, pdtype))
+
+    t0 = time.perf_counter()
+    model = mtq.quantize(model, quant_cfg, forward_loop=forward_loop)
+    timings["calibrate_s"] = time.perf_counter() - t0
+    census = policy.count_quantizers(model)
+    policy.check_counts(census, spec, linears)
+
+    from modelopt.torch.export import export_hf_checkpoint
+
+    with staged_output(out_dir, force) as tmp:
+        t0 = time.perf_counter()
+        export_hf_checkpoint(model, export_dir=tmp)
+        del model, runner
+        gc.collect()
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(model_dir / name, tmp / name)
+        timings["export_s"] = time.perf_counter() - t0
+        hf_quant = json.loads((tmp / "hf_quant_config.json").read_text())
+        q = hf_quant.get("quantization") or {}
+        if q.get("quant_algo") not in _expected_quant_algo(spec) or q.get("kv_cache_quant_algo") != spec.kv_cache_quant_algo:
+            raise EgmError(
+                f"ModelOpt exported quant_algo={q.get('quant_algo')!r}, kv_cache_quant_algo={q.get('kv_cache_quant_algo')!r} "
+                f"for {spec.describe()}; expected {sorted(_expected_quant_algo(spec))} and {spec.kv_cache_quant_algo!r}."
+            )
+
+        report: dict[str, Any] = {"recipe": spec.describe()}
+        if fidelity:
+            t0 = time.perf_counter()
+            from egm_edge.quantize.loader import load_dequantized
+
+            snr = fid.weight_snr(model_dir, tmp)
+            report["weights"] = fid.summarize_snr(snr)
+            report["weight_snr_db"] = snr
+            if hold_items:
+                qmodel = load_dequantized(tmp, dtype=getattr(torch, dtype)).to(device)
+                report["logits"] = fid.logit_agreement(qmodel, hold_items, ref_logits, image_token_id)
+                del qmodel
+                gc.collect()
+            fid.write_report(tmp, report)
+            timings["fidelity_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        write_manifest(
+            tmp,
+            "quantize",
+            recipe={"name": spec.recipe, **spec.to_dict()},
+            precision=spec.recipe,
+            policy={"vision": spec.vision, "lm_head": "16-bit", "embeddings": "16-bit", "kv_cache": spec.kv_cache or "16-bit",
+                    "modelopt_config": spec.recipe_spec.modelopt_config},
+            quantizers={"enabled": census, "expected": policy.expected_census(spec, linears), "linear_layers": linears},
+            calibration={"recipe": calib_recipe.to_dict(), "sha256": calib_sha, "file": str(calib_file), "reused": reused,
+                         "with_reasoning": spec.calib_with_reasoning, "sources": source_summary,
+                         "calibration": calibset.stats(calib_items), "holdout": calibset.stats(hold_items)},
+            input={"path": str(model_dir.resolve()), "sha256": input_hashes, "dtype": dtype},
+            output={"hf_quant_config": hf_quant, "files": file_hashes(tmp)},
+            fidelity={k: v for k, v in fid.json_safe(report).items() if k != "weight_snr_db"} if fidelity else None,
+            device=device,
+            memory=memory,
+            timings={k: round(v, 3) for k, v in timings.items()},
+        )
+    return out_dir

@@ -1,0 +1,17 @@
+"""Validate: does a candidate (bundle, checkpoint or endpoint) ground as well as its reference?
+
+Public API:
+- `validate(candidate, reference, data, *, out_dir, split_by="split", max_acc_drop=1.0,
+  max_miou_drop=1.0, think_budget=None, limit=None, concurrency=4, seed=0, ...) -> Report`
+  (`.verdict` pass | fail | incomplete, `.failures`, `.exit_code`, `.data` = report.json);
+- `open_predictor(spec)`: a bundle dir, a checkpoint dir or an OpenAI-compatible http(s) URL;
+- `DecodeSettings`, `EndpointPredictor`, `EndpointError`.
+Importing this package is cheap: models load on their first prediction.
+"""
+
+from egm_edge.validate.api import Report, validate
+from egm_edge.validate.endpoint import EndpointError, EndpointPredictor
+from egm_edge.validate.predictors import BundlePredictor, CheckpointPredictor, DecodeSettings, open_predictor
+
+__all__ = ["BundlePredictor", "CheckpointPredictor", "DecodeSettings", "EndpointError", "EndpointPredictor", "Report",
+           "open_predictor", "validate"]

@@ -1,0 +1,272 @@
+"""`validate(candidate, reference, data, out_dir=...)`: prove that a candidate grounds as well as its reference.
+
+Contract: both sides run on exactly the same samples (loaded once, images checked,
+`limit` a seeded subset kept in file order) under the same decode settings
+(think budget: the one asked for, else the candidate bundle's default, else
+unlimited; the same answer and output caps). A reference and a candidate whose
+tokenizer.json differ are refused before any work; endpoints cannot be checked
+and the report says so. Each finished sample is appended to
+`predictions-<side>.jsonl` at once, so a rerun does only what is missing or
+failed. Samples whose image cannot be read or whose request failed after retries
+are ERRORS: counted per split, never scored as misses. The report
+(`report.json`, `report.md`, `worst-regressions/*.png`) is computed from the
+prediction files; the gate fails when a drop exceeds its limit on any split or
+overall, and the result is incomplete while errors remain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egm_edge.errors import EgmError, InputError
+from egm_edge.validate.predictors import DEFAULT_MAX_ANSWER_TOKENS, DEFAULT_MAX_NEW_TOKENS, DecodeSettings, open_predictor
+from egm_edge.validate.store import SIDES, PredictionStore, config_hash, sample_ids
+
+UNLIMITED = ("none", "unlimited")
+
+
+@dataclass
+class Report:
+    """What a validation found; `data` is exactly what report.json holds."""
+
+    verdict: str  # "pass" | "fail" | "incomplete"
+    failures: list[str]
+    out_dir: Path
+    data: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def exit_code(self) -> int:
+        """0 pass, 1 a drop over its limit, 2 incomplete (samples that errored; rerun to retry them)."""
+        return {"pass": 0, "fail": 1}.get(self.verdict, 2)
+
+    def summary(self) -> str:
+        from egm_edge.validate.report import summary_text
+
+        return summary_text(self)
+
+
+_GROUP_FIELDS = ("split", "task", "sample_id")
+
+
+def _group_key(split_by: str, samples) -> str:
+    names = set(_GROUP_FIELDS)
+    if split_by in names or any(split_by in s.extra for s in samples):
+        return split_by
+    extra = sorted({k for s in samples for k in s.extra})
+    raise InputError(f"No sample has the field {split_by!r} to split by; choose from: {', '.join(sorted(names) + extra)}.")
+
+
+def _group_of(sample, key: str) -> str:
+    v = getattr(sample, key) if key in _GROUP_FIELDS else sample.extra.get(key)
+    return "-" if v is None or v == "" else str(v)
+
+
+def _resolve_settings(candidate, think_budget, budget_mode, max_answer_tokens, max_new_tokens) -> DecodeSettings:
+    d = candidate.defaults() if hasattr(candidate, "defaults") else {}
+    if isinstance(think_budget, str):
+        if think_budget.lower() not in UNLIMITED:
+            raise InputError(f"think_budget {think_budget!r} is not a number; give a whole number of tokens or 'none' for unlimited.")
+        budget = None
+    else:
+        budget = d.get("think_budget") if think_budget is None else think_budget
+    return DecodeSettings(
+        think_budget=budget,
+        budget_mode=budget_mode or d.get("budget_mode") or "hard",
+        max_answer_tokens=max_answer_tokens or d.get("max_answer_tokens") or DEFAULT_MAX_ANSWER_TOKENS,
+        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+    )
+
+
+def tokenizer_check(candidate, reference) -> str:
+    """A sentence for the report, or InputError when the tokenizers differ."""
+    c, r = candidate.tokenizer_sha256(), reference.tokenizer_sha256()
+    if c and r:
+        if c != r:
+            raise InputError(
+                f"The candidate's tokenizer.json (sha256 {c[:12]}) differs from the reference's ({r[:12]}); they are not the same "
+                "model, so validate the candidate against the checkpoint it was built from."
+            )
+        return f"same tokenizer.json on both sides (sha256 {c[:12]})"
+    which = " and ".join(s for s, h in (("candidate", c), ("reference", r)) if not h)
+    return f"not checked: the {which} is an endpoint whose tokenizer cannot be read; make sure it serves the same model"
+
+
+def _load(data, image_root, strict: bool):
+    from egm_edge.data import load_samples
+
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.exists():
+            raise InputError(f"Data file {path} does not exist; pass an EGM eval .jsonl file with --data.")
+        res = load_samples(path, image_root=image_root, strict=strict, check_images=True)
+        return res.samples, {"path": str(path), "skipped": dict(res.skipped), "skipped_lines": res.skipped_lines[:20]}
+    samples = list(getattr(data, "samples", data))
+    return samples, {"path": None, "skipped": dict(getattr(data, "skipped", {}) or {}), "skipped_lines": []}
+
+
+def _subset(samples, limit, seed):
+    if limit is None or limit >= len(samples):
+        return samples
+    if limit < 1:
+        raise InputError(f"--limit must be at least 1, got {limit}.")
+    import numpy as np
+
+    keep = np.sort(np.random.default_rng(seed).permutation(len(samples))[:limit])
+    return [samples[i] for i in keep]
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    class _Silent:
+        def update(self, n=1): pass
+
+        def set_postfix_str(self, s): pass
+
+        def close(self): pass
+
+    if not enabled or total == 0:
+        return _Silent()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm ships with the compiler extras; the bare runtime install may lack it
+        return _Silent()
+    return tqdm(total=total, desc=desc, unit="sample")
+
+
+def _predict_row(predictor, sample, sid: str, group: str, settings: DecodeSettings) -> dict:
+    from egm_edge.grounding import hit, iou
+    from egm_edge.runtime.image import load_image
+
+    row = {"id": sid, "split": group, "task": sample.task, "image": str(sample.image), "expression": sample.expression,
+           "gt": list(sample.bbox), "error": None}
+    t0 = time.perf_counter()
+    try:
+        image = load_image(sample.image, exif_transpose=False)  # RefCOCO boxes live in the stored frame
+        result = predictor.predict(image, sample.expression, sample.task, settings)
+    except EgmError as e:
+        return {**row, "error": str(e), "latency_ms": None}
+    wall = (time.perf_counter() - t0) * 1000.0
+    v = iou(result.box, sample.bbox)
+    return {**row, "iou": v, "hit": hit(v), "parsed": result.box is not None, "think_tokens": result.think_tokens,
+            "latency_ms": float(result.timings.get("total", wall)), "result": result.to_dict()}
+
+
+def run_side(predictor, side: str, samples: dict, groups: dict, todo: list[str], settings, store, concurrency: int, progress: bool) -> float:
+    """Predict every id in `todo`, appending each row as it finishes; returns the wall seconds spent."""
+    t0 = time.perf_counter()
+    bar = _progress(len(todo), f"{side} ({predictor.kind})", progress)
+    errors = 0
+
+    def done(row):
+        nonlocal errors
+        store.append(row)
+        errors += bool(row["error"])
+        bar.update(1)
+        if errors:
+            bar.set_postfix_str(f"{errors} errors")
+
+    try:
+        if getattr(predictor, "concurrent", False) and concurrency > 1 and len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
+            pool = ThreadPoolExecutor(max_workers=concurrency)
+            try:
+                futures = [pool.submit(_predict_row, predictor, samples[i], i, groups[i], settings) for i in todo]
+                for fut in as_completed(futures):
+                    done(fut.result())
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            for i in todo:
+                done(_predict_row(predictor, samples[i], i, groups[i], settings))
+    finally:
+        bar.close()
+    return time.perf_counter() - t0
+
+
+def validate(candidate, reference, data, *, out_dir, split_by: str = "split", max_acc_drop: float = 1.0,
+             max_miou_drop: float = 1.0, think_budget=None, limit: int | None = None, concurrency: int = 4, seed: int = 0,
+             image_root=None, strict: bool = True, model_name: str | None = None, budget_mode: str | None = None,
+             max_answer_tokens: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
+             worst_k: int = 8, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.5,
+             api_key: str | None = None) -> Report:
+    """Validate `candidate` against `reference` on `data` into `out_dir`; see the module docstring.
+
+    candidate/reference: a bundle dir, a checkpoint dir, an http(s) URL, or a predictor object.
+    think_budget: tokens, None (the candidate bundle's default, else unlimited) or "none" (unlimited).
+    max_acc_drop / max_miou_drop: allowed drops in points (percent) on any split and overall.
+    """
+    from egm_edge.validate import report as rep
+    from egm_edge.validate import stats
+
+    for name, v in (("max_acc_drop", max_acc_drop), ("max_miou_drop", max_miou_drop)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise InputError(f"{name} must be a non-negative number of points, got {v!r}.")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise InputError(f"concurrency must be a positive whole number, got {concurrency!r}.")
+    if isinstance(data, (str, Path)) and not Path(data).exists():
+        raise InputError(f"Data file {data} does not exist; pass an EGM eval .jsonl file with --data.")
+    t_start = time.perf_counter()
+    kw = dict(model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    cand = open_predictor(candidate, **kw)
+    ref = open_predictor(reference, **kw)
+    tok_note = tokenizer_check(cand, ref)
+    samples, data_info = _load(data, image_root, strict)
+    if not samples:
+        raise InputError(f"No usable samples in {data_info['path'] or 'the data'} ({data_info['skipped'] or 'it is empty'}); nothing to validate.")
+    key = _group_key(split_by, samples)
+    samples = _subset(samples, limit, seed)
+    ids = sample_ids(samples)
+    by_id = dict(zip(ids, samples))
+    groups = {i: _group_of(s, key) for i, s in by_id.items()}
+    settings = _resolve_settings(cand, think_budget, budget_mode, max_answer_tokens, max_new_tokens)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, runs = {}, {}
+    for side, pred in (("reference", ref), ("candidate", cand)):
+        store = PredictionStore(out, side, config_hash(pred.fingerprint(), settings.to_dict()))
+        have = store.load()
+        todo = [i for i in ids if i not in have or have[i].get("error")]
+        wall = run_side(pred, side, by_id, groups, todo, settings, store, concurrency, progress) if todo else 0.0
+        rows[side] = {i: r for i, r in store.load().items() if i in by_id}
+        runs[side] = {"predicted_now": len(todo), "reused": len(ids) - len(todo), "wall_s": round(wall, 2),
+                      "predictions": store.path.name, "config": store.config}
+
+    per_group = {}
+    for name, gids in stats.group_ids({i: {"split": groups[i]} for i in ids}, ids).items():
+        per_group[name] = {
+            "n": len(gids),
+            "reference": stats.side_metrics([rows["reference"][i] for i in gids if i in rows["reference"]]),
+            "candidate": stats.side_metrics([rows["candidate"][i] for i in gids if i in rows["candidate"]]),
+            "delta": stats.paired(rows["candidate"], rows["reference"], gids, seed),
+        }
+    failures = stats.gate(per_group, max_acc_drop, max_miou_drop)
+    errors = {s: per_group["overall"][s]["errors"] for s in SIDES}
+    verdict = "fail" if failures else "incomplete" if any(errors.values()) else "pass"
+    data_info.update(n_samples=len(ids), split_by=split_by, limit=limit,
+                     splits={k: g["n"] for k, g in per_group.items() if k != "overall"})
+    body = {
+        "verdict": verdict,
+        "failures": failures,
+        "errors": errors,
+        "thresholds": {"max_acc_drop_points": max_acc_drop, "max_miou_drop_points": max_miou_drop},
+        "candidate": cand.describe(),
+        "reference": ref.describe(),
+        "tokenizer_check": tok_note,
+        "settings": {**settings.to_dict(), "seed": seed, "concurrency": concurrency, "bootstrap_resamples": stats.N_BOOT},
+        "data": data_info,
+        "runs": runs,
+        "groups": per_group,
+        "notes": rep.notes(rows, settings, errors),
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    report = Report(verdict, failures, out, body)
+    rep.write(report, rows, worst_k)
+    return report

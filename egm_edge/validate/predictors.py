@@ -1,0 +1,207 @@
+"""What validate compares: a predictor turns (image, expression, decode settings) into a GroundingResult.
+
+Contract: `open_predictor(spec)` accepts a bundle directory (manifest stage
+"build", run by the torch-free `Grounder`), a checkpoint directory (config.json
+and no build manifest, run by the PyTorch `ReferenceRunner`; ModelOpt checkpoints
+go through its dequantizing loader), an http(s) URL of any OpenAI-compatible
+server (`egm_edge.validate.endpoint`), or an object that already is a predictor.
+Every predictor says what it is (`describe()`), fingerprints itself cheaply for
+resumption (`fingerprint()`), names its tokenizer by sha256 (None for endpoints,
+whose tokenizer cannot be seen) and whether requests may run concurrently.
+Local models load lazily on the first prediction, so bad input is refused first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from egm_edge.errors import CheckpointError, InputError
+
+DEFAULT_MAX_ANSWER_TOKENS = 128
+DEFAULT_MAX_NEW_TOKENS = 4096  # EGM's evaluation cap
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """The decode settings both sides run under: the same for candidate and reference."""
+
+    think_budget: int | None = None  # None: unlimited
+    budget_mode: str = "hard"
+    max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    def __post_init__(self) -> None:
+        from egm_edge.runtime.budget import BudgetSpec
+
+        BudgetSpec(self.think_budget, self.budget_mode, self.max_answer_tokens)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive whole number, got {self.max_new_tokens!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Predictor(Protocol):
+    kind: str  # "bundle" | "checkpoint" | "endpoint" | anything a test invents
+    concurrent: bool  # may several predictions run at once (endpoints), or one at a time (local models)
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def tokenizer_sha256(self) -> str | None: ...
+
+    def defaults(self) -> dict[str, Any]: ...
+
+    def predict(self, image, expression: str, task: str, settings: DecodeSettings): ...
+
+
+def _sha256(path: Path) -> str:
+    from egm_edge.artifacts import sha256_file
+
+    return sha256_file(path)
+
+
+def weights_fingerprint(model_dir: Path) -> dict[str, str]:
+    """A cheap identity of a checkpoint's weights: size and sha256 of the first and last MiB of each file.
+
+    Hashing whole 16 GB checkpoints on every run would dominate a resumed validation;
+    the safetensors header (names, shapes, offsets) plus the head and tail of the
+    data change whenever the weights do in practice (a retrain, another seed, a quantization).
+    """
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h = hashlib.sha256()
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+        out[f.name] = f"{size}:{h.hexdigest()}"
+    return out
+
+
+class BundlePredictor:
+    """A CPU (or other) bundle through the torch-free runtime."""
+
+    kind = "bundle"
+    concurrent = False
+
+    def __init__(self, path: Path):
+        from egm_edge.runtime.bundle import open_bundle
+
+        self.path = Path(path)
+        self.bundle = open_bundle(self.path)  # checks the manifest and files now, before any data work
+        self._grounder = None
+
+    def describe(self) -> dict[str, Any]:
+        m = self.bundle.manifest
+        return {"kind": self.kind, "path": str(self.path.resolve()), "name": self.bundle.name, "target": self.bundle.target,
+                "precision": self.bundle.precision, "checkpoint": (m.get("inputs") or {}).get("checkpoint")}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"kind": self.kind, "manifest_sha256": _sha256(self.path / "manifest.json")}
+
+    def tokenizer_sha256(self) -> str | None:
+        return _sha256(self.path / "tokenizer.json")
+
+    def defaults(self) -> dict[str, Any]:
+        g = self.bundle.generation
+        return {"think_budget": g.think_budget, "budget_mode": g.budget_mode, "max_answer_tokens": g.max_answer_tokens}
+
+    def predict(self, image, expression: str, task: str, settings: DecodeSettings):
+        if self._grounder is None:
+            from egm_edge.runtime.grounder import Grounder
+
+            self._grounder = Grounder.open(self.path)
+        return self._grounder.ground(
+            image, expression, think_budget=settings.think_budget, task=task, budget_mode=settings.budget_mode,
+            max_answer_tokens=settings.max_answer_tokens, max_new_tokens=settings.max_new_tokens, exif_transpose=False,
+        )
+
+
+class CheckpointPredictor:
+    """A Hugging Face Qwen3-VL checkpoint (full precision or ModelOpt-quantized) through the PyTorch reference."""
+
+    kind = "checkpoint"
+    concurrent = False
+
+    def __init__(self, path: Path, dtype: str = "float32", device: str = "cpu"):
+        from egm_edge.reference.runner import read_model_config
+
+        self.path = Path(path)
+        self.config = read_model_config(self.path)  # one sentence for an unsupported checkpoint
+        if not (self.path / "tokenizer.json").is_file():
+            raise CheckpointError(f"Model directory {self.path} has no tokenizer.json; copy the model's tokenizer files there.")
+        self.dtype, self.device = dtype, device
+        self._runner = None
+
+    def describe(self) -> dict[str, Any]:
+        quant = self.path / "hf_quant_config.json"
+        precision = "full"
+        if quant.is_file():
+            try:
+                precision = str(json.loads(quant.read_text()).get("quantization", {}).get("quant_algo", "quantized")).lower()
+            except (OSError, ValueError):
+                precision = "quantized"
+        return {"kind": self.kind, "path": str(self.path.resolve()), "name": self.path.name, "precision": precision,
+                "dtype": self.dtype, "device": self.device}
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"kind": self.kind, "config_sha256": _sha256(self.path / "config.json"), "weights": weights_fingerprint(self.path),
+                "dtype": self.dtype}
+
+    def tokenizer_sha256(self) -> str | None:
+        return _sha256(self.path / "tokenizer.json")
+
+    def defaults(self) -> dict[str, Any]:
+        return {}
+
+    def predict(self, image, expression: str, task: str, settings: DecodeSettings):
+        if self._runner is None:
+            from egm_edge.reference import ReferenceRunner
+
+            self._runner = ReferenceRunner.open(self.path, dtype=self.dtype, device=self.device)
+        return self._runner.ground(
+            image, expression, think_budget=settings.think_budget, task=task, budget_mode=settings.budget_mode,
+            max_new_tokens=settings.max_new_tokens, max_answer_tokens=settings.max_answer_tokens, exif_transpose=False,
+        )
+
+
+def open_predictor(spec, *, model_name: str | None = None, api_key: str | None = None, timeout_s: float = 120.0,
+                   retries: int = 3, backoff_s: float = 0.5, dtype: str = "float32", device: str = "cpu"):
+    """A predictor for `spec` (see the module docstring); InputError/CheckpointError with one sentence otherwise."""
+    if not isinstance(spec, (str, Path)):
+        if callable(getattr(spec, "predict", None)):
+            return spec
+        raise InputError(f"Cannot validate {spec!r}: give a bundle directory, a checkpoint directory or an http(s) URL.")
+    text = str(spec)
+    if text.startswith(("http://", "https://")):
+        from egm_edge.validate.endpoint import EndpointPredictor
+
+        return EndpointPredictor(text, model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    if "://" in text:
+        raise InputError(f"{text!r} is a URL of a scheme other than http(s); give an OpenAI-compatible http(s) endpoint.")
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a bundle directory, a checkpoint directory or an http(s) URL.")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file; give a bundle directory, a checkpoint directory or an http(s) URL.")
+    from egm_edge.artifacts import read_manifest
+
+    stage = (read_manifest(path) or {}).get("stage")
+    if stage == "build":
+        return BundlePredictor(path)
+    if (path / "config.json").is_file() and stage in (None, "quantize"):
+        return CheckpointPredictor(path, dtype=dtype, device=device)
+    if stage == "export":
+        raise CheckpointError(f"{path} is an export (ONNX IR), not a bundle; build it with `egm-edge build --target cpu` and validate the bundle.")
+    raise CheckpointError(
+        f"{path} is neither a bundle (manifest stage 'build') nor a checkpoint (config.json)"
+        + (f"; its manifest says stage {stage!r}" if stage else "") + "."
+    )

@@ -1,0 +1,74 @@
+"""Helpers for validate tests: a small on-disk grounding set and scripted predictors (no model)."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image, ImageDraw
+
+from egm_edge.grounding import GroundingResult, format_answer, to_norm1000
+
+
+def write_dataset(root, n: int = 12, splits=("a", "b"), size=(160, 120)):
+    """n images, each with one red box; split i % len(splits); returns (jsonl path, records)."""
+    root.mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n):
+        w, h = size
+        x1, y1 = 5 + (i * 11) % 80, 5 + (i * 7) % 50
+        box = [x1, y1, x1 + 40 + i % 5, y1 + 30 + i % 3]
+        img = Image.new("RGB", size, (235, 235, 235))
+        ImageDraw.Draw(img).rectangle(box, fill=(210, 30, 30))
+        img.save(root / f"img{i:03d}.png")
+        recs.append({"image": f"img{i:03d}.png", "sent": f"the red box number {i}", "bbox": box, "height": h, "width": w,
+                     "split": splits[i % len(splits)]})
+    path = root / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path, recs
+
+
+class Scripted:
+    """A predictor that answers from a table: expression -> pixel box (or None); counts calls; can fail or stop."""
+
+    kind = "scripted"
+    concurrent = False
+
+    def __init__(self, boxes: dict, name: str = "scripted", tokenizer: str | None = "tok0", fail_on=(), stop_after=None,
+                 think_tokens: int = 3):
+        self.boxes, self.name, self.tok = boxes, name, tokenizer
+        self.fail_on, self.stop_after, self.think = set(fail_on), stop_after, think_tokens
+        self.calls = 0
+
+    def describe(self):
+        return {"kind": self.kind, "name": self.name, "path": self.name}
+
+    def fingerprint(self):
+        return {"kind": self.kind, "name": self.name}
+
+    def tokenizer_sha256(self):
+        return self.tok
+
+    def defaults(self):
+        return {}
+
+    def predict(self, image, expression, task, settings):
+        from egm_edge.errors import InputError
+
+        if self.stop_after is not None and self.calls >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        if expression in self.fail_on:
+            raise InputError(f"scripted failure for {expression!r}")
+        box = self.boxes.get(expression)
+        w, h = image.size
+        text = "thinking</think>\n\n" + (format_answer(to_norm1000(box, w, h), "x") if box else "no idea")
+        return GroundingResult.from_output(text, w, h, think_tokens=self.think, answer_tokens=5, budget_forced=False,
+                                           timings={"total": 10.0 + self.calls})
+
+
+def exact(recs):
+    return {r["sent"]: tuple(r["bbox"]) for r in recs}
+
+
+def shifted(recs, dx):
+    return {r["sent"]: (r["bbox"][0] + dx, r["bbox"][1], r["bbox"][2] + dx, r["bbox"][3]) for r in recs}
