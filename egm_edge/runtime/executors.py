@@ -5,7 +5,8 @@ and sampling; an executor only maps named numpy inputs to numpy outputs. Input
 and output names are those of `egm_edge.export.graphs` (see its tables).
 
 - `OrtExecutor`: ONNX Runtime, CPU provider (the embedded default).
-- TensorRT engines come with the targets issue, behind the `trt` extra.
+- `TrtExecutor` (egm_edge.runtime.trt_executor, imported only when needed): the
+  TensorRT engines of a GPU/Jetson bundle, behind the `trt` extra.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from egm_edge.errors import UnsupportedError
 from egm_edge.runtime.bundle import Bundle
 
-EXECUTORS = ("auto", "onnxruntime")
+EXECUTORS = ("auto", "onnxruntime", "tensorrt")
 
 
 class Executor(Protocol):
@@ -80,11 +81,13 @@ class OrtExecutor:
 def make_executor(bundle: Bundle, executor: str = "auto", threads: int | None = None) -> Executor:
     if executor not in EXECUTORS:
         raise UnsupportedError(f"Unknown executor {executor!r}. Choose from: {', '.join(EXECUTORS)}.")
-    if bundle.target != "cpu":
-        raise UnsupportedError(
-            f"Bundle {bundle.path} targets {bundle.target!r}; this runtime runs cpu bundles with onnxruntime "
-            "(TensorRT engines are built and run on the device itself)."
-        )
+    # A GPU/Jetson bundle also carries its ONNX IR: --executor onnxruntime runs that on the CPU.
+    if (bundle.target != "cpu" and executor != "onnxruntime") or executor == "tensorrt":
+        if bundle.target == "cpu":
+            raise UnsupportedError(f"Bundle {bundle.path} is a cpu bundle with no TensorRT engines; use --executor onnxruntime.")
+        from egm_edge.runtime.trt_executor import TrtExecutor
+
+        return TrtExecutor(bundle)
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

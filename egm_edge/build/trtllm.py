@@ -1,0 +1,152 @@
+"""Datacenter serving: a TensorRT-LLM (PyTorch backend) configuration for the quantized checkpoint.
+
+Contract: `llm_api_options(plan, target, ...)` returns the LLM-API options that
+`trtllm-serve CKPT --backend pytorch --extra_llm_api_options FILE` loads into
+TorchLlmArgs: max_batch_size, max_seq_len (the plan's context: prompt + image
+tokens + think budget + budget close + answer), max_input_len, max_num_tokens,
+kv_cache_config (dtype from --kv-cache, free_gpu_memory_fraction sized from the
+plan), cuda_graph_config batch sizes up to max_batch_size. `check_options`
+lists every name the pinned TensorRT-LLM version (target profile
+software.tensorrt_llm) does not accept, from the option names kept as data in
+egm_edge/build/data/trtllm_options.toml (with the llm_args.py source they came
+from). `write_trtllm(dir, checkpoint, plan, target)` refuses unknown names and
+writes llm_api_options.yaml, launch.sh and README.md. Pure Python.
+
+TensorRT-LLM 1.2 has no thinking-budget option: the budget is the request's
+max_tokens (what `egm-edge validate --candidate http://host:port` sends).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+from pathlib import Path
+
+from egm_edge.errors import CheckpointError, UnsupportedError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+DATA = Path(__file__).resolve().parent / "data" / "trtllm_options.toml"
+OPTIONS_FILE = "llm_api_options.yaml"
+DEFAULT_PORT = 8000
+
+
+@functools.lru_cache(maxsize=None)
+def option_names(version: str) -> dict:
+    """{"top_level", "kv_cache_config", "cuda_graph_config", "kv_cache_dtypes", "source", ...} for `version`."""
+    with DATA.open("rb") as f:
+        table = tomllib.load(f)["trtllm"]
+    if version not in table:
+        raise UnsupportedError(f"No TensorRT-LLM option list for version {version!r}; known: {', '.join(table)}. "
+                               "Add the version's llm_args.py field names to egm_edge/build/data/trtllm_options.toml.")
+    return table[version]
+
+
+def check_options(options: dict, version: str) -> list[str]:
+    """Dotted names in `options` that TensorRT-LLM `version` would reject (empty when all are known)."""
+    names = option_names(version)
+    bad = [k for k in options if k not in names["top_level"]]
+    for section in ("kv_cache_config", "cuda_graph_config"):
+        sub = options.get(section)
+        if isinstance(sub, dict):
+            bad += [f"{section}.{k}" for k in sub if k not in names[section]]
+    kv = (options.get("kv_cache_config") or {}).get("dtype")
+    if kv is not None and kv not in names["kv_cache_dtypes"]:
+        bad.append(f"kv_cache_config.dtype={kv}")
+    return bad
+
+
+def serving_version(target) -> str:
+    version = (target.software or {}).get("tensorrt_llm")
+    if target.kind != "gpu" or not version:
+        raise UnsupportedError(f"Target {target.name} has no TensorRT-LLM serving profile (software.tensorrt_llm); "
+                               "serving configs are for datacenter GPU targets such as h100.")
+    return str(version)
+
+
+def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including max_batch_size: the decode batches worth a captured graph."""
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
+
+
+def llm_api_options(plan, target, *, kv_cache: str | None = None, max_batch_size: int = 8) -> dict:
+    """The options dict (see the module docstring); `kv_cache` "fp8" quantizes the KV cache, None keeps the checkpoint's."""
+    version = serving_version(target)
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise UnsupportedError(f"max_batch_size={max_batch_size!r} must be a positive whole number.")
+    if kv_cache not in (None, "fp8"):
+        raise UnsupportedError(f"Unsupported KV-cache dtype {kv_cache!r} for TensorRT-LLM. Choose from: fp8 (or leave it off).")
+    if kv_cache == "fp8" and "fp8" not in target.kv_dtypes():
+        raise UnsupportedError(f"Unsupported KV-cache dtype 'fp8' for target {target.name} (SM {target.sm_text} has no FP8). "
+                               f"Choose from: {', '.join(target.kv_dtypes())}.")
+    prefill = plan.prompt_tokens + plan.image.image_tokens
+    max_seq = plan.context_tokens
+    # KV bytes the whole batch needs at max_seq_len, as a share of what is left after weights and overhead.
+    free = plan.usable_bytes - sum(plan.weights.values()) - plan.overhead_bytes - plan.activation_bytes
+    per_token = plan.kv_cache_bytes / max(plan.context_tokens, 1) * (0.5 if kv_cache == "fp8" and plan.kv_dtype != "fp8" else 1)
+    need = per_token * max_seq * max_batch_size
+    fraction = round(min(0.9, max(0.05, 1.25 * need / free)) if free > 0 else 0.9, 3)
+    options = {
+        "max_batch_size": max_batch_size,
+        "max_seq_len": max_seq,
+        "max_input_len": prefill,
+        "max_num_tokens": max(8192, prefill * max_batch_size),
+        "trust_remote_code": False,
+        "kv_cache_config": {"dtype": kv_cache or "auto", "free_gpu_memory_fraction": fraction, "enable_block_reuse": True},
+        "cuda_graph_config": {"batch_sizes": cuda_graph_batch_sizes(max_batch_size), "enable_padding": True},
+        "disable_overlap_scheduler": False,
+        "print_iter_log": False,
+    }
+    bad = check_options(options, version)
+    if bad:  # a bug here, not user input: the data file and this function disagree
+        raise CheckpointError(f"The TensorRT-LLM {version} options use names it does not accept: {', '.join(bad)}.")
+    return options
+
+
+def launch_command(checkpoint, options_file, version: str, port: int = DEFAULT_PORT, host: str = "0.0.0.0") -> list[str]:
+    names = option_names(version)
+    return ["trtllm-serve", str(checkpoint), "--backend", names["backend"], "--host", host, "--port", str(port),
+            names["serve_flag"], str(options_file)]
+
+
+def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = None, max_batch_size: int = 8,
+                 port: int = DEFAULT_PORT) -> dict:
+    """Write llm_api_options.yaml, launch.sh and README.md into `out_dir`; returns what the manifest records."""
+    version = serving_version(target)
+    options = llm_api_options(plan, target, kv_cache=kv_cache, max_batch_size=max_batch_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # JSON is YAML 1.2: PyYAML's safe_load (what trtllm-serve uses) reads it, and so can anything without PyYAML.
+    header = (f"# TensorRT-LLM {version} LLM-API options for {plan.model} ({plan.precision}) on {target.name}, "
+              f"think budget {plan.think_budget}; written by egm-edge build\n")
+    (out_dir / OPTIONS_FILE).write_text(header + json.dumps(options, indent=2) + "\n")
+    cmd = launch_command(checkpoint, f'"$(dirname "$0")/{OPTIONS_FILE}"', version, port)
+    (out_dir / "launch.sh").write_text("#!/bin/sh\n# Serve the quantized checkpoint with TensorRT-LLM's PyTorch backend.\nexec "
+                                       + " ".join(shlex.quote(c) if not c.startswith('"') else c for c in cmd) + "\n")
+    (out_dir / "launch.sh").chmod(0o755)
+    (out_dir / "README.md").write_text(
+        f"# Serving {plan.model} ({plan.precision}) on {target.name} with TensorRT-LLM {version}\n\n"
+        f"Needs `pip install egm-edge[trtllm]` (tensorrt-llm {version}) on the GPU host. Start the server:\n\n"
+        f"    sh launch.sh     # = {' '.join(launch_command(checkpoint, OPTIONS_FILE, version, port))}\n\n"
+        "Then score it against a reference with the same samples the bundle is validated on:\n\n"
+        f"    egm-edge validate --candidate http://HOST:{port} ...\n\n"
+        f"The think budget ({plan.think_budget} tokens) is not a TensorRT-LLM {version} option: clients cap it through "
+        f"max_tokens. max_seq_len {options['max_seq_len']} = prompt {plan.prompt_tokens} + image {plan.image.image_tokens} "
+        f"+ think {plan.think_budget} + budget close {plan.close_tokens} + answer {plan.answer_tokens} tokens.\n"
+    )
+    return {"version": version, "options_file": f"trtllm/{OPTIONS_FILE}", "options": options, "checkpoint": str(checkpoint),
+            "launch": launch_command(checkpoint, f"trtllm/{OPTIONS_FILE}", version, port), "port": port}
+
+
+def read_options(path) -> dict:
+    """Read an options file written by `write_trtllm` (comment lines, then JSON)."""
+    text = "\n".join(line for line in Path(path).read_text().splitlines() if not line.lstrip().startswith("#"))
+    return json.loads(text)

@@ -1,0 +1,188 @@
+"""TensorRT executor: runs a GPU/Jetson bundle's compiled engines (tensorrt + cuda-python, no torch).
+
+Contract: `TrtExecutor(bundle)` implements the runtime's `Executor` protocol
+(egm_edge.runtime.executors) over the engines that `egm-edge build --finalize`
+compiled ON this device into `bundle/engines/<key>/` (vision.engine,
+decoder.engine, engine.json). The key names what an engine is only valid for:
+the GPU (name and compute capability), the TensorRT version and the hash of the
+bundle's build_plan.json (`engine_key`). An engine built for another device,
+TensorRT version or plan is refused with one sentence that says what to run.
+Inputs and outputs keep the names and dtypes of egm_edge.export.graphs; the
+decoder engine has two optimisation profiles from the build plan, "prefill"
+(profile 0, no past) and "decode" (profile 1, one new token), chosen per call.
+The KV cache goes back to the host each step (the decode loop owns it); device
+buffers are kept and grown, never freed between calls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from egm_edge.errors import CheckpointError, UnsupportedError
+
+ENGINE_FILES = ("vision.engine", "decoder.engine", "engine.json")
+PROFILES = ("prefill", "decode")
+
+
+def cudart():
+    """cuda-python's runtime module (new `cuda.bindings` layout first, then the older `cuda` one)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError:
+            raise UnsupportedError(
+                "cuda-python is not installed; run `pip install cuda-python` (on a Jetson: the version matching JetPack's CUDA)."
+            ) from None
+    return runtime
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA call failed with error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    compute_capability: str  # "9.0"
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+def current_device(index: int = 0) -> Device:
+    rt = cudart()
+    prop = _check(rt.cudaGetDeviceProperties(index))
+    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    return Device(name, f"{prop.major}.{prop.minor}")
+
+
+def engine_key(device: Device, tensorrt_version: str, plan_hash: str) -> str:
+    """Directory name under engines/: what a compiled engine is valid for."""
+    return f"{device.slug}-sm{device.compute_capability.replace('.', '')}-trt{tensorrt_version}-{plan_hash[:12]}"
+
+
+def find_engines(bundle_path: Path, key: str) -> Path:
+    """engines/<key>/, or CheckpointError naming the engines that are there and what to run."""
+    d = bundle_path / "engines" / key
+    if all((d / f).is_file() for f in ENGINE_FILES):
+        return d
+    others = sorted(p.name for p in (bundle_path / "engines").glob("*") if (p / "engine.json").is_file()) \
+        if (bundle_path / "engines").is_dir() else []
+    if others:
+        raise CheckpointError(
+            f"Bundle {bundle_path} has TensorRT engines only for {', '.join(others)}, not for this device and TensorRT "
+            f"version ({key}); engines are not portable: run `egm-edge build --finalize {bundle_path}` here."
+        )
+    raise CheckpointError(f"Bundle {bundle_path} has no TensorRT engines yet; run `egm-edge build --finalize {bundle_path}` on the device.")
+
+
+class _Engine:
+    """One deserialised engine, its context, and grow-only device buffers per tensor."""
+
+    def __init__(self, trt, runtime, path: Path, rt):
+        self.trt, self.rt = trt, rt
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise CheckpointError(f"TensorRT could not load {path} (built by another TensorRT version?); run `egm-edge build --finalize` again.")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity bytes)
+        self.stream = _check(rt.cudaStreamCreate())
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, cap = self.buffers.get(name, (0, 0))
+        if nbytes > cap or not ptr:
+            if ptr:
+                _check(self.rt.cudaFree(ptr))
+            cap = max(nbytes, 256, cap * 2)  # never 0: TensorRT needs an address even for empty tensors
+            ptr = int(_check(self.rt.cudaMalloc(cap)))
+            self.buffers[name] = (ptr, cap)
+        return ptr
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str], profile: int = 0) -> list[np.ndarray]:
+        rt, ctx = self.rt, self.context
+        if self.engine.num_optimization_profiles > 1:
+            ctx.set_optimization_profile_async(profile, self.stream)
+        host = {}
+        for name in self.inputs:
+            a = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            host[name] = a
+            if not ctx.set_input_shape(name, tuple(a.shape)):
+                raise UnsupportedError(
+                    f"Input {name} of shape {tuple(a.shape)} is outside the engine's optimisation profile "
+                    f"{PROFILES[profile] if profile < len(PROFILES) else profile}; rebuild the bundle with a larger plan."
+                )
+            ptr = self._buffer(name, a.nbytes)
+            if a.nbytes:
+                _check(rt.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+            ctx.set_tensor_address(name, ptr)
+        result = {}
+        for name in self.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            out = np.empty(shape, self.dtypes[name])
+            result[name] = out
+            ctx.set_tensor_address(name, self._buffer(name, out.nbytes))
+        if not ctx.execute_async_v3(self.stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        for name in outputs:
+            out = result[name]
+            if out.nbytes:
+                _check(rt.cudaMemcpyAsync(out.ctypes.data, self.buffers[name][0], out.nbytes,
+                                          rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        _check(rt.cudaStreamSynchronize(self.stream))
+        return [result[n] for n in outputs]
+
+
+class TrtExecutor:
+    name = "tensorrt"
+
+    def __init__(self, bundle, device_index: int = 0):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise UnsupportedError(
+                f"Bundle {bundle.path} targets {bundle.target} and needs TensorRT; install it (`pip install egm-edge[trt]`, "
+                "on a Jetson use JetPack's python3-libnvinfer) or build a cpu bundle."
+            ) from None
+        rt = cudart()
+        _check(rt.cudaSetDevice(device_index))
+        plan = json.loads(bundle.file("build_plan.json").read_text())
+        key = engine_key(current_device(device_index), trt.__version__, plan["plan_hash"])
+        d = find_engines(bundle.path, key)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.vision = _Engine(trt, runtime, d / "vision.engine", rt)
+        self.decoder = _Engine(trt, runtime, d / "decoder.engine", rt)
+        self.engine_dir = d
+        n = bundle.decoder.num_layers
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        missing = [p for p in self.past_names if p not in self.decoder.inputs]
+        if missing:
+            raise CheckpointError(f"decoder.engine lacks inputs {missing[:2]}... for {n} layers; the bundle is inconsistent, rebuild it.")
+
+    def encode_image(self, pixel_patches, grid_inputs):
+        feeds = {"pixel_patches": pixel_patches}
+        feeds.update({k: v for k, v in grid_inputs.items() if k in self.vision.inputs})
+        feats, deep = self.vision.run(feeds, ["image_features", "deepstack_features"])
+        return feats.astype(np.float32, copy=False), deep.astype(np.float32, copy=False)
+
+    def decode(self, feeds, past):
+        all_feeds = dict(feeds)
+        all_feeds.update(zip(self.past_names, past))
+        profile = 0 if past[0].shape[2] == 0 else 1
+        out = self.decoder.run(all_feeds, ["logits", *self.present_names], profile=profile)
+        return out[0].astype(np.float32, copy=False), out[1:]
