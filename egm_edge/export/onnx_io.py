@@ -63,30 +63,24 @@ def check_disk_space(out_dir: Path, needed_bytes: int, margin: float = 1.2) -> N
         )
 
 
-def _save(model_proto, path: Path, external: bool) -> list[str]:
-    import onnx
+def name_dims(model, dims: dict[str, list[str | None]]) -> None:
+    """Give the graph's inputs/outputs (onnx_ir values) readable symbolic dimensions (`dims[name][axis]`, None = keep)."""
+    import onnx_ir as ir
 
-    path = Path(path)
-    if external:
-        data = path.name + ".data"
-        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data, size_threshold=1024)
-        return [path.name, data]
-    onnx.save_model(model_proto, str(path))
-    return [path.name]
-
-
-def name_dims(proto, dims: dict[str, list[str | None]]) -> None:
-    """Give the graph's inputs/outputs readable symbolic dimensions (`dims[name][axis]`, None = keep)."""
-    for vi in list(proto.graph.input) + list(proto.graph.output):
-        for axis, name in enumerate(dims.get(vi.name, [])):
-            d = vi.type.tensor_type.shape.dim[axis]
-            if name is not None and not d.HasField("dim_value"):
-                d.dim_param = name
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        names = dims.get(value.name)
+        if not names or value.shape is None:
+            continue
+        names = list(names) + [None] * (len(value.shape) - len(names))
+        value.shape = ir.Shape([d if (n is None or isinstance(d, int)) else ir.SymbolicDim(n) for d, n in zip(value.shape, names)])
 
 
 def export_graph(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, dims: dict, weight_bytes: int,
                  opset: int = OPSET, translations: dict | None = None) -> list[str]:
-    """Export `module(*args)` to `path`; returns the file names written (graph, and external data if any)."""
+    """Export `module(*args)` to `path`; returns the file names written (graph, and `<graph>.data` above the threshold).
+
+    Saving goes through the exporter's IR, never a single protobuf, so graphs above 2 GB work.
+    """
     import torch
 
     with torch.no_grad():
@@ -102,9 +96,11 @@ def export_graph(module, args: tuple, path: Path, input_names, output_names, dyn
             custom_translation_table=translations or None,
             verbose=False,
         )
-    proto = program.model_proto
-    name_dims(proto, dims)
-    return _save(proto, path, external=weight_bytes > EXTERNAL_DATA_THRESHOLD)
+    name_dims(program.model, dims)
+    path = Path(path)
+    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
+    program.save(str(path), external_data=external)
+    return [path.name, path.name + ".data"] if external else [path.name]
 
 
 def weight_bytes(module) -> int:

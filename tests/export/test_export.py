@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from egm_edge.errors import CheckpointError, EgmError, UnsupportedError
+from egm_edge.errors import CheckpointError, EgmError
 
 
 def _sessions(out: Path):
@@ -172,16 +172,24 @@ def test_validation_miss_raises_with_figures(exported, small_checkpoint, monkeyp
         validate.validate_export(exported, model, small_checkpoint, VisionGridConfig.from_dict(m["vision"]), m["decoder"], steps=1)
 
 
-def test_external_data_is_one_side_file_onnxruntime_loads(exported, tmp_path):
+def test_big_graphs_keep_weights_in_one_side_file(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
     import onnx
     import onnxruntime as ort
 
-    from egm_edge.export.onnx_io import _save
+    from egm_edge.export import onnx_io
 
-    files = _save(onnx.load(str(exported / "vision.onnx")), tmp_path / "vision.onnx", external=True)
-    assert files == ["vision.onnx", "vision.onnx.data"]
-    assert (tmp_path / "vision.onnx").stat().st_size * 10 < (tmp_path / "vision.onnx.data").stat().st_size
-    ort.InferenceSession(str(tmp_path / "vision.onnx"), providers=["CPUExecutionProvider"])
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    lin = torch.nn.Linear(64, 32).eval()
+    x = torch.randn(3, 64)
+    files = onnx_io.export_graph(lin, (x,), tmp_path / "g.onnx", ["x"], ["y"], ({0: torch.export.Dim.DYNAMIC},),
+                                 {"x": ["rows", None], "y": ["rows", None]}, onnx_io.weight_bytes(lin))
+    assert files == ["g.onnx", "g.onnx.data"] and not (tmp_path / "g.onnx.data").is_symlink()
+    assert (tmp_path / "g.onnx.data").stat().st_size >= 64 * 32 * 4
+    g = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False).graph
+    assert [d.dim_param or d.dim_value for d in g.input[0].type.tensor_type.shape.dim] == ["rows", 64]
+    y = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(y, lin(x).detach().numpy(), atol=1e-5)
 
 
 def test_clear_errors_before_any_work(tmp_path, small_checkpoint):
@@ -201,8 +209,9 @@ def test_clear_errors_before_any_work(tmp_path, small_checkpoint):
     quant = tmp_path / "quant"
     shutil.copytree(small_checkpoint, quant)
     (quant / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
-    with pytest.raises(UnsupportedError, match="quantized"):
+    with pytest.raises(CheckpointError, match="says fp8 but holds no quantized Linear weights"):
         export(quant, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
