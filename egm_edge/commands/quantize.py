@@ -22,6 +22,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision", metavar="V", default="16bit", help=f"vision tower policy: {', '.join(VISION_MODES)} (default 16bit)")
     p.add_argument("--calib-with-reasoning", action="store_true",
                    help="calibrate on prompt + the full model's own reasoning and answer (slower, closer to decoding)")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="INT4 weight block (int4_awq, w4a8_awq): 128 (default) or 64 for models whose widths are not multiples of 128")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="where calibration sets are materialised (default ~/.cache/egm-edge)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded and calibrated in: auto (the checkpoint's), float32, bfloat16, float16")
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     out = quantize(
         args.model, args.recipe, args.calib, args.out,
         kv_cache=args.kv_cache, vision=args.vision, calib_with_reasoning=args.calib_with_reasoning,
-        force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, fidelity=not args.no_fidelity,
+        block_size=args.block_size, force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, fidelity=not args.no_fidelity,
     )
     m = json.loads((out / "manifest.json").read_text())
     if args.json:

@@ -131,6 +131,7 @@ def quantize(
     kv_cache: str | None = None,
     vision: str = "16bit",
     calib_with_reasoning: bool = False,
+    block_size: int | None = None,
     force: bool = False,
     cache_dir=None,
     device: str | None = None,
@@ -147,7 +148,7 @@ def quantize(
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning)
+    spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning, block_size)
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

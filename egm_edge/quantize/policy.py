@@ -67,6 +67,8 @@ def build_modelopt_config(spec: QuantSpec) -> dict[str, Any]:
         )
     cfg = copy.deepcopy(base)
     entries = list(cfg.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
+    if spec.block_size is not None:
+        _set_int4_block(entries, spec.block_size)
     if spec.kv_cache:
         kv = copy.deepcopy(getattr(mtq, KV_CACHE[spec.kv_cache][0]))
         entries += list(kv["quant_cfg"])
@@ -78,6 +80,15 @@ def build_modelopt_config(spec: QuantSpec) -> dict[str, Any]:
     entries += policy_entries(spec, fp8_w, fp8_i)
     cfg["quant_cfg"] = entries
     return cfg
+
+
+def _set_int4_block(entries: list[dict[str, Any]], block: int) -> None:
+    """Resize the INT4 weight blocks of the (deep-copied) recipe entries."""
+    for e in entries:
+        cfgs = e.get("cfg")
+        for c in cfgs if isinstance(cfgs, list) else [cfgs] if isinstance(cfgs, dict) else []:
+            if c.get("num_bits") == 4 and isinstance(c.get("block_sizes"), dict):
+                c["block_sizes"] = {**c["block_sizes"], -1: block}
 
 
 def _last_entry(entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -188,7 +199,7 @@ def check_block_sizes(model, spec: QuantSpec) -> None:
     """Block-quantized recipes need every quantized Linear's input width to be a multiple of the block."""
     import torch
 
-    block = spec.recipe_spec.block_size
+    block = spec.weight_block_size
     if not block:
         return
     bad = []
@@ -199,5 +210,7 @@ def check_block_sizes(model, spec: QuantSpec) -> None:
     if bad:
         raise UnsupportedError(
             f"Recipe {spec.recipe} quantizes weights in blocks of {block} input channels, but {len(bad)} layers "
-            f"have an input width that is not a multiple of {block}, e.g. {bad[0]}; choose fp8 or int8_sq for this model."
+            f"have an input width that is not a multiple of {block}, e.g. {bad[0]}; "
+            + ("try --block-size 64, or " if spec.recipe_spec.weights == "int4" and block != 64 else "")
+            + "choose fp8 or int8_sq for this model."
         )

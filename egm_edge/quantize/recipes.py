@@ -59,6 +59,7 @@ RECIPES: dict[str, Recipe] = {
 KV_CACHE: dict[str, tuple[str, str]] = {"fp8": ("FP8_KV_CFG", "FP8")}
 # Vision-tower policy: "16bit" keeps the tower (blocks, merger, deepstack mergers) unquantized.
 VISION_MODES = ("16bit", "fp8")
+INT4_BLOCK_SIZES = (64, 128)
 
 
 def recipe_names() -> list[str]:
@@ -81,9 +82,15 @@ class QuantSpec:
     kv_cache: str | None = None
     vision: str = "16bit"
     calib_with_reasoning: bool = False
+    block_size: int | None = None  # INT4 block override (TensorRT-LLM's AWQ kernels take 64 or 128); None = recipe's
 
     def __post_init__(self) -> None:
-        get_recipe(self.recipe)
+        recipe = get_recipe(self.recipe)
+        if self.block_size is not None:
+            if recipe.weights != "int4":
+                raise InputError(f"Recipe {self.recipe} has no INT4 weight blocks to resize; drop the block size (it applies to int4_awq and w4a8_awq).")
+            if self.block_size not in INT4_BLOCK_SIZES:
+                raise InputError(f"INT4 block size {self.block_size!r} is not supported. Choose from: {', '.join(map(str, INT4_BLOCK_SIZES))}.")
         if self.kv_cache is not None and self.kv_cache not in KV_CACHE:
             raise InputError(f"Unknown KV-cache quantization {self.kv_cache!r}. Choose from: {', '.join(KV_CACHE)} (or leave it off).")
         if self.vision not in VISION_MODES:
@@ -94,6 +101,10 @@ class QuantSpec:
     @property
     def recipe_spec(self) -> Recipe:
         return RECIPES[self.recipe]
+
+    @property
+    def weight_block_size(self) -> int | None:
+        return self.block_size or self.recipe_spec.block_size
 
     @property
     def kv_cache_quant_algo(self) -> str | None:
@@ -109,12 +120,12 @@ class QuantSpec:
         version = d.get("version", SPEC_VERSION)
         if version != SPEC_VERSION:
             raise InputError(f"Quantization spec version {version!r} is not supported (this egm-edge reads version {SPEC_VERSION}).")
-        unknown = set(d) - {"version", "recipe", "kv_cache", "vision", "calib_with_reasoning", "recipe_spec"}
+        unknown = set(d) - {"version", "recipe", "kv_cache", "vision", "calib_with_reasoning", "block_size", "recipe_spec"}
         if unknown:
             raise InputError(f"Quantization spec has unknown keys {sorted(unknown)}; remove them.")
         if "recipe" not in d:
             raise InputError("Quantization spec lacks 'recipe'; add one of: " + ", ".join(RECIPES) + ".")
-        spec = cls(d["recipe"], d.get("kv_cache"), d.get("vision", "16bit"), d.get("calib_with_reasoning", False))
+        spec = cls(d["recipe"], d.get("kv_cache"), d.get("vision", "16bit"), d.get("calib_with_reasoning", False), d.get("block_size"))
         stored = d.get("recipe_spec")
         if stored is not None and stored != asdict(spec.recipe_spec):
             raise InputError(
@@ -135,7 +146,7 @@ class QuantSpec:
         return cls.from_dict(d)
 
     def describe(self) -> str:
-        parts = [self.recipe]
+        parts = [self.recipe if self.block_size is None else f"{self.recipe} (block {self.block_size})"]
         if self.kv_cache:
             parts.append(f"kv {self.kv_cache}")
         parts.append(f"vision {self.vision}")

@@ -63,6 +63,12 @@ def calib_recipe(samples: int = 2, holdout: int = 2, **kw):
 
 
 @pytest.fixture(scope="session")
+def make_calib():
+    """calib_recipe as a fixture: a tiny synthetic calibration recipe (keyword overrides allowed)."""
+    return calib_recipe
+
+
+@pytest.fixture(scope="session")
 def calib_items(tmp_path_factory, tiny_ckpt):
     """Rendered calibration sequences for the tiny checkpoint (images + EGM prompts)."""
     from tokenizers import Tokenizer
