@@ -14,21 +14,12 @@ import os
 NAME = "validate"
 HELP = "Validate a candidate (bundle or endpoint) against a reference (checkpoint, bundle or endpoint): accuracy deltas and a gate."
 ORDER = 50
-
-
-def _budget(text: str):
-    if text.lower() in ("none", "unlimited"):
-        return "none"
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens or 'none'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative")
-    return v
+_DEFAULT = object()  # --think-budget not given: the candidate bundle's own budget (not a str: argparse would parse it)
 
 
 def register(p: argparse.ArgumentParser) -> None:
+    from egm_edge.commands.build import _budget
+
     p.add_argument("--candidate", required=True, metavar="BUNDLE|URL", help="bundle directory, checkpoint directory or OpenAI-compatible URL")
     p.add_argument("--reference", required=True, metavar="MODEL_DIR|BUNDLE|URL",
                    help="the full model: checkpoint directory (PyTorch), bundle directory or OpenAI-compatible URL")
@@ -39,7 +30,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-by", default="split", metavar="FIELD", help="sample field to group by (default: split)")
     p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS", help="allowed Acc@0.5 drop in points on any split (default 1.0)")
     p.add_argument("--max-miou-drop", type=float, default=1.0, metavar="POINTS", help="allowed mean-IoU drop in points on any split (default 1.0)")
-    p.add_argument("--think-budget", type=_budget, default=None, metavar="N|none",
+    p.add_argument("--think-budget", type=_budget, default=_DEFAULT, metavar="N|none",
                    help="reasoning budget for both sides (default: the candidate bundle's, else unlimited)")
     p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap after '</think>' (default: the candidate bundle's, else 128)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on all output tokens (default 4096, as EGM)")
@@ -52,12 +43,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _budget_arg(v):
+    """validate() reads None as "the candidate's default" and "none" as unlimited; build's parser gives None for 'none'."""
+    return None if v is _DEFAULT else "none" if v is None else v
+
+
 def run(args: argparse.Namespace) -> int:
     from egm_edge.validate import validate
 
     report = validate(
         args.candidate, args.reference, args.data, out_dir=args.out, split_by=args.split_by, max_acc_drop=args.max_acc_drop,
-        max_miou_drop=args.max_miou_drop, think_budget=args.think_budget, limit=args.limit, concurrency=args.concurrency,
+        max_miou_drop=args.max_miou_drop, think_budget=_budget_arg(args.think_budget), limit=args.limit, concurrency=args.concurrency,
         seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
         max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
         timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"),
