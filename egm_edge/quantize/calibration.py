@@ -84,8 +84,10 @@ class CalibrationRecipe:
                 raise InputError(f"{where} has {key}={v!r}; give \"model\" or a positive number of pixels.")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], base_dir: str | Path = ".", name: str | None = None) -> "CalibrationRecipe":
+    def from_dict(cls, d: dict[str, Any], base_dir: str | Path | None = None, name: str | None = None) -> "CalibrationRecipe":
         d = dict(d)
+        stored_base = d.pop("base_dir", ".")
+        base_dir = stored_base if base_dir is None else base_dir
         raw_sources = d.pop("sources", None)
         if not isinstance(raw_sources, list):
             raise InputError(f"Calibration recipe {name or d.get('name')!r} needs a [[sources]] list; add at least one of: {', '.join(SOURCES)}.")
