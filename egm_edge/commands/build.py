@@ -1,8 +1,15 @@
-"""`egm-edge build`: turn an export (ONNX IR) into a deployable bundle for a target.
+"""`egm-edge build`: turn an export (ONNX IR) or a checkpoint into a deployable bundle for a target.
 
-The cpu target lands with the export stage: ONNX Runtime graph optimisations
-applied and saved, tokenizer, image-processor and generation config, a manifest,
-and a smoke grounding before the directory is renamed into place.
+Three ways in, exactly one per call:
+- `--export DIR --target T`: the build stage alone. cpu: ONNX Runtime graph
+  optimisations applied and saved, tokenizer, image-processor and generation
+  config, a manifest, and a smoke grounding before the directory is renamed into
+  place. gpu/jetson targets: the ONNX IR and a TensorRT build plan (see
+  egm_edge.build.tensorrt), plus a TensorRT-LLM serving config on datacenter GPUs.
+- `--model DIR --recipe R --target T [--calib TOML]`: quantize -> export -> build
+  in one go (egm_edge.build.pipeline), stages reused, impossible combinations
+  refused before any work.
+- `--finalize BUNDLE`: on the device, compile the bundle's TensorRT engines.
 """
 
 from __future__ import annotations
@@ -10,10 +17,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "build"
-HELP = "Build a deployable bundle for a target from an export (cpu: ONNX Runtime)."
+HELP = "Build a deployable bundle for a target (from an export, or from a checkpoint in one go); --finalize compiles TensorRT engines on the device."
 ORDER = 40
-
-TARGETS = ("cpu",)
 
 
 def _budget(v: str):
@@ -29,25 +34,99 @@ def _budget(v: str):
 
 
 def register(p: argparse.ArgumentParser) -> None:
+    from egm_edge.quantize.recipes import KV_CACHE, RECIPES
     from egm_edge.runtime.budget import MODES
+    from egm_edge.targets import list_targets
 
-    p.add_argument("--target", required=True, choices=TARGETS, help="target device profile")
-    p.add_argument("--export", required=True, metavar="DIR", help="output directory of `egm-edge export`")
-    p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--export", metavar="DIR", help="output directory of `egm-edge export` (the build stage alone)")
+    src.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint: quantize, export and build in one go")
+    src.add_argument("--finalize", metavar="BUNDLE", help="compile a gpu/jetson bundle's TensorRT engines on this device")
+    # No argparse choices for names: unknown ones get the project's one-sentence error listing the valid ones.
+    p.add_argument("--target", metavar="T", help=f"target profile name or .toml file; shipped: {', '.join(list_targets())}")
+    p.add_argument("--out", metavar="DIR", help="bundle directory to write")
+    p.add_argument("--recipe", metavar="R", default=None, help=f"with --model: full (no quantization) or {', '.join(RECIPES)}")
+    p.add_argument("--calib", metavar="TOML", default=None, help="with --model: calibration recipe, e.g. calibration/coco128.toml")
+    p.add_argument("--kv-cache", metavar="KV", default=None, help=f"with --model: quantize the KV cache too: {', '.join(KV_CACHE)}")
+    p.add_argument("--image", default=None, metavar="WxH", help="largest image size the plan budgets for (default 640x480)")
+    p.add_argument("--work-dir", metavar="DIR", default=None, help="with --model: where stage outputs go (default: <out>-stages)")
+    p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="TensorRT-LLM serving batch (datacenter targets)")
     p.add_argument("--think-budget", type=_budget, default=None, metavar="N|none",
-                   help="default reasoning budget stored in the bundle (default: none = unlimited)")
+                   help="reasoning budget the bundle is planned for and defaults to (--export cpu default: none = unlimited; "
+                        "--model or gpu/jetson default: 1024)")
     p.add_argument("--budget-mode", choices=MODES, default="hard", help="default way to close a spent budget")
-    p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap on tokens after </think>")
+    p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap on tokens after </think> (default 128 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=4096, metavar="N",
-                   help="planned maximum of prompt + image + output tokens (default: 4096)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+                   help="--export cpu: planned maximum of prompt + image + output tokens (default: 4096)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out (with --finalize: recompile engines)")
+
+
+def _require(args, *names: str) -> None:
+    from egm_edge.errors import InputError
+
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise InputError(f"egm-edge build needs {' and '.join(missing)} here; see `egm-edge build --help`.")
+
+
+def _plan_for_export(args, target):
+    """The planner's verdict for an export's checkpoint on `target` (gpu/jetson builds from --export)."""
+    from pathlib import Path
+
+    from egm_edge.artifacts import read_manifest
+    from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, full_precision
+    from egm_edge.commands.plan import _image
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.models import spec_from_config
+    from egm_edge.plan import DEFAULT_IMAGE_WH, plan
+
+    m = read_manifest(Path(args.export)) or {}
+    precision = m.get("precision", "full")
+    precision = full_precision(target) if precision == "full" else precision
+    budget = DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget
+    p = plan(spec_from_config(Path(args.export)), target, precision, budget,
+             image_wh=_image(args.image) if args.image else DEFAULT_IMAGE_WH)
+    if not p.fits:
+        instead = f"; instead: {p.alternatives[0]}" if p.alternatives else ""
+        raise UnsupportedError(f"{p.model} at {precision} with a {budget}-token think budget on {target.name} {p.verdict}{instead}.")
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from egm_edge.build import build_cpu
+    say = lambda m: print(f"[build] {m}", flush=True)  # noqa: E731
+    if args.finalize:
+        from egm_edge.build.tensorrt import finalize
 
-    out = build_cpu(args.export, args.out, think_budget=args.think_budget, budget_mode=args.budget_mode,
-                    max_answer_tokens=args.max_answer_tokens, max_seq_len=args.max_seq_len, force=args.force,
-                    progress=lambda m: print(f"[build] {m}", flush=True))
+        print(f"engines: {finalize(args.finalize, force=args.force, progress=say)}")
+        return 0
+    _require(args, "target", "out")
+    if args.model:
+        from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, build_from_model
+        from egm_edge.commands.plan import _image
+
+        _require(args, "recipe")
+        out = build_from_model(
+            args.model, args.recipe, args.target, args.out, calib=args.calib,
+            think_budget=DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget,
+            kv_cache=args.kv_cache, image_wh=_image(args.image) if args.image else None, work_dir=args.work_dir,
+            force=args.force, budget_mode=args.budget_mode, max_answer_tokens=args.max_answer_tokens,
+            max_batch_size=args.max_batch_size, progress=say)
+        print(f"bundle: {out}")
+        return 0
+    from egm_edge.targets import load_target
+
+    target = load_target(args.target)
+    if target.kind == "cpu":
+        from egm_edge.build import build_cpu
+
+        out = build_cpu(args.export, args.out, think_budget=args.think_budget, budget_mode=args.budget_mode,
+                        max_answer_tokens=args.max_answer_tokens or 128, max_seq_len=args.max_seq_len, force=args.force,
+                        progress=say)
+    else:
+        from egm_edge.build.tensorrt import build_tensorrt
+
+        out = build_tensorrt(args.export, args.out, target, _plan_for_export(args, target), budget_mode=args.budget_mode,
+                             max_answer_tokens=args.max_answer_tokens, force=args.force, kv_cache=args.kv_cache,
+                             max_batch_size=args.max_batch_size, progress=say)
     print(f"bundle: {out}")
     return 0

@@ -1,0 +1,191 @@
+"""One-go build: a Hugging Face checkpoint to a target's bundle (quantize -> export -> build), stages reused.
+
+Contract: `build_from_model(model_dir, recipe, target, out_dir, calib=..., ...)`
+first refuses every impossible combination, before any stage runs and before
+anything is written (unknown recipe or target, a precision the target lacks
+(`targets.check_precision`: FP8 on Orin, NVFP4 before Blackwell), a KV-cache
+dtype it lacks, a recipe the export cannot lower, a recipe that needs CUDA on a
+machine without it, a missing calibration recipe, a plan that does not fit:
+the planner's verdict and its first alternative, an output directory holding an
+artifact without force). Then each stage writes into the work directory
+(default: `<out>-stages/` beside the bundle) under a name derived from the hash
+of its inputs (checkpoint files, recipe spec, calibration recipe, lowering);
+a stage directory is reused when its manifest exists, is of that stage and
+records the same input hashes. Recipe "full" skips quantize. The planner's
+whole plan (verdict, memory, predicted latency) goes into the bundle manifest,
+with where each stage came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from egm_edge.errors import CheckpointError, InputError, UnsupportedError
+
+DEFAULT_THINK_BUDGET = 1024
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """Everything decided before any work: the target, the precision the planner sees, the plan."""
+
+    target: object
+    precision: str
+    plan: object
+    lowering: str  # "onnxruntime" or "tensorrt"
+
+
+def full_precision(target) -> str:
+    """What an unquantized checkpoint runs as on `target`: fp32 on CPU, else the 16-bit float it offers."""
+    if target.kind == "cpu":
+        return "fp32"
+    return next(p for p in ("fp16", "bf16") if p in target.precisions)
+
+
+def _export_lowerings() -> tuple[str, ...]:
+    from egm_edge.export.pipeline import export
+
+    params = inspect.signature(export).parameters
+    return ("onnxruntime", "tensorrt") if "lowering" in params else ("onnxruntime",)
+
+
+def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET, kv_cache: str | None = None,
+              image_wh: tuple[int, int] | None = None, out_dir=None, force: bool = False) -> Preflight:
+    """All refusals of the module docstring, in order; returns the decided plan."""
+    from egm_edge.artifacts import check_output_dir
+    from egm_edge.models import spec_from_config
+    from egm_edge.plan import DEFAULT_IMAGE_WH, plan
+    from egm_edge.quantize.recipes import RECIPES, get_recipe
+    from egm_edge.targets import check_kv_dtype, check_precision, load_target
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory to --model.")
+    if recipe != "full":
+        get_recipe(recipe)
+    target = load_target(target) if isinstance(target, (str, Path)) else target
+    precision = full_precision(target) if recipe == "full" else recipe
+    check_precision(target, precision)
+    if kv_cache is not None:
+        check_kv_dtype(target, kv_cache)
+    from egm_edge.export.validate import THRESHOLDS
+
+    if recipe not in THRESHOLDS:
+        raise UnsupportedError(f"Recipe {recipe} cannot be exported to ONNX yet (export lowers {', '.join(THRESHOLDS)}); "
+                               f"choose one of those for {target.name}.")
+    lowering = "onnxruntime" if target.kind == "cpu" else "tensorrt"
+    if recipe != "full" and RECIPES[recipe].weights == "int4" and lowering not in _export_lowerings():
+        raise UnsupportedError(f"INT4 for TensorRT needs the export's blocked DequantizeLinear lowering, which this egm-edge "
+                               f"does not have yet (its int4 lowering is ONNX Runtime's MatMulNBits); use int8_sq or fp16 for {target.name}.")
+    if recipe != "full" and RECIPES[recipe].needs_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UnsupportedError(f"Recipe {recipe} needs a CUDA GPU to quantize and this machine has none; run the build on a GPU machine.")
+    if recipe != "full":
+        if calib is None:
+            raise InputError(f"Recipe {recipe} needs a calibration recipe; pass --calib, e.g. calibration/coco128.toml.")
+        if not Path(calib).is_file():
+            raise InputError(f"Calibration recipe {calib} does not exist; pass a TOML file such as calibration/coco128.toml.")
+    if not isinstance(think_budget, int) or isinstance(think_budget, bool) or think_budget < 0:
+        raise InputError(f"think_budget={think_budget!r} must be a non-negative whole number of tokens.")
+    kv = "fp8" if kv_cache == "fp8" else None
+    p = plan(spec_from_config(model_dir), target, precision, think_budget, image_wh=image_wh or DEFAULT_IMAGE_WH, kv_dtype=kv)
+    if not p.fits:
+        instead = f"; instead: {p.alternatives[0]}" if p.alternatives else ""
+        raise UnsupportedError(f"{p.model} at {precision} with a {think_budget}-token think budget on {target.name} {p.verdict}{instead}.")
+    if out_dir is not None:
+        check_output_dir(Path(out_dir), force)
+    return Preflight(target, precision, p, lowering)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _top_level_hashes(d: Path) -> dict[str, str]:
+    """sha256 of the files directly in `d` but manifest.json: what the export stage records of its checkpoint."""
+    from egm_edge.artifacts import file_hashes
+
+    return file_hashes(d, [n for n in sorted(os.listdir(d)) if n != "manifest.json" and (d / n).is_file()])
+
+
+def _reusable(stage_dir: Path, stage: str, recorded: Callable[[dict], object], expected) -> bool:
+    from egm_edge.artifacts import read_manifest
+
+    m = read_manifest(stage_dir)
+    return bool(m) and m.get("stage") == stage and recorded(m) == expected
+
+
+def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET,
+                     kv_cache: str | None = None, image_wh: tuple[int, int] | None = None, work_dir=None, force: bool = False,
+                     budget_mode: str = "hard", max_answer_tokens: int | None = None, max_batch_size: int = 8,
+                     progress: Callable[[str], None] | None = None) -> Path:
+    """Run quantize -> export -> build for `target` into `out_dir`; returns `out_dir` (see the module docstring)."""
+    from egm_edge import __version__
+    from egm_edge.artifacts import file_hashes, sha256_file
+
+    say = progress or (lambda _m: None)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    pf = preflight(model_dir, recipe, target, calib=calib, think_budget=think_budget, kv_cache=kv_cache, image_wh=image_wh,
+                   out_dir=out_dir, force=force)
+    say(f"plan: {pf.plan.verdict}")
+    work = Path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}-stages"
+    stages: dict[str, dict] = {}
+
+    checkpoint = model_dir
+    if recipe != "full":
+        from egm_edge.quantize.recipes import QuantSpec
+
+        model_hashes = file_hashes(model_dir)
+        spec = QuantSpec(recipe, kv_cache)
+        key = _digest({"stage": "quantize", "model": model_hashes, "spec": spec.to_dict(), "calib": sha256_file(Path(calib)),
+                       "egm_edge": __version__})
+        checkpoint = work / f"quantize-{recipe}-{key[:12]}"
+        reused = _reusable(checkpoint, "quantize", lambda m: (m.get("input") or {}).get("sha256"), model_hashes)
+        if reused:
+            say(f"reusing {checkpoint}")
+        else:
+            from egm_edge.quantize.api import quantize
+
+            say(f"quantizing {model_dir} with {recipe} into {checkpoint}")
+            quantize(model_dir, spec, calib, checkpoint, force=True)
+        stages["quantize"] = {"dir": str(checkpoint.resolve()), "key": key, "reused": reused}
+
+    ck_hashes = _top_level_hashes(checkpoint)
+    lowering_kw = {"lowering": pf.lowering} if "lowering" in inspect.signature(_export_fn()).parameters else {}
+    key = _digest({"stage": "export", "checkpoint": ck_hashes, **lowering_kw, "egm_edge": __version__})
+    export_dir = work / f"export-{key[:12]}"
+    reused = _reusable(export_dir, "export", lambda m: (m.get("inputs") or {}).get("sha256"), ck_hashes)
+    if reused:
+        say(f"reusing {export_dir}")
+    else:
+        say(f"exporting {checkpoint} to ONNX ({pf.lowering} lowering) into {export_dir}")
+        _export_fn()(checkpoint, export_dir, force=True, progress=say, **lowering_kw)
+    stages["export"] = {"dir": str(export_dir.resolve()), "key": key, "reused": reused, "lowering": pf.lowering}
+
+    extra = {"pipeline": {"recipe": recipe, "stages": stages, "work_dir": str(work.resolve())}}
+    if pf.target.kind == "cpu":
+        from egm_edge.build.cpu import build_cpu
+
+        return build_cpu(export_dir, out_dir, think_budget=think_budget, budget_mode=budget_mode,
+                         max_answer_tokens=max_answer_tokens or pf.plan.answer_tokens + 80,  # +128: longer expressions
+                         max_seq_len=pf.plan.context_tokens + 128, force=force, progress=say,
+                         extra_manifest={**extra, "plan": pf.plan.to_dict()})
+    from egm_edge.build.tensorrt import build_tensorrt
+
+    return build_tensorrt(export_dir, out_dir, pf.target, pf.plan, budget_mode=budget_mode, max_answer_tokens=max_answer_tokens,
+                          force=force, checkpoint_dir=checkpoint, kv_cache=kv_cache, max_batch_size=max_batch_size,
+                          progress=say, extra_manifest=extra)
+
+
+def _export_fn():
+    from egm_edge.export.pipeline import export
+
+    return export

@@ -1,0 +1,110 @@
+"""One-go build: refusals before any work (one sentence, exit 2, nothing written) and stage reuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from egm_edge.cli import main
+
+
+@pytest.fixture()
+def config_dir(tmp_path):
+    """A checkpoint directory holding only EGM-8B's config.json: enough for every refusal, no weights to load."""
+    from egm_edge.models import get_spec
+    from egm_edge.models.hf_config import to_hf_config
+
+    d = tmp_path / "egm-8b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-8b"))))
+    return d
+
+
+def _refused(capsys, tmp_path, argv, *needles):
+    out = tmp_path / "bundle"
+    assert main(["build", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    for n in needles:
+        assert n in err, err
+    assert not out.exists() and not (tmp_path / "bundle-stages").exists()
+    return err
+
+
+@pytest.mark.parametrize("target", ["jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb"])
+def test_fp8_on_any_orin_is_refused(config_dir, tmp_path, capsys, target):
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "fp8", "--target", target, "--calib", "calibration/coco128.toml"],
+             "Unsupported precision 'fp8'", "SM 8.7 has no FP8", "Choose from: fp16, int8_sq, int4_awq")
+
+
+@pytest.mark.parametrize("target", ["h100", "h200", "l40s", "a100", "jetson-agx-orin-64gb"])
+def test_nvfp4_before_blackwell_is_refused(config_dir, tmp_path, capsys, target):
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "nvfp4", "--target", target], "Unsupported precision 'nvfp4'", "NVFP4")
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_the_planners_suggestion(config_dir, tmp_path, capsys):
+    err = _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "full", "--target", "jetson-orin-nano-8gb"],
+                   "does not fit", "instead:")
+    assert "GiB" in err
+
+
+def test_unknown_recipe_missing_calib_and_missing_config_are_refused(config_dir, tmp_path, capsys):
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int3", "--target", "h100"], "Unknown quantization recipe")
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int8_sq", "--target", "jetson-agx-orin-64gb"], "--calib")
+    _refused(capsys, tmp_path, ["--model", str(tmp_path / "nothing"), "--recipe", "full", "--target", "cpu"], "config.json")
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "full", "--target", "nowhere"], "Unknown target")
+
+
+def test_full_precision_follows_the_target():
+    from egm_edge.build.pipeline import full_precision
+    from egm_edge.targets import load_target
+
+    assert full_precision(load_target("cpu")) == "fp32"
+    for t in ("a100", "h100", "b200", "jetson-orin-nano-8gb", "jetson-thor"):
+        target = load_target(t)
+        assert full_precision(target) in target.precisions and full_precision(target) in ("fp16", "bf16")
+
+
+def test_stages_are_reused_when_their_inputs_match(tiny_bundle, tiny_ckpt, tmp_path, monkeypatch):
+    """The export stage runs once; a rebuild reuses it; a changed checkpoint gets a new one."""
+    from trt_helpers import export_of
+
+    from egm_edge.build import pipeline
+
+    calls = []
+
+    def fake_export(checkpoint, out_dir, force=False, progress=None, **kw):  # the session's real export of tiny_ckpt
+        calls.append(checkpoint)
+        shutil.copytree(export_of(tiny_bundle), out_dir)
+        return out_dir
+
+    monkeypatch.setattr(pipeline, "_export_fn", lambda: fake_export)
+    out = tmp_path / "bundle"
+    kw = dict(think_budget=16, work_dir=tmp_path / "work")
+    pipeline.build_from_model(tiny_ckpt, "full", "jetson-agx-orin-64gb", out, **kw)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["plan"]["fits"] and m["pipeline"]["stages"]["export"]["reused"] is False and len(calls) == 1
+    assert m["pipeline"]["stages"]["export"]["lowering"] == "tensorrt"
+
+    pipeline.build_from_model(tiny_ckpt, "full", "jetson-agx-orin-64gb", out, force=True, **kw)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["pipeline"]["stages"]["export"]["reused"] is True and len(calls) == 1
+
+    changed = tmp_path / "ckpt2"
+    shutil.copytree(tiny_ckpt, changed)
+    (changed / "generation_config.json").write_text("{}")
+    pipeline.build_from_model(changed, "full", "jetson-agx-orin-64gb", tmp_path / "b2", **kw)
+    m2 = json.loads((tmp_path / "b2" / "manifest.json").read_text())
+    assert len(calls) == 2 and m2["pipeline"]["stages"]["export"]["dir"] != m["pipeline"]["stages"]["export"]["dir"]
+
+
+def test_build_cli_keeps_the_cpu_export_path(tiny_bundle, tmp_path, capsys):
+    from trt_helpers import export_of
+
+    rc = main(["build", "--target", "jetson-orin-nx-16gb", "--export", str(export_of(tiny_bundle)), "--out", str(tmp_path / "b"),
+               "--think-budget", "64"])
+    assert rc == 0 and (tmp_path / "b" / "build_plan.json").is_file()
+    assert json.loads((tmp_path / "b" / "build_plan.json").read_text())["tokens"]["think_budget"] == 64
+    assert "--finalize" in capsys.readouterr().out
