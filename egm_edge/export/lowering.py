@@ -5,8 +5,10 @@ Each quantized Linear of the checkpoint (format read from its tensors, as
 export, for a `QuantizedLinear` that computes exactly what the dequantizing
 reference computes, through three torch custom ops that the exporter
 translates to ONNX:
-- INT4 AWQ (W4A16, block 128): `com.microsoft::MatMulNBits` (bits 4, zero point
-  8, accuracy_level 0 = fp32 compute); the packed 4-bit weight is the only copy.
+- INT4 AWQ (W4A16, block 128), backend "onnxruntime": `com.microsoft::MatMulNBits`
+  (bits 4, zero point 8, accuracy_level 0 = fp32 compute); backend "tensorrt":
+  a blocked INT4 DequantizeLinear (axis 0 = input channels, block 128) feeding
+  MatMul, as TensorRT fuses it. Either way the 4-bit weight is the only copy.
 - FP8 (e4m3 weights and per-tensor input scale): QuantizeLinear/DequantizeLinear
   to float8e4m3fn on the input, DequantizeLinear of the e4m3 weight, MatMul.
 - INT8 SmoothQuant: the same with int8 (per-output-channel weight scales).
@@ -27,9 +29,11 @@ from torch import nn
 from egm_edge.errors import UnsupportedError
 
 INT4_BLOCK = 128
-# ONNX Runtime fuses Q/DQ + MatMul into MatMulIntegerToFloat, which has no float8 kernel: FP8 graphs
-# must be run with this transformer disabled (recorded in the export manifest).
-FP8_DISABLED_ORT_OPTIMIZERS = ("QDQSelectorActionTransformer",)
+BACKENDS = ("onnxruntime", "tensorrt")
+# ONNX Runtime fuses Q/DQ + MatMul into MatMulIntegerToFloat (no float8 kernel) and blocked INT4 DQ +
+# MatMul into MatMulNBits with int8 activations: FP8 and TensorRT-bound graphs are run with this
+# transformer disabled, so ONNX Runtime computes what the graph says (recorded in the export manifest).
+QDQ_FUSION = ("QDQSelectorActionTransformer",)
 
 
 @torch.library.custom_op("egm_edge::matmul_nbits", mutates_args=())
@@ -43,6 +47,17 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, k:
 @matmul_nbits.register_fake
 def _(x, packed, scales, k, n, block):
     return x.new_empty(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("egm_edge::dequantize_blocked", mutates_args=())
+def dequantize_blocked(w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 [in, out] from int4 values held in int8 [in, out] and scales [in/block, out] (blocks along inputs)."""
+    return w.to(torch.float32) * scales.to(torch.float32).repeat_interleave(block, dim=0)
+
+
+@dequantize_blocked.register_fake
+def _(w, scales, block):
+    return torch.empty(w.shape, dtype=torch.float32, device=w.device)
 
 
 @torch.library.custom_op("egm_edge::fake_quant", mutates_args=())
@@ -104,7 +119,12 @@ def translation_table() -> dict:
     def t_dequantize(w, scale):
         return op.DequantizeLinear(w, scale, axis=1)
 
+    def t_dequantize_blocked(w, scales, block: int):
+        # int8 here; pack_int4_weights turns the initializer into INT4 once the graph exists.
+        return op.DequantizeLinear(w, scales, axis=0, block_size=block)
+
     return {
+        torch.ops.egm_edge.dequantize_blocked.default: t_dequantize_blocked,
         torch.ops.egm_edge.matmul_nbits.default: t_matmul_nbits,
         torch.ops.egm_edge.fake_quant.default: t_fake_quant,
         torch.ops.egm_edge.dequantize.default: t_dequantize,
@@ -132,7 +152,9 @@ class QuantizedLinear(nn.Module):
             x = x * self.pre_quant_scale
         if self.fmt.activations:
             x = torch.ops.egm_edge.fake_quant(x, self.input_scale, self.fmt.activations)
-        if self.fmt.weights == "int4":
+        if "scales_t" in self._buffers:
+            y = x @ torch.ops.egm_edge.dequantize_blocked(self.weight_t, self.scales_t, INT4_BLOCK)
+        elif self.fmt.weights == "int4":
             y = torch.ops.egm_edge.matmul_nbits(x, self.packed, self.scales, self.k, self.n, INT4_BLOCK)
         else:
             y = x @ torch.ops.egm_edge.dequantize(self.weight_t, self.weight_scale)
@@ -154,7 +176,7 @@ def _format(prefix: str, weight: torch.Tensor, ex: dict) -> LinearFormat:
     raise UnsupportedError(f"{prefix} has a quantized weight of dtype {weight.dtype}, which export cannot lower.")
 
 
-def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear) -> QuantizedLinear:
+def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, backend: str = "onnxruntime") -> QuantizedLinear:
     from egm_edge.quantize.loader import unpack_int4
 
     fmt = _format(prefix, weight, ex)
@@ -163,9 +185,13 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear) -> 
     if fmt.weights == "int4":
         if k % INT4_BLOCK or ex["weight_scale"].shape != (n, k // INT4_BLOCK):
             raise UnsupportedError(f"{prefix}: int4 weight scales {tuple(ex['weight_scale'].shape)} are not blocks of {INT4_BLOCK} over {k} inputs; MatMulNBits needs block 128.")
-        u = (unpack_int4(weight).to(torch.int16) + 8).to(torch.uint8).reshape(n, k // INT4_BLOCK, INT4_BLOCK)
-        t["packed"] = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
-        t["scales"] = ex["weight_scale"].float().reshape(-1).contiguous()
+        if backend == "tensorrt":
+            t["weight_t"] = unpack_int4(weight).T.contiguous()
+            t["scales_t"] = ex["weight_scale"].float().T.contiguous()
+        else:
+            u = (unpack_int4(weight).to(torch.int16) + 8).to(torch.uint8).reshape(n, k // INT4_BLOCK, INT4_BLOCK)
+            t["packed"] = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+            t["scales"] = ex["weight_scale"].float().reshape(-1).contiguous()
     else:
         t["weight_t"] = weight.T.contiguous()
         ws = ex["weight_scale"].float().reshape(-1)
@@ -177,8 +203,10 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear) -> 
     return QuantizedLinear(fmt, k, n, t, linear.bias)
 
 
-def quantized_linears(checkpoint_dir, model: nn.Module) -> dict[str, QuantizedLinear]:
+def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxruntime") -> dict[str, QuantizedLinear]:
     """{module path: QuantizedLinear} for every quantized Linear of the checkpoint (empty for a full one)."""
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"Unknown export backend {backend!r}. Choose from: {', '.join(BACKENDS)}.")
     from egm_edge.quantize.loader import read_tensors, split_checkpoint
 
     plain, extras = split_checkpoint(read_tensors(checkpoint_dir))
@@ -188,8 +216,27 @@ def quantized_linears(checkpoint_dir, model: nn.Module) -> dict[str, QuantizedLi
         mod = modules.get(prefix)
         if "weight_scale" not in ex or not isinstance(mod, nn.Linear) or f"{prefix}.weight" not in plain:
             continue  # k_scale/v_scale describe the KV cache, which stays float32 here
-        out[prefix] = _lowered(prefix, plain[f"{prefix}.weight"], ex, mod)
+        out[prefix] = _lowered(prefix, plain[f"{prefix}.weight"], ex, mod, backend)
     return out
+
+
+def pack_int4_weights(model) -> int:
+    """Store the int8 weights of blocked DequantizeLinear nodes as INT4 initializers (onnx_ir model); returns how many."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    count = 0
+    for node in model.graph.all_nodes():
+        block = node.attributes.get("block_size")
+        if node.op_type != "DequantizeLinear" or block is None or not block.as_int():
+            continue
+        w = node.inputs[0]
+        if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.INT8:
+            continue
+        w.const_value = ir.Tensor(w.const_value.numpy().astype(ml_dtypes.int4), name=w.name)
+        w.dtype = ir.DataType.INT4
+        count += 1
+    return count
 
 
 @contextlib.contextmanager
@@ -213,6 +260,7 @@ def summary(replacements: dict[str, QuantizedLinear]) -> dict[str, int]:
     names = {"int4": "int4/MatMulNBits", "fp8": "fp8/QDQ", "int8": "int8/QDQ"}
     out: dict[str, int] = {}
     for q in replacements.values():
-        key = names[q.fmt.weights] + ("" if q.fmt.activations else " weight-only")
+        name = "int4/blocked-DQ" if "scales_t" in q._buffers else names[q.fmt.weights]
+        key = name + ("" if q.fmt.activations else " weight-only")
         out[key] = out.get(key, 0) + 1
     return out

@@ -76,7 +76,7 @@ def name_dims(model, dims: dict[str, list[str | None]]) -> None:
 
 
 def export_graph(module, args: tuple, path: Path, input_names, output_names, dynamic_shapes, dims: dict, weight_bytes: int,
-                 opset: int = OPSET, translations: dict | None = None) -> list[str]:
+                 opset: int = OPSET, translations: dict | None = None, postprocess=None) -> list[str]:
     """Export `module(*args)` to `path`; returns the file names written (graph, and `<graph>.data` above the threshold).
 
     Saving goes through the exporter's IR, never a single protobuf, so graphs above 2 GB work.
@@ -97,6 +97,8 @@ def export_graph(module, args: tuple, path: Path, input_names, output_names, dyn
             verbose=False,
         )
     name_dims(program.model, dims)
+    if postprocess is not None:
+        postprocess(program.model)
     path = Path(path)
     external = weight_bytes > EXTERNAL_DATA_THRESHOLD
     program.save(str(path), external_data=external)

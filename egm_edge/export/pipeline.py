@@ -32,10 +32,12 @@ def _fp32_estimate(info) -> int:
     return info.weight_bytes * 4 // _BYTES_PER_DTYPE.get(dtype, 2)
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = False, decode_steps: int = 4, seed: int = 0,
-           progress: Callable[[str], None] | None = None) -> Path:
+def export(checkpoint_dir: str | Path, out_dir: str | Path, *, backend: str = "onnxruntime", force: bool = False,
+           decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
     """Export a Qwen3-VL checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
 
+    `backend` chooses the INT4 lowering: "onnxruntime" (MatMulNBits, CPU bundles) or "tensorrt"
+    (blocked INT4 DequantizeLinear + MatMul); other precisions lower the same way for both.
     `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
     """
     from egm_edge.artifacts import check_output_dir, staged_output
@@ -48,6 +50,10 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
     info = inspect_checkpoint(checkpoint_dir)
     from egm_edge.export.validate import THRESHOLDS
 
+    from egm_edge.export.lowering import BACKENDS
+
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"Unknown export backend {backend!r}. Choose from: {', '.join(BACKENDS)}.")
     if info.precision not in THRESHOLDS:
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
                                f"export one of: {', '.join(THRESHOLDS)}.")
@@ -61,7 +67,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
         vcfg, dcfg = vision_grid_config(info), decoder_config(model)
-        graphs, lowering = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say)
+        graphs, lowering = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
@@ -69,29 +75,29 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, force: bool = Fal
         from egm_edge.export.validate import validate_export
 
         t = time.perf_counter()
-        report = validate_export(tmp, model, info.path, vcfg, dcfg, info.precision, steps=decode_steps, seed=seed)
+        report = validate_export(tmp, model, info.path, vcfg, dcfg, info.precision, steps=decode_steps, seed=seed, backend=backend)
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        _write_manifest(info, tmp, graphs, lowering, vcfg, dcfg, versions, timings, report, OPSET)
+        _write_manifest(info, tmp, graphs, lowering, backend, vcfg, dcfg, versions, timings, report, OPSET)
     say(f"wrote {out_dir}")
     return out_dir
 
 
-def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say) -> tuple[dict, dict]:
+def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str) -> tuple[dict, dict]:
     """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowering summary)."""
     from egm_edge.export.graphs import (
         DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
     )
     from egm_edge.export.onnx_io import check_disk_space, export_graph, weight_bytes
 
-    replacements, translations, lowering = {}, None, {}
+    replacements, translations, lowering, post = {}, None, {}, None
     if info.precision != "full":
         from egm_edge.export import lowering as low
 
-        replacements = low.quantized_linears(info.path, model)
+        replacements = low.quantized_linears(info.path, model, backend)
         if not replacements:
             raise CheckpointError(f"Checkpoint {info.path} says {info.precision} but holds no quantized Linear weights; re-run egm-edge quantize.")
-        translations, lowering = low.translation_table(), low.summary(replacements)
+        translations, lowering, post = low.translation_table(), low.summary(replacements), low.pack_int4_weights
         say(f"lowering {sum(lowering.values())} quantized Linear layers: {lowering}")
     graphs = {}
     with _swapped(model, replacements):
@@ -105,7 +111,8 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say)
             say(f"exporting {name}.onnx ({size / 1e6:.1f} MB of weights)")
             t = time.perf_counter()
             args, shapes, dims = spec()
-            files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size, translations=translations)
+            files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size,
+                                 translations=translations, postprocess=post)
             timings[f"export_{name}"] = time.perf_counter() - t
             graphs[name] = {"file": files[0], "external_data": files[1] if len(files) > 1 else None,
                             "bytes": sum((tmp / f).stat().st_size for f in files), "inputs": io[0], "outputs": io[1]}
@@ -122,7 +129,7 @@ def _swapped(model, replacements: dict):
     return swapped(model, replacements)
 
 
-def _write_manifest(info, out: Path, graphs: dict, lowering: dict, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+def _write_manifest(info, out: Path, graphs: dict, lowering: dict, backend: str, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
     from egm_edge.artifacts import file_hashes, package_versions, write_manifest
     from egm_edge.export.validate import disabled_optimizers
 
@@ -138,8 +145,9 @@ def _write_manifest(info, out: Path, graphs: dict, lowering: dict, vcfg, dcfg: d
         inputs={"checkpoint": str(info.path.resolve()), "sha256": inputs},
         outputs={"sha256": file_hashes(out)},
         graphs=graphs,
+        backend=backend,
         lowering=lowering,
-        onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision))},
+        onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision, backend))},
         runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
         versions={**package_versions(), **versions},
         timings_s={k: round(v, 3) for k, v in timings.items()},

@@ -47,11 +47,11 @@ THRESHOLDS = {
 }
 
 
-def disabled_optimizers(precision: str) -> tuple[str, ...]:
-    """ONNX Runtime graph transformers that must stay off for this precision's graphs."""
-    from egm_edge.export.lowering import FP8_DISABLED_ORT_OPTIMIZERS
+def disabled_optimizers(precision: str, backend: str = "onnxruntime") -> tuple[str, ...]:
+    """ONNX Runtime graph transformers that must stay off to run this precision's graphs as written."""
+    from egm_edge.export.lowering import QDQ_FUSION
 
-    return FP8_DISABLED_ORT_OPTIMIZERS if precision == "fp8" else ()
+    return QDQ_FUSION if precision == "fp8" or (backend == "tensorrt" and precision != "full") else ()
 PREFILL_ROWS = 8  # prefill logits compared at the last rows; the KV cache covers every position
 IMAGE_SIZES = {"random": ((256, 320), (352, 224)), "real": ((300, 410),)}  # (height, width) in pixels
 
@@ -205,20 +205,20 @@ def _ort(vision, decoder, case: Case, tokens: list[int], vcfg: VisionGridConfig,
             "decode_logits": np.stack(step_logits), "kv_cache": kv, "greedy": greedy}
 
 
-def _sessions(out_dir: Path, precision: str):
+def _sessions(out_dir: Path, precision: str, backend: str):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # Validate what the CPU bundle will run: ONNX Runtime with all its graph optimisations.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    off = list(disabled_optimizers(precision))
+    off = list(disabled_optimizers(precision, backend))
     mk = lambda name: ort.InferenceSession(str(out_dir / name), so, providers=["CPUExecutionProvider"], disabled_optimizers=off)  # noqa: E731
     return mk("vision.onnx"), mk("decoder.onnx")
 
 
 def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
-                    steps: int = 4, seed: int = 0) -> dict:
+                    steps: int = 4, seed: int = 0, backend: str = "onnxruntime") -> dict:
     """Compare ONNX Runtime on `out_dir`'s graphs with `model`; returns the figures, raises EgmError on a miss."""
     if precision not in THRESHOLDS:
         from egm_edge.errors import UnsupportedError
@@ -226,8 +226,8 @@ def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConf
         raise UnsupportedError(f"No validation threshold for precision {precision!r}; export supports: {', '.join(THRESHOLDS)}.")
     threshold = THRESHOLDS[precision]
     t0 = time.perf_counter()
-    vision, decoder = _sessions(Path(out_dir), precision)
-    report: dict = {"precision": precision, "threshold": asdict(threshold), "steps": steps, "seed": seed, "cases": {}}
+    vision, decoder = _sessions(Path(out_dir), precision, backend)
+    report: dict = {"precision": precision, "backend": backend, "threshold": asdict(threshold), "steps": steps, "seed": seed, "cases": {}}
     failures = []
     for case in build_cases(Path(checkpoint), vcfg, dcfg, seed):
         ref = _reference(model, case, steps)

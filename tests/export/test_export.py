@@ -226,3 +226,11 @@ def test_cli_reports_a_bad_checkpoint_in_one_sentence(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.startswith("egm-edge export: error: Checkpoint directory") and "Traceback" not in r.stderr
+
+
+def test_fp32_graphs_pass_the_tensorrt_parser_contract(exported):
+    from egm_edge.build.trt_contract import check_graph
+
+    for name in ("vision.onnx", "decoder.onnx"):
+        report = check_graph(exported / name)
+        assert report.ok, report.problems

@@ -35,17 +35,21 @@ def _linear_case(precision: str, k=256, n=64, seed=0):
     return q, {"weight_scale": s, "input_scale": torch.tensor(0.03), "pre_quant_scale": 0.5 + torch.rand(k, generator=gen)}, lin
 
 
-@pytest.mark.parametrize("precision,ops", [("int4_awq", {"MatMulNBits"}), ("fp8", {"QuantizeLinear", "DequantizeLinear"}),
-                                          ("int8_sq", {"QuantizeLinear", "DequantizeLinear"})])
-def test_each_lowering_matches_the_loader_numerics(precision, ops, tmp_path):
+@pytest.mark.parametrize("precision,backend,ops", [
+    ("int4_awq", "onnxruntime", {"MatMulNBits"}),
+    ("int4_awq", "tensorrt", {"DequantizeLinear", "MatMul"}),
+    ("fp8", "onnxruntime", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
+    ("int8_sq", "onnxruntime", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
+])
+def test_each_lowering_matches_the_loader_numerics(precision, backend, ops, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from egm_edge.export import lowering
+    from egm_edge.export import lowering, onnx_io
     from egm_edge.quantize.loader import _activation_kind, dequantize_weight, fake_quant_input
 
     weight, ex, lin = _linear_case(precision)
-    q = lowering._lowered("layer", weight, ex, lin)
+    q = lowering._lowered("layer", weight, ex, lin, backend)
     x = torch.randn(2, 5, 256) * 2
 
     ref_x = x * ex["pre_quant_scale"] if "pre_quant_scale" in ex else x
@@ -56,19 +60,28 @@ def test_each_lowering_matches_the_loader_numerics(precision, ops, tmp_path):
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
 
     dyn = torch.export.Dim.DYNAMIC
-    program = torch.onnx.export(q, (x,), dynamo=True, opset_version=21, input_names=["x"],
-                                dynamic_shapes=({0: dyn, 1: dyn},), custom_translation_table=lowering.translation_table())
-    program.save(str(tmp_path / "m.onnx"))
+    onnx_io.export_graph(q, (x,), tmp_path / "m.onnx", ["x"], ["y"], ({0: dyn, 1: dyn},), {}, 0,
+                         translations=lowering.translation_table(), postprocess=lowering.pack_int4_weights)
     model = onnx.load(str(tmp_path / "m.onnx"))
     assert ops <= {n.op_type for n in model.graph.node}
     floats = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 256 * 64]
     assert not floats, "a float copy of the quantized weight was left in the graph"
+    if backend == "tensorrt":
+        assert [i.data_type for i in model.graph.initializer if len(i.dims) == 2 and np.prod(i.dims) == 256 * 64] == [onnx.TensorProto.INT4]
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(lowering.FP8_DISABLED_ORT_OPTIMIZERS) if precision == "fp8" else [])
+                                disabled_optimizers=list(lowering.QDQ_FUSION) if precision == "fp8" or backend == "tensorrt" else [])
     got = sess.run(None, {"x": x.numpy()})[0]
     r = ref.numpy()
     cos = float((got * r).sum() / np.linalg.norm(got) / np.linalg.norm(r))
     assert cos >= 0.9999 and np.abs(got - r).max() <= 2e-2 * np.abs(r).max()
+
+    from egm_edge.build.trt_contract import check_graph
+
+    report = check_graph(tmp_path / "m.onnx")
+    if backend == "tensorrt" or precision != "int4_awq":
+        assert report.ok, report.problems  # what TensorRT's parser and Q/DQ fusion accept
+    else:
+        assert any("MatMulNBits" in p for p in report.problems)
 
 
 def test_formats_without_cpu_lowering_are_refused():
