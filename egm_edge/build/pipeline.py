@@ -97,12 +97,17 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int =
         raise InputError(f"think_budget={think_budget!r} must be a non-negative whole number of tokens.")
     kv = "fp8" if kv_cache == "fp8" else None
     p = plan(spec_from_config(model_dir), target, precision, think_budget, image_wh=image_wh or DEFAULT_IMAGE_WH, kv_dtype=kv)
-    if not p.fits:
-        instead = f"; instead: {p.alternatives[0]}" if p.alternatives else ""
-        raise UnsupportedError(f"{p.model} at {precision} with a {think_budget}-token think budget on {target.name} {p.verdict}{instead}.")
+    require_fit(p)
     if out_dir is not None:
         check_output_dir(Path(out_dir), force)
     return Preflight(target, precision, p, lowering)
+
+
+def require_fit(p) -> None:
+    """`UnsupportedError` with the planner's verdict and first alternative when plan `p` does not fit."""
+    if not p.fits:
+        instead = f"; instead: {p.alternatives[0]}" if p.alternatives else ""
+        raise UnsupportedError(f"{p.model} at {p.precision} with a {p.think_budget}-token think budget on {p.target} {p.verdict}{instead}.")
 
 
 def _digest(obj) -> str:
@@ -116,11 +121,17 @@ def _top_level_hashes(d: Path) -> dict[str, str]:
     return file_hashes(d, [n for n in sorted(os.listdir(d)) if n != "manifest.json" and (d / n).is_file()])
 
 
-def _reusable(stage_dir: Path, stage: str, recorded: Callable[[dict], object], expected) -> bool:
+def _stage(name: str, stage_dir: Path, recorded: Callable[[dict], object], expected, run: Callable[[], object], say) -> dict:
+    """Reuse `stage_dir` when its manifest is of stage `name` and records `expected` inputs; else `run()` it."""
     from egm_edge.artifacts import read_manifest
 
     m = read_manifest(stage_dir)
-    return bool(m) and m.get("stage") == stage and recorded(m) == expected
+    reused = bool(m) and m.get("stage") == name and recorded(m) == expected
+    if reused:
+        say(f"reusing {stage_dir}")
+    else:
+        run()
+    return {"dir": str(stage_dir.resolve()), "reused": reused}
 
 
 def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET,
@@ -148,27 +159,27 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
         key = _digest({"stage": "quantize", "model": model_hashes, "spec": spec.to_dict(), "calib": sha256_file(Path(calib)),
                        "egm_edge": __version__})
         checkpoint = work / f"quantize-{recipe}-{key[:12]}"
-        reused = _reusable(checkpoint, "quantize", lambda m: (m.get("input") or {}).get("sha256"), model_hashes)
-        if reused:
-            say(f"reusing {checkpoint}")
-        else:
+
+        def run_quantize():
             from egm_edge.quantize.api import quantize
 
             say(f"quantizing {model_dir} with {recipe} into {checkpoint}")
             quantize(model_dir, spec, calib, checkpoint, force=True)
-        stages["quantize"] = {"dir": str(checkpoint.resolve()), "key": key, "reused": reused}
+
+        stages["quantize"] = {"key": key, **_stage("quantize", checkpoint, lambda m: (m.get("input") or {}).get("sha256"),
+                                                    model_hashes, run_quantize, say)}
 
     ck_hashes = _top_level_hashes(checkpoint)
     lowering_kw = {"lowering": pf.lowering} if "lowering" in inspect.signature(_export_fn()).parameters else {}
     key = _digest({"stage": "export", "checkpoint": ck_hashes, **lowering_kw, "egm_edge": __version__})
     export_dir = work / f"export-{key[:12]}"
-    reused = _reusable(export_dir, "export", lambda m: (m.get("inputs") or {}).get("sha256"), ck_hashes)
-    if reused:
-        say(f"reusing {export_dir}")
-    else:
+
+    def run_export():
         say(f"exporting {checkpoint} to ONNX ({pf.lowering} lowering) into {export_dir}")
         _export_fn()(checkpoint, export_dir, force=True, progress=say, **lowering_kw)
-    stages["export"] = {"dir": str(export_dir.resolve()), "key": key, "reused": reused, "lowering": pf.lowering}
+
+    stages["export"] = {"key": key, "lowering": pf.lowering,
+                        **_stage("export", export_dir, lambda m: (m.get("inputs") or {}).get("sha256"), ck_hashes, run_export, say)}
 
     extra = {"pipeline": {"recipe": recipe, "stages": stages, "work_dir": str(work.resolve())}}
     if pf.target.kind == "cpu":

@@ -74,9 +74,8 @@ def _plan_for_export(args, target):
     from pathlib import Path
 
     from egm_edge.artifacts import read_manifest
-    from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, full_precision
+    from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, full_precision, require_fit
     from egm_edge.commands.plan import _image
-    from egm_edge.errors import UnsupportedError
     from egm_edge.models import spec_from_config
     from egm_edge.plan import DEFAULT_IMAGE_WH, plan
 
@@ -86,9 +85,7 @@ def _plan_for_export(args, target):
     budget = DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget
     p = plan(spec_from_config(Path(args.export)), target, precision, budget,
              image_wh=_image(args.image) if args.image else DEFAULT_IMAGE_WH)
-    if not p.fits:
-        instead = f"; instead: {p.alternatives[0]}" if p.alternatives else ""
-        raise UnsupportedError(f"{p.model} at {precision} with a {budget}-token think budget on {target.name} {p.verdict}{instead}.")
+    require_fit(p)
     return p
 
 
