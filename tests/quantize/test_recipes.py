@@ -100,3 +100,13 @@ def test_policy_disables_vision_lm_head_embeddings_last(vision):
     assert on["model.language_model.layers.3.self_attn.k_bmm_quantizer"]
     vis = on["model.visual.merger.linear_fc2.weight_quantizer"], on["model.visual.deepstack_merger_list.1.linear_fc1.weight_quantizer"]
     assert vis == ((True, True) if vision == "fp8" else (False, False))
+
+
+def test_importing_the_stage_and_its_command_stays_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, egm_edge, egm_edge.quantize, egm_edge.commands.quantize, egm_edge.quantize.calibration; "
+            "assert callable(egm_edge.quantize); "
+            "bad = [m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
