@@ -14,7 +14,7 @@ ORDER = 30
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="Hugging Face checkpoint directory (config.json, *.safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty unless --force)")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+    p.add_argument("--lowering", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="INT4 lowering: MatMulNBits for ONNX Runtime (CPU bundles, default) or blocked INT4 DequantizeLinear for TensorRT")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--decode-steps", type=int, default=4, metavar="N", help="decode steps checked after the prefill (default 4)")
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.decode_steps < 1:
         raise InputError(f"--decode-steps must be at least 1, got {args.decode_steps}.")
-    out = export(args.checkpoint, args.out, backend=args.backend, force=args.force, decode_steps=args.decode_steps, seed=args.seed,
+    out = export(args.checkpoint, args.out, lowering=args.lowering, force=args.force, decode_steps=args.decode_steps, seed=args.seed,
                  progress=lambda msg: print(f"export: {msg}", file=sys.stderr))
     manifest = json.loads((out / "manifest.json").read_text())
     if args.json:

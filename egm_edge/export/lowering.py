@@ -29,7 +29,7 @@ from torch import nn
 from egm_edge.errors import UnsupportedError
 
 INT4_BLOCK = 128
-BACKENDS = ("onnxruntime", "tensorrt")
+LOWERINGS = ("onnxruntime", "tensorrt")
 # ONNX Runtime fuses Q/DQ + MatMul into MatMulIntegerToFloat (no float8 kernel) and blocked INT4 DQ +
 # MatMul into MatMulNBits with int8 activations: FP8 and TensorRT-bound graphs are run with this
 # transformer disabled, so ONNX Runtime computes what the graph says (recorded in the export manifest).
@@ -205,8 +205,8 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, bac
 
 def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxruntime") -> dict[str, QuantizedLinear]:
     """{module path: QuantizedLinear} for every quantized Linear of the checkpoint (empty for a full one)."""
-    if backend not in BACKENDS:
-        raise UnsupportedError(f"Unknown export backend {backend!r}. Choose from: {', '.join(BACKENDS)}.")
+    if backend not in LOWERINGS:
+        raise UnsupportedError(f"Unknown export lowering {backend!r}. Choose from: {', '.join(LOWERINGS)}.")
     from egm_edge.quantize.loader import read_tensors, split_checkpoint
 
     plain, extras = split_checkpoint(read_tensors(checkpoint_dir))

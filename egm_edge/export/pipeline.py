@@ -32,11 +32,11 @@ def _fp32_estimate(info) -> int:
     return info.weight_bytes * 4 // _BYTES_PER_DTYPE.get(dtype, 2)
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path, *, backend: str = "onnxruntime", force: bool = False,
+def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "onnxruntime", force: bool = False,
            decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
     """Export a Qwen3-VL checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
 
-    `backend` chooses the INT4 lowering: "onnxruntime" (MatMulNBits, CPU bundles) or "tensorrt"
+    `lowering` is the engine the graphs are for: "onnxruntime" (INT4 as MatMulNBits, CPU bundles) or "tensorrt"
     (blocked INT4 DequantizeLinear + MatMul); other precisions lower the same way for both.
     `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
     """
@@ -50,10 +50,11 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, backend: str = "o
     info = inspect_checkpoint(checkpoint_dir)
     from egm_edge.export.validate import THRESHOLDS
 
-    from egm_edge.export.lowering import BACKENDS
+    from egm_edge.export.lowering import LOWERINGS
 
-    if backend not in BACKENDS:
-        raise UnsupportedError(f"Unknown export backend {backend!r}. Choose from: {', '.join(BACKENDS)}.")
+    backend = lowering
+    if backend not in LOWERINGS:
+        raise UnsupportedError(f"Unknown export lowering {backend!r}. Choose from: {', '.join(LOWERINGS)}.")
     if info.precision not in THRESHOLDS:
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
                                f"export one of: {', '.join(THRESHOLDS)}.")
@@ -67,7 +68,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, backend: str = "o
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
         vcfg, dcfg = vision_grid_config(info), decoder_config(model)
-        graphs, lowering = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend)
+        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
@@ -78,27 +79,27 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, backend: str = "o
         report = validate_export(tmp, model, info.path, vcfg, dcfg, info.precision, steps=decode_steps, seed=seed, backend=backend)
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        _write_manifest(info, tmp, graphs, lowering, backend, vcfg, dcfg, versions, timings, report, OPSET)
+        _write_manifest(info, tmp, graphs, layers, backend, vcfg, dcfg, versions, timings, report, OPSET)
     say(f"wrote {out_dir}")
     return out_dir
 
 
 def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str) -> tuple[dict, dict]:
-    """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowering summary)."""
+    """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowered-layer counts)."""
     from egm_edge.export.graphs import (
         DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
     )
     from egm_edge.export.onnx_io import check_disk_space, export_graph, weight_bytes
 
-    replacements, translations, lowering, post = {}, None, {}, None
+    replacements, translations, layers, post = {}, None, {}, None
     if info.precision != "full":
         from egm_edge.export import lowering as low
 
         replacements = low.quantized_linears(info.path, model, backend)
         if not replacements:
             raise CheckpointError(f"Checkpoint {info.path} says {info.precision} but holds no quantized Linear weights; re-run egm-edge quantize.")
-        translations, lowering, post = low.translation_table(), low.summary(replacements), low.pack_int4_weights
-        say(f"lowering {sum(lowering.values())} quantized Linear layers: {lowering}")
+        translations, layers, post = low.translation_table(), low.summary(replacements), low.pack_int4_weights
+        say(f"lowering {sum(layers.values())} quantized Linear layers for {backend}: {layers}")
     graphs = {}
     with _swapped(model, replacements):
         for name, build, spec, io in (
@@ -116,7 +117,7 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
             timings[f"export_{name}"] = time.perf_counter() - t
             graphs[name] = {"file": files[0], "external_data": files[1] if len(files) > 1 else None,
                             "bytes": sum((tmp / f).stat().st_size for f in files), "inputs": io[0], "outputs": io[1]}
-    return graphs, lowering
+    return graphs, layers
 
 
 def _swapped(model, replacements: dict):
@@ -129,7 +130,7 @@ def _swapped(model, replacements: dict):
     return swapped(model, replacements)
 
 
-def _write_manifest(info, out: Path, graphs: dict, lowering: dict, backend: str, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
     from egm_edge.artifacts import file_hashes, package_versions, write_manifest
     from egm_edge.export.validate import disabled_optimizers
 
@@ -145,8 +146,8 @@ def _write_manifest(info, out: Path, graphs: dict, lowering: dict, backend: str,
         inputs={"checkpoint": str(info.path.resolve()), "sha256": inputs},
         outputs={"sha256": file_hashes(out)},
         graphs=graphs,
-        backend=backend,
-        lowering=lowering,
+        lowering=backend,
+        lowered_layers=layers,
         onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision, backend))},
         runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
         versions={**package_versions(), **versions},

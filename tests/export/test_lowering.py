@@ -119,7 +119,7 @@ def test_int4_awq_export_holds_only_packed_weights_and_validates(quant_base, tmp
     out = _export_quantized(quant_base, tmp_path, "int4_awq")
     m = json.loads((out / "manifest.json").read_text())
     assert m["precision"] == "int4_awq" and m["validation"]["passed"]
-    assert m["lowering"] == {"int4/MatMulNBits weight-only": 14}  # 7 Linears x 2 layers
+    assert m["lowered_layers"] == {"int4/MatMulNBits weight-only": 14}  # 7 Linears x 2 layers
     assert all(c["greedy_agreement"] == 1.0 for c in m["validation"]["cases"].values())
     graph = onnx.load(str(out / "decoder.onnx")).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 14
@@ -144,5 +144,5 @@ def test_refusals_before_export(quant_base, tmp_path):
 def test_activation_quantized_exports_validate(quant_base, tmp_path, precision):
     out = _export_quantized(quant_base, tmp_path, precision)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["validation"]["passed"] and m["lowering"] == {f"{precision[:4].rstrip('_')}/QDQ": 14}
+    assert m["validation"]["passed"] and m["lowered_layers"] == {f"{precision[:4].rstrip('_')}/QDQ": 14}
     shutil.rmtree(out)
