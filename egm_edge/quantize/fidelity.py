@@ -7,7 +7,8 @@ Contract:
   full model's where ModelOpt folded the smoothing into it) against the full
   model's weight. SNR = 10 log10(|W|^2 / |W - W_q|^2).
 - `reference_logits(model, items, ...)` records the full model's logits on
-  held-out calibration-style samples (last `positions` positions of each), so the
+  held-out calibration-style samples (the text positions after the image, at
+  most the last `positions`), so the
   full model need not stay in memory; `logit_agreement(model, items, ref)` gives
   cosine (mean, min) and top-1 agreement of another model on the same positions.
 - `write_report(out_dir, report)` writes fidelity.json (machines) and fidelity.md.
@@ -80,9 +81,19 @@ def reference_logits(model, items: Sequence[Any], image_token_id: int, positions
     out = []
     with torch.inference_mode():
         for it in items:
-            logits = model(**model_inputs(it, image_token_id, dev, dtype), logits_to_keep=positions).logits[0]
-            out.append(logits.float().cpu())
+            out.append(model(**model_inputs(it, image_token_id, dev, dtype), logits_to_keep=text_positions(it, image_token_id, positions))
+                       .logits[0].float().cpu())
     return out
+
+
+def text_positions(item, image_token_id: int, cap: int) -> int:
+    """How many final positions to compare: the text after the image (the logits that pick tokens), at most `cap`."""
+    import numpy as np
+
+    ids = np.asarray(item.input_ids)
+    img = np.flatnonzero(ids == image_token_id)
+    after = len(ids) - (int(img[-1]) + 1 if len(img) else 0)
+    return max(1, min(cap, after))
 
 
 def logit_agreement(model, items: Sequence[Any], reference: Sequence[Any], image_token_id: int, positions: int = 64) -> dict[str, Any]:
