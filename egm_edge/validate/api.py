@@ -98,7 +98,7 @@ def tokenizer_check(candidate, reference) -> str:
     return f"not checked: the {which} is an endpoint whose tokenizer cannot be read; make sure it serves the same model"
 
 
-def _load(data, image_root, strict: bool):
+def load_data(data, image_root, strict: bool):
     from egm_edge.data import load_samples
 
     if isinstance(data, (str, Path)):
@@ -111,7 +111,7 @@ def _load(data, image_root, strict: bool):
     return samples, {"path": None, "skipped": dict(getattr(data, "skipped", {}) or {}), "skipped_lines": []}
 
 
-def _subset(samples, limit, seed):
+def subset(samples, limit, seed):
     if limit is None or limit >= len(samples):
         return samples
     if limit < 1:
@@ -122,7 +122,7 @@ def _subset(samples, limit, seed):
     return [samples[i] for i in keep]
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     class _Silent:
         def update(self, n=1): pass
 
@@ -139,7 +139,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="sample")
 
 
-def _predict_row(predictor, sample, sid: str, group: str, settings: DecodeSettings) -> dict:
+def predict_row(predictor, sample, sid: str, group: str, settings: DecodeSettings) -> dict:
     from egm_edge.grounding import hit, iou
     from egm_edge.runtime.image import load_image
 
@@ -160,7 +160,7 @@ def _predict_row(predictor, sample, sid: str, group: str, settings: DecodeSettin
 def run_side(predictor, side: str, samples: dict, groups: dict, todo: list[str], settings, store, concurrency: int, progress: bool) -> float:
     """Predict every id in `todo`, appending each row as it finishes; returns the wall seconds spent."""
     t0 = time.perf_counter()
-    bar = _progress(len(todo), f"{side} ({predictor.kind})", progress)
+    bar = progress_bar(len(todo), f"{side} ({predictor.kind})", progress)
     errors = 0
 
     def done(row):
@@ -177,14 +177,14 @@ def run_side(predictor, side: str, samples: dict, groups: dict, todo: list[str],
 
             pool = ThreadPoolExecutor(max_workers=concurrency)
             try:
-                futures = [pool.submit(_predict_row, predictor, samples[i], i, groups[i], settings) for i in todo]
+                futures = [pool.submit(predict_row, predictor, samples[i], i, groups[i], settings) for i in todo]
                 for fut in as_completed(futures):
                     done(fut.result())
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         else:
             for i in todo:
-                done(_predict_row(predictor, samples[i], i, groups[i], settings))
+                done(predict_row(predictor, samples[i], i, groups[i], settings))
     finally:
         bar.close()
     return time.perf_counter() - t0
@@ -217,11 +217,11 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     cand = open_predictor(candidate, **kw)
     ref = open_predictor(reference, **kw)
     tok_note = tokenizer_check(cand, ref)
-    samples, data_info = _load(data, image_root, strict)
+    samples, data_info = load_data(data, image_root, strict)
     if not samples:
         raise InputError(f"No usable samples in {data_info['path'] or 'the data'} ({data_info['skipped'] or 'it is empty'}); nothing to validate.")
     key = _group_key(split_by, samples)
-    samples = _subset(samples, limit, seed)
+    samples = subset(samples, limit, seed)
     ids = sample_ids(samples)
     by_id = dict(zip(ids, samples))
     groups = {i: _group_of(s, key) for i, s in by_id.items()}

@@ -116,9 +116,14 @@ class BundlePredictor:
 
     def predict(self, image, expression: str, task: str, settings: DecodeSettings):
         if self._grounder is None:
+            from tokenizers import Tokenizer
+
+            from egm_edge.runtime.executors import make_executor
             from egm_edge.runtime.grounder import Grounder
 
-            self._grounder = Grounder.open(self.path)
+            # No image-encoding cache: every sample pays for its vision pass, so latencies are per request.
+            tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+            self._grounder = Grounder(self.bundle, make_executor(self.bundle, "auto"), tok, image_cache_size=0)
         return self._grounder.ground(
             image, expression, think_budget=settings.think_budget, task=task, budget_mode=settings.budget_mode,
             max_answer_tokens=settings.max_answer_tokens, max_new_tokens=settings.max_new_tokens, exif_transpose=False,

@@ -1,0 +1,212 @@
+"""`sweep(model_dir, ...)`: every (recipe, thinking budget) on the data, one record each, then the choice.
+
+Contract: for each recipe a CPU bundle is built or reused (`egm_edge.sweep.bundles`);
+each (recipe, budget) runs every sample through the torch-free runtime on this
+machine (one warm-up grounding first, no image-encoding cache, so latencies are
+per request) and appends a record (`egm_edge.sweep.records`); targets other than
+cpu get records with the planner's predicted latency and memory. Records already
+in `out_dir/records.jsonl` are skipped, and samples already done within an
+interrupted run are reused from `out_dir/runs/`, so a sweep resumes. The table,
+the plots and the recommendation are then computed from the records alone
+(`analyze`), which is also how a different `latency_budget_ms` is answered
+without running anything again.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from egm_edge.errors import CheckpointError, InputError
+
+DEFAULT_RECIPES = ("full", "fp8", "int4_awq")
+DEFAULT_BUDGETS = (0, 16, 32, 64, 128, None)
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    records: list[dict]
+    recommendations: dict[str, dict]
+    plots: dict[str, Path]
+    table: str
+    ran: int = 0  # runs measured now (the rest came from records.jsonl)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [self.table, ""]
+        lines += [f"recommendation: {rec['why']}" for rec in self.recommendations.values()]
+        lines += [f"plot ({t}): {p}" for t, p in self.plots.items()]
+        lines += [f"note: {n}" for n in self.notes]
+        lines.append(f"report: {self.out_dir / 'report.md'}; records: {self.out_dir / 'records.jsonl'} ({self.ran} runs measured now)")
+        return "\n".join(lines)
+
+
+def _check_budgets(budgets) -> tuple:
+    out = []
+    for b in budgets:
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
+            raise InputError(f"Think budget {b!r} is not a whole number of tokens or None (unlimited).")
+        out.append(b)
+    if not out or len(set(out)) != len(out):
+        raise InputError(f"Think budgets {list(budgets)} must be a non-empty list without repeats.")
+    return tuple(out)
+
+
+def _targets(names):
+    from egm_edge.targets import load_target
+
+    ts = [load_target(n) for n in names]
+    if not ts:
+        raise InputError("No target given; pass at least cpu.")
+    return ts
+
+
+def analyze(records: list[dict], out_dir, *, targets=None, latency_budget_ms: float | None = None,
+            memory_budget_gb: float | None = None, plot: bool = True) -> tuple[dict, dict, str, list[str]]:
+    """Recommendations, plots, the table and notes from records only; writes report.md and summary.json."""
+    from egm_edge.errors import EgmError
+    from egm_edge.sweep.analysis import recommend, table
+    from egm_edge.sweep.plot import plot_target
+
+    out = Path(out_dir)
+    targets = list(dict.fromkeys(targets or [r["target"] for r in records]))
+    recs = {t: recommend(records, t, latency_budget_ms, memory_budget_gb) for t in targets}
+    plots, notes = {}, []
+    for t in targets:
+        if not plot:
+            break
+        try:
+            p = plot_target(records, t, out / f"pareto-{t}.png", latency_budget_ms, recs[t]["record"])
+        except EgmError as e:
+            notes.append(str(e))
+            break
+        if p is not None:
+            plots[t] = p
+    tab = table(records)
+    lines = ["# Sweep: accuracy vs latency", "",
+             "Accuracy is measured with the CPU bundle on this machine; latency is measured for target cpu and "
+             "predicted by the planner (roofline x calibrated efficiency) for other targets; memory is predicted.", "",
+             tab, "", "## Recommendation", ""]
+    lines += [f"- {r['why']}" for r in recs.values()]
+    lines += [""] + [f"![{t}]({p.name})" for t, p in plots.items()] + [f"- {n}" for n in notes]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {"latency_budget_ms": latency_budget_ms, "memory_budget_gb": memory_budget_gb,
+               "recommendations": {t: {"key": (r["record"] or {}).get("key"), "why": r["why"]} for t, r in recs.items()},
+               "plots": {t: p.name for t, p in plots.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return recs, plots, tab, notes
+
+
+def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=("cpu",), *, data, out_dir,
+          limit: int | None = None, latency_budget_ms: float | None = None, memory_budget_gb: float | None = None,
+          calibration=None, image_root=None, strict: bool = True, seed: int = 0, max_answer_tokens: int = 128,
+          max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None) -> SweepResult:
+    """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring."""
+    from egm_edge.reference.runner import read_model_config
+    from egm_edge.runtime.bundle import open_bundle
+    from egm_edge.sweep import bundles as B
+    from egm_edge.sweep import records as R
+    from egm_edge.validate.api import load_data, run_side, subset
+    from egm_edge.validate.predictors import BundlePredictor, DecodeSettings
+    from egm_edge.validate.store import PredictionStore, sample_ids
+
+    say = say or (lambda _m: None)
+    model_dir, out = Path(model_dir), Path(out_dir)
+    read_model_config(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
+    recipes, budgets, tprofiles = B.check_recipes(tuple(recipes)), _check_budgets(tuple(budgets)), _targets(targets)
+    for name, v in (("latency_budget_ms", latency_budget_ms), ("memory_budget_gb", memory_budget_gb)):
+        if v is not None and (not isinstance(v, (int, float)) or v <= 0):
+            raise InputError(f"{name} must be a positive number, got {v!r}.")
+    if isinstance(data, (str, Path)) and not Path(data).exists():
+        raise InputError(f"Data file {data} does not exist; pass an EGM eval .jsonl file with --data.")
+    samples, _ = load_data(data, image_root, strict)
+    if not samples:
+        raise InputError(f"No usable samples in {data}; nothing to sweep.")
+    samples = subset(samples, limit, seed)
+    ids = sample_ids(samples)
+    by_id = dict(zip(ids, samples))
+    groups = {i: s.split or "-" for i, s in by_id.items()}
+    image_wh = (int(statistics.median(s.width for s in samples)), int(statistics.median(s.height for s in samples)))
+    spec, notes = None, []
+    try:
+        from egm_edge.models import spec_from_config
+
+        spec = spec_from_config(model_dir / "config.json")
+    except Exception as e:  # noqa: BLE001 - predictions are optional; say why they are missing
+        notes.append(f"no latency predictions for other targets: the planner cannot read {model_dir / 'config.json'} ({e}).")
+    cpu = next((t for t in tprofiles if t.name == "cpu"), None) or _targets(["cpu"])[0]
+    others = [t for t in tprofiles if t.name != "cpu"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    store = R.RecordStore(out)
+    caps = {"max_answer_tokens": max_answer_tokens, "max_seq_len": max_seq_len}
+    wanted, ran, total = [], 0, len(recipes) * len(budgets)
+    for recipe in recipes:
+        calib = calibration if calibration is not None else B.default_calibration()
+        if recipe != B.FULL and isinstance(calib, (str, Path)) and not Path(calib).is_file():
+            raise InputError(f"Recipe {recipe} needs a calibration recipe and {calib} does not exist; pass --calib FILE.toml.")
+        bkey = B.bundle_key(model_dir, recipe, calib, caps)
+        rkey = R.run_key(bkey, ids, caps)
+        keys = {b: [R.record_key(recipe, b, t.name, rkey) for t in [cpu, *others]] for b in budgets}
+        wanted += [k for ks in keys.values() for k in ks]
+        have = store.keys()
+        todo = [b for b in budgets if not all(k in have for k in keys[b])]
+        if not todo:
+            say(f"{recipe}: all {len(budgets)} budgets already recorded")
+            continue
+        bundle_dir, _ = B.bundle_for(model_dir, recipe, out / "bundles", calibration=calib, max_answer_tokens=max_answer_tokens,
+                                     max_seq_len=max_seq_len, say=say, quantize_progress=progress)
+        bundle = open_bundle(bundle_dir)
+        pred = BundlePredictor(bundle_dir)
+        first = samples[0]
+        pred.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens))  # warm-up
+        for b in todo:
+            ran += 1
+            say(f"[{recipes.index(recipe) * len(budgets) + budgets.index(b) + 1}/{total}] {recipe}, think budget {b if b is not None else 'none'}")
+            measured = next((r for r in store.load() if r["key"] == keys[b][0]), None)
+            if measured is None:
+                settings = DecodeSettings(b, "hard", max_answer_tokens)
+                runs = PredictionStore(out / "runs", f"{recipe}-{'none' if b is None else b}", rkey)
+                done = runs.load()
+                left = [i for i in ids if i not in done or done[i].get("error")]
+                run_side(pred, f"{recipe} @ {'none' if b is None else b}", by_id, groups, left, settings, runs, 1, progress)
+                rows = [r for i, r in runs.load().items() if i in by_id]
+                cap = b if b is not None else max((r.get("think_tokens") or 0 for r in rows), default=0)
+                mem = R.predict(spec, cpu, recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
+                measured = R.measured_record(recipe, b, rkey, bundle, rows, mem.get("memory_gib") if mem["supported"] else None,
+                                             not_deployable=_why_not_deployable(cpu, recipe))
+                store.append(measured)
+            think = measured["accuracy"]["mean_think_tokens"] or 0.0
+            cap = b if b is not None else (measured["latency"].get("max_think_tokens") or 0)
+            for t, k in zip(others, keys[b][1:]):
+                if k in store.keys() or spec is None:
+                    continue
+                store.append(R.predicted_record(measured, t, R.predict(spec, t, recipe, think, cap, image_wh)))
+    records = [r for r in store.load() if r["key"] in set(wanted)]
+    recs, plots, tab, more = analyze(records, out, targets=[cpu.name, *[t.name for t in others]],
+                                     latency_budget_ms=latency_budget_ms, memory_budget_gb=memory_budget_gb)
+    return SweepResult(out, records, recs, plots, tab, ran, notes + more)
+
+
+def _image(sample) -> Any:
+    from egm_edge.runtime.image import load_image
+
+    return load_image(sample.image, exif_transpose=False)
+
+
+def _why_not_deployable(cpu, recipe: str) -> str | None:
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.sweep.records import planner_precision
+    from egm_edge.targets import check_precision
+
+    try:
+        check_precision(cpu, planner_precision(recipe, cpu))
+    except UnsupportedError as e:
+        return f"{e} The bundle ran by emulation: its accuracy counts, its latency does not."
+    return None

@@ -1,0 +1,105 @@
+"""One CPU bundle per recipe for a sweep: built through the pipeline stages, or reused when nothing changed.
+
+Contract: `bundle_for(model_dir, recipe, bundles_dir, ...)` returns
+`bundles_dir/<recipe>`, a bundle (manifest stage "build") whose manifest carries
+`sweep.key`, a digest of every input that shapes it: the checkpoint's identity
+(config.json sha256 and a fingerprint of its weights), the recipe, the
+calibration recipe (quantized recipes only), the bundle caps and the egm-edge
+version. A bundle whose key matches is reused as is; otherwise it is rebuilt:
+quantize (skipped for "full") -> export -> build_cpu, each into
+`bundles_dir/.work/<recipe>/` (removed once the bundle is in place). Stages
+write their own manifests and rename into place, so an interrupted build leaves
+nothing that looks reusable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from egm_edge.errors import InputError
+
+FULL = "full"
+
+
+def recipe_names() -> tuple[str, ...]:
+    from egm_edge.quantize.recipes import RECIPES
+
+    return (FULL, *RECIPES)
+
+
+def check_recipes(recipes) -> tuple[str, ...]:
+    names = recipe_names()
+    bad = [r for r in recipes if r not in names]
+    if bad or not recipes:
+        raise InputError(f"Unknown recipe {bad[0] if bad else '(none given)'!r}. Choose from: {', '.join(names)}.")
+    if len(set(recipes)) != len(recipes):
+        raise InputError(f"Recipes {', '.join(recipes)} name one twice; give each once.")
+    return tuple(recipes)
+
+
+def default_calibration() -> Path:
+    """calibration/synth.toml of a source checkout: the synthetic world, always available."""
+    return Path(__file__).resolve().parents[2] / "calibration" / "synth.toml"
+
+
+def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict) -> str:
+    from egm_edge import __version__
+    from egm_edge.artifacts import sha256_file
+    from egm_edge.validate.predictors import weights_fingerprint
+
+    calib = None
+    if recipe != FULL:
+        from egm_edge.quantize.calibration import CalibrationRecipe
+
+        rec = calibration if isinstance(calibration, CalibrationRecipe) else CalibrationRecipe.from_toml(calibration)
+        calib = rec.digest()
+    blob = {"config": sha256_file(model_dir / "config.json"), "weights": weights_fingerprint(model_dir),
+            "tokenizer": sha256_file(model_dir / "tokenizer.json"), "recipe": recipe, "calibration": calib, "caps": caps,
+            "egm_edge": __version__}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def reusable(bundle_dir: Path, key: str) -> bool:
+    from egm_edge.artifacts import read_manifest
+
+    m = read_manifest(bundle_dir) or {}
+    return m.get("stage") == "build" and (m.get("sweep") or {}).get("key") == key
+
+
+def bundle_for(model_dir, recipe: str, bundles_dir, *, calibration=None, max_answer_tokens: int = 128, max_seq_len: int = 4096,
+               say: Callable[[str], None] | None = None, quantize_progress: bool = True) -> tuple[Path, bool]:
+    """(bundle path, reused?) for `recipe` (see the module docstring)."""
+    say = say or (lambda _m: None)
+    model_dir, bundles_dir = Path(model_dir), Path(bundles_dir)
+    calibration = calibration if calibration is not None else default_calibration()
+    if recipe != FULL and isinstance(calibration, (str, Path)) and not Path(calibration).is_file():
+        raise InputError(f"Calibration recipe {calibration} does not exist; pass --calib FILE.toml (e.g. calibration/synth.toml).")
+    caps = {"max_answer_tokens": max_answer_tokens, "max_seq_len": max_seq_len}
+    key = bundle_key(model_dir, recipe, calibration, caps)
+    out = bundles_dir / recipe
+    if reusable(out, key):
+        say(f"{recipe}: reusing {out} (inputs unchanged)")
+        return out, True
+    from egm_edge.build import build_cpu
+    from egm_edge.export.pipeline import export
+
+    work = bundles_dir / ".work" / recipe
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    src = model_dir
+    if recipe != FULL:
+        from egm_edge.quantize.api import quantize
+
+        say(f"{recipe}: quantizing {model_dir.name}")
+        src = quantize(model_dir, recipe, calibration, work / "quantized", force=True, progress=quantize_progress)
+    say(f"{recipe}: exporting to ONNX")
+    ex = export(src, work / "export", force=True)
+    say(f"{recipe}: building the CPU bundle")
+    build_cpu(ex, out, max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len, force=True, name=f"{model_dir.name}-{recipe}",
+              extra_manifest={"sweep": {"key": key, "recipe": recipe, "model": str(model_dir.resolve())}})
+    shutil.rmtree(bundles_dir / ".work" / recipe, ignore_errors=True)
+    return out, False

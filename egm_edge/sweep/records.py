@@ -1,0 +1,149 @@
+"""Sweep records: one JSON line per (recipe, think budget, target) in `records.jsonl`, appended as each run ends.
+
+Contract: a record's `key` is recipe | budget | target | run key, where the run
+key digests the bundle's inputs, the samples and the decode caps; a sweep skips
+every record whose key is already in the file (that is how it resumes) and
+ignores records of other run keys (another model, other data). Records hold the
+accuracy measured with the CPU bundle on this machine (Acc@0.5 and mean IoU in
+points, parse failures, errors, think tokens, per split) and a latency whose
+`source` says "measured" (this machine, target cpu) or "predicted" (the planner's
+roofline for targets not at hand, with its label). `memory_gib` is always the
+planner's prediction. A recipe a target cannot run is recorded as unsupported,
+with the planner's sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from egm_edge.sweep.analysis import budget_label
+
+SCHEMA = 1
+RECORDS = "records.jsonl"
+
+
+def run_key(bundle_key: str, ids: list[str], caps: dict) -> str:
+    blob = json.dumps({"bundle": bundle_key, "samples": ids, "caps": caps}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def record_key(recipe: str, budget, target: str, rkey: str) -> str:
+    return f"{recipe}|{budget_label(budget)}|{target}|{rkey}"
+
+
+class RecordStore:
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / RECORDS
+
+    def load(self) -> list[dict]:
+        """Every readable record, the last one per key (a torn last line is skipped)."""
+        by_key: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(r, dict) and "key" in r:
+                    by_key[r["key"]] = r
+        return list(by_key.values())
+
+    def keys(self) -> set[str]:
+        return {r["key"] for r in self.load()}
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = self.path.read_bytes()[-1:] if self.path.is_file() and self.path.stat().st_size else b"\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            if text != b"\n":
+                f.write("\n")  # never glue a record onto a torn line
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def _mean(vals) -> float | None:
+    vals = [v for v in vals if v is not None]
+    return round(statistics.fmean(vals), 3) if vals else None
+
+
+def measured_record(recipe: str, budget, rkey: str, bundle, rows: list[dict], memory_gib: float | None,
+                    not_deployable: str | None = None) -> dict[str, Any]:
+    """The cpu record of one run: accuracy and latency measured on this machine.
+
+    not_deployable: why the cpu profile does not offer this precision (the bundle still runs, by emulation:
+    its accuracy counts, its latency is not what a deployment would see); such records are never recommended.
+    """
+    from egm_edge.validate.stats import side_metrics
+
+    m = side_metrics(rows)
+    ok = [r for r in rows if not r.get("error")]
+    splits = {}
+    for r in rows:
+        splits.setdefault(r.get("split") or "-", []).append(r)
+    per_split = {k: {key: side_metrics(v)[key] for key in ("n", "acc", "miou")} for k, v in sorted(splits.items())}
+    return {
+        "schema": SCHEMA,
+        "key": record_key(recipe, budget, "cpu", rkey),
+        "run_key": rkey,
+        "recipe": recipe,
+        "precision": bundle.precision,
+        "think_budget": budget,
+        "target": "cpu",
+        "supported": True,
+        "deployable": not_deployable is None,
+        **({"reason": not_deployable} if not_deployable else {}),
+        "accuracy": {k: m[k] for k in ("n", "scored", "errors", "acc", "miou", "parse_failure_rate", "mean_think_tokens")},
+        "per_split": per_split,
+        "latency": {
+            "source": "measured",
+            "mean_ms": _mean(r["latency_ms"] for r in ok),
+            "p50_ms": m["latency_ms"]["p50"],
+            "p90_ms": m["latency_ms"]["p90"],
+            "ms_per_token": _mean((r.get("result") or {}).get("timings", {}).get("ms_per_token") for r in ok),
+            "max_think_tokens": max((r["think_tokens"] for r in ok if r.get("think_tokens") is not None), default=None),
+        },
+        "memory_gib": memory_gib,
+        "memory_source": "predicted" if memory_gib is not None else None,
+        "bundle": str(bundle.path),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def planner_precision(recipe: str, target) -> str:
+    """The planner's precision for a recipe on a target: 'full' is what the build pipeline runs unquantized there."""
+    from egm_edge.build.pipeline import full_precision
+
+    return full_precision(target) if recipe == "full" else recipe
+
+
+def predict(spec, target, recipe: str, think_tokens: float, budget_cap: int, image_wh: tuple[int, int]) -> dict[str, Any]:
+    """Predicted latency (at the measured mean think tokens) and memory (at the budget cap), or why not."""
+    from egm_edge.errors import EgmError
+    from egm_edge.plan import GIB, PREDICTED, plan
+
+    try:
+        precision = planner_precision(recipe, target)
+        lat = plan(spec, target, precision, int(round(think_tokens)), image_wh=image_wh, explore=False).latency
+        mem = plan(spec, target, precision, int(budget_cap), image_wh=image_wh, explore=False)
+    except EgmError as e:
+        return {"supported": False, "reason": str(e)}
+    return {"supported": True, "precision": precision, "mean_ms": round(lat.total_ms, 2), "ms_per_token": round(lat.decode_ms_per_token, 3),
+            "memory_gib": round(mem.total_bytes / GIB, 4), "fits": mem.fits, "label": PREDICTED}
+
+
+def predicted_record(measured: dict, target, prediction: dict) -> dict[str, Any]:
+    """The record of a target not at hand: the measured accuracy with the planner's latency and memory."""
+    r = {k: measured[k] for k in ("schema", "run_key", "recipe", "think_budget", "accuracy", "per_split", "bundle")}
+    r.update(key=record_key(measured["recipe"], measured["think_budget"], target.name, measured["run_key"]), target=target.name,
+             accuracy_source="measured with the CPU bundle on this machine", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if not prediction["supported"]:
+        return {**r, "supported": False, "reason": prediction["reason"], "latency": {"source": "predicted", "mean_ms": None},
+                "memory_gib": None}
+    return {**r, "supported": True, "precision": prediction["precision"], "memory_gib": prediction["memory_gib"],
+            "memory_source": "predicted", "fits": prediction["fits"],
+            "latency": {"source": "predicted", "label": prediction["label"], "mean_ms": prediction["mean_ms"], "p50_ms": None,
+                        "p90_ms": None, "ms_per_token": prediction["ms_per_token"]}}
