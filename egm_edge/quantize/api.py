@@ -225,7 +225,8 @@ def quantize(
     def forward_loop(m):
         with torch.inference_mode():
             for it in _progress(calib_items, f"calibrating {spec.recipe}", progress):
-                m(**calibset.model_inputs(it, image_token_id, device, pdtype))
+                # lm_head stays unquantized: skip the full-vocabulary logits of every position.
+                m(**calibset.model_inputs(it, image_token_id, device, pdtype), logits_to_keep=1)
 
     t0 = time.perf_counter()
     model = mtq.quantize(model, quant_cfg, forward_loop=forward_loop)

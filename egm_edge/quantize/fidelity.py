@@ -11,7 +11,8 @@ Contract:
   most the last `positions`), so the
   full model need not stay in memory; `logit_agreement(model, items, ref)` gives
   cosine (mean, min) and top-1 agreement of another model on the same positions.
-- `write_report(out_dir, report)` writes fidelity.json (machines) and fidelity.md.
+- `write_report(out_dir, report)` writes fidelity.json (machines), fidelity.md and,
+  where matplotlib is installed, fidelity.png (weight SNR per layer).
 """
 
 from __future__ import annotations
@@ -151,6 +152,34 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
         lines += ["| layer | SNR (dB) |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in sorted((report.get("weight_snr_db") or {}).items())]
     (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
+    plot_snr(out_dir / "fidelity.png", report)
+
+
+def plot_snr(path: Path, report: dict[str, Any]) -> bool:
+    """Weight SNR per quantized layer as a bar chart; False (and nothing written) without matplotlib."""
+    snr = {k: v for k, v in (report.get("weight_snr_db") or {}).items() if math.isfinite(v)}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not snr:
+        return False
+    names = list(snr)
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 3.6))
+    ax.bar(range(len(names)), [snr[n] for n in names], color="#4c72b0")
+    ax.set_xticks(range(len(names)), [n.replace("model.language_model.", "").replace("model.visual.", "visual.") for n in names],
+                  rotation=90, fontsize=6)
+    ax.set_ylabel("weight SNR (dB)")
+    lg = report.get("logits") or {}
+    extra = f"; logit cosine {lg['logit_cosine_mean']:.4f}, top-1 {100 * lg['top1_agreement']:.1f}%" if lg.get("positions") else ""
+    ax.set_title(f"{report.get('recipe', '')}{extra}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def json_safe(v):
