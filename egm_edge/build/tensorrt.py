@@ -106,9 +106,20 @@ def build_plan(plan, target, export_manifest: dict, image_processor: dict, visio
         "engines": {"vision": {"onnx": "vision.onnx", "profiles": vision_profiles(vision_inputs, d)},
                     "decoder": {"onnx": "decoder.onnx", "profiles": decoder_profiles(decoder, d)}},
         "graphs_sha256": dict(sorted(graph_hashes.items())),
+        "notes": _notes(plan, export_manifest),
     }
     body["plan_hash"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return body
+
+
+def _notes(plan, export_manifest: dict) -> list[str]:
+    """What the engines will do differently from what the planner assumed, said once in the plan."""
+    notes = []
+    dtype = export_manifest.get("graph_dtype", "float32")
+    if dtype == "float32" and plan.unquantized_dtype != "fp32":
+        notes.append(f"the graphs are float32: a strongly typed engine computes the unquantized layers in float32, not the "
+                     f"planned {plan.unquantized_dtype}, so memory and latency exceed the plan until the export writes 16-bit graphs")
+    return notes
 
 
 def _cap_image_size(path: Path, image_tokens: int) -> dict:

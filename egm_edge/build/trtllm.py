@@ -134,7 +134,9 @@ def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = No
     (out_dir / "launch.sh").chmod(0o755)
     (out_dir / "README.md").write_text(
         f"# Serving {plan.model} ({plan.precision}) on {target.name} with TensorRT-LLM {version}\n\n"
-        f"Needs `pip install egm-edge[trtllm]` (tensorrt-llm {version}) on the GPU host. Start the server:\n\n"
+        f"Needs `pip install egm-edge[trtllm]` (tensorrt-llm {version}) on the GPU host, and the quantized checkpoint there: "
+        f"launch.sh names it where it was built ({checkpoint}); copy it and edit the path if the server is another machine. "
+        "Start the server:\n\n"
         f"    sh launch.sh     # = {' '.join(launch_command(checkpoint, OPTIONS_FILE, version, port))}\n\n"
         "Then score it against a reference with the same samples the bundle is validated on:\n\n"
         f"    egm-edge validate --candidate http://HOST:{port} ...\n\n"

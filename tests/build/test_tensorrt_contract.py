@@ -181,6 +181,7 @@ def test_build_plan_profiles_are_ordered_and_cover_every_input(jetson_bundle):
 
     bp = json.loads((jetson_bundle / "build_plan.json").read_text())
     assert bp["strongly_typed"] and bp["tensorrt_assumed"] == "10.16" and bp["compute_capability"] == "8.7"
+    assert bp["graph_dtype"] == "float32" and any("float32" in n for n in bp["notes"])  # said, not hidden
     t = bp["tokens"]
     assert t["kv_max"] == t["prefill_max"] + t["think_budget"] + t["budget_close"] + t["answer"]
     for graph, names in (("vision", ["prefill"]), ("decoder", ["prefill", "decode"])):
