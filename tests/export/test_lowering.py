@@ -113,11 +113,16 @@ def _export_quantized(base, tmp_path, precision):
     return export(write_quantized(base, tmp_path / f"ckpt-{precision}", precision), tmp_path / f"ir-{precision}", decode_steps=3)
 
 
-def test_int4_awq_export_holds_only_packed_weights_and_validates(quant_base, tmp_path):
+def test_int4_awq_export_holds_only_packed_weights_and_validates(quant_base, tmp_path, monkeypatch):
     import onnx
 
+    from egm_edge.export import onnx_io
+
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 0)  # exercise the big-model path: weights in side files
     out = _export_quantized(quant_base, tmp_path, "int4_awq")
     m = json.loads((out / "manifest.json").read_text())
+    assert m["graphs"]["decoder"]["external_data"] == "decoder.onnx.data" and (out / "decoder.onnx.data").is_file()
+    assert not any(p.is_symlink() for p in out.iterdir())
     assert m["precision"] == "int4_awq" and m["validation"]["passed"]
     assert m["lowered_layers"] == {"int4/MatMulNBits weight-only": 14}  # 7 Linears x 2 layers
     assert all(c["greedy_agreement"] == 1.0 for c in m["validation"]["cases"].values())
