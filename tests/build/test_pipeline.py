@@ -108,3 +108,18 @@ def test_build_cli_keeps_the_cpu_export_path(tiny_bundle, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "b" / "build_plan.json").is_file()
     assert json.loads((tmp_path / "b" / "build_plan.json").read_text())["tokens"]["think_budget"] == 64
     assert "--finalize" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("EGM_EDGE_SLOW"), reason="a real quantize + export (~3 min); set EGM_EDGE_SLOW=1")
+def test_real_int8_pipeline_to_a_jetson_bundle_and_its_reuse(tiny_ckpt, tmp_path, capsys):
+    from pathlib import Path
+
+    calib = Path(__file__).parents[2] / "calibration" / "synth.toml"
+    argv = ["build", "--model", str(tiny_ckpt), "--recipe", "int8_sq", "--calib", str(calib), "--target", "jetson-orin-nx-16gb",
+            "--think-budget", "64", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["precision"] == "int8_sq" and m["tensorrt_contract"]["decoder"]["quantized"]["int8_weight"] > 0
+    assert main([*argv, "--force"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 2
