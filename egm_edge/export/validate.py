@@ -52,6 +52,8 @@ def disabled_optimizers(precision: str, backend: str = "onnxruntime") -> tuple[s
     from egm_edge.export.lowering import QDQ_FUSION
 
     return QDQ_FUSION if precision == "fp8" or (backend == "tensorrt" and precision != "full") else ()
+
+
 PREFILL_ROWS = 8  # prefill logits compared at the last rows; the KV cache covers every position
 IMAGE_SIZES = {"random": ((256, 320), (352, 224)), "real": ((300, 410),)}  # (height, width) in pixels
 

@@ -234,3 +234,18 @@ def test_fp32_graphs_pass_the_tensorrt_parser_contract(exported):
     for name in ("vision.onnx", "decoder.onnx"):
         report = check_graph(exported / name)
         assert report.ok, report.problems
+
+
+def test_too_old_toolchain_is_named(monkeypatch):
+    from importlib import metadata
+
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.export import onnx_io
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "1.15.0" if name == "onnxruntime" else real(name))
+    with pytest.raises(UnsupportedError, match=r"onnxruntime 1\.15\.0 is too old.*>= 1\.20"):
+        onnx_io.check_environment()
+    monkeypatch.setattr(metadata, "version", real)
+    with pytest.raises(UnsupportedError, match="opset"):
+        onnx_io.check_environment(opset=999)
