@@ -15,9 +15,11 @@ tensor (dtype, shape, companion scales), never from file names:
 Linear's input; where ModelOpt folded it into the preceding RMSNorm, the norm's
 stored weight already carries it. With activations=True, inputs with an
 `input_scale` are fake-quantized (FP8 e4m3 or INT8, per tensor) before the
-matmul, as the serving engines do. What is NOT reproduced: the FP8 KV cache
-(`k_scale`/`v_scale` are read but K/V stay in `dtype`) and NVFP4's dynamic
-per-block activation quantization (NVFP4 inputs stay in `dtype`).
+matmul, as the serving engines do, and an FP8 KV cache (`k_proj.k_scale`,
+`v_proj.v_scale`) rounds the attention's keys (after RoPE) and values through
+FP8 at those scales, as they are stored in the engines' cache. What is NOT
+reproduced: NVFP4's dynamic per-block activation quantization (NVFP4 inputs
+stay in `dtype`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from egm_edge.errors import CheckpointError
 
 FP8_MAX = 448.0
+KV_ATTENTION = "egm_fp8_kv"  # attention implementation that rounds K/V through FP8 (registered on first use)
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale")
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -175,10 +178,12 @@ def load_dequantized(model_dir, dtype=None, *, activations: bool = True):
         model.tie_weights()
 
     modules = dict(model.named_modules())
+    if activations:
+        _apply_kv_scales(model, modules, extras, dtype)
     for prefix, ex in extras.items():
         mod = modules.get(prefix)
         if not isinstance(mod, torch.nn.Linear):
-            continue  # k_scale / v_scale sit on k_proj / v_proj but describe the KV cache (not reproduced)
+            continue
         pqs = ex.get("pre_quant_scale")
         kind = _activation_kind(stored.get(prefix), ex) if activations else None
         if pqs is None and kind is None:
@@ -186,6 +191,35 @@ def load_dequantized(model_dir, dtype=None, *, activations: bool = True):
         mod.register_forward_pre_hook(_input_hook(pqs.to(dtype) if pqs is not None else None,
                                                   ex.get("input_scale"), kind))
     return model
+
+
+def _apply_kv_scales(model, modules: dict, extras: dict, dtype) -> None:
+    """Give each text attention with `k_scale`/`v_scale` those scales and the FP8-KV attention function."""
+    found = False
+    for prefix, ex in extras.items():
+        for proj, key in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            if key in ex and prefix.endswith("." + proj):
+                attn = modules[prefix[: -len(proj) - 1]]
+                setattr(attn, f"_egm_{key}", ex[key].to(dtype).reshape(()))
+                found = True
+    if not found:
+        return
+    from transformers import AttentionInterface
+
+    if KV_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(KV_ATTENTION, _fp8_kv_attention)
+    model.config.text_config._attn_implementation = KV_ATTENTION
+
+
+def _fp8_kv_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    ks, vs = getattr(module, "_egm_k_scale", None), getattr(module, "_egm_v_scale", None)
+    if ks is not None:
+        key = fp8_round(key, ks.to(key.dtype))
+    if vs is not None:
+        value = fp8_round(value, vs.to(value.dtype))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _input_hook(pqs, input_scale, kind):

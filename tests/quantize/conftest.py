@@ -137,16 +137,10 @@ def _quantize(root, ckpt, calib_items, recipe, kv_cache, vision) -> Quantized:
     # Export shares one smoothing scale among Linears fed by the same norm and re-quantizes them;
     # apply that step first so the fake-quantized model computes what the checkpoint holds.
     requantize_resmooth_fused_llm_layers(model)
-    # The loader keeps the KV cache in float (documented): compare with K/V quantizers off.
-    kv = [m for n, m in model.named_modules() if n.endswith(("k_bmm_quantizer", "v_bmm_quantizer")) and m.is_enabled]
-    for m in kv:
-        m.disable()
     with torch.inference_mode():
         fake = model(**probe).logits[0]
         weights = {n: m.weight_quantizer(m.weight).detach().clone() for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and policy.quantizer_group(n + ".weight_quantizer") == "language_model"}
-    for m in kv:
-        m.enable()
     out = root / "ckpt"
     export_hf_checkpoint(model, export_dir=out)
     return Quantized(out, fake, full, census, linears, spec, weights)

@@ -2,8 +2,8 @@
 
 Metrics: (1) the loader's dequantized weights equal the weights the fake-quantized
 ModelOpt model computes with (relative error <= 1e-6: the formats are decoded
-exactly); (2) cosine of the loader's logits against the fake-quantized model on a
-held-out image+prompt, per position. The residual in (2) comes from input
+exactly); (2) cosine of the loader's logits against the fake-quantized model (FP8
+KV cache included) on a held-out image+prompt, per position. The residual in (2) comes from input
 fake-quant: ModelOpt scales by 448/amax, the checkpoint stores amax/448, and the
 two float roundings occasionally put a value on the other side of an FP8 rounding
 boundary; a random 2-layer model amplifies that. Measured minimum 0.99956
