@@ -7,6 +7,11 @@ prompt length and cache length. Submodules of the HF model are shared, not
 copied, so initializer names follow the checkpoint (`model.language_model.layers.0...`).
 `egm_edge.export.validate` proves ONNX Runtime on these graphs matches the HF model.
 
+Symbolic dimension names in the files: patches (N), image_tokens (M), batch (B), seq (S),
+past_seq (P), total_seq (P+S), logit_rows (L); all other dimensions are fixed numbers.
+Graphs are opset 21; quantized checkpoints add the ops of `egm_edge.export.lowering`
+inside the Linear layers only, so these tables hold for every precision.
+
 ## vision.onnx  (N patches, M = N / merge^2 image tokens, E = out_hidden_size, K = len(deepstack_visual_indexes))
 
 | input              | shape                   | dtype   | meaning                                        |
