@@ -19,7 +19,6 @@ with where each stage came from.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -48,13 +47,6 @@ def full_precision(target) -> str:
     return next(p for p in ("fp16", "bf16") if p in target.precisions)
 
 
-def _export_lowerings() -> tuple[str, ...]:
-    from egm_edge.export.pipeline import export
-
-    params = inspect.signature(export).parameters
-    return ("onnxruntime", "tensorrt") if "lowering" in params else ("onnxruntime",)
-
-
 def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET, kv_cache: str | None = None,
               image_wh: tuple[int, int] | None = None, out_dir=None, force: bool = False) -> Preflight:
     """All refusals of the module docstring, in order; returns the decided plan."""
@@ -79,10 +71,7 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int =
     if recipe not in THRESHOLDS:
         raise UnsupportedError(f"Recipe {recipe} cannot be exported to ONNX yet (export lowers {', '.join(THRESHOLDS)}); "
                                f"choose one of those for {target.name}.")
-    lowering = "onnxruntime" if target.kind == "cpu" else "tensorrt"
-    if recipe != "full" and RECIPES[recipe].weights == "int4" and lowering not in _export_lowerings():
-        raise UnsupportedError(f"INT4 for TensorRT needs the export's blocked DequantizeLinear lowering, which this egm-edge "
-                               f"does not have yet (its int4 lowering is ONNX Runtime's MatMulNBits); use int8_sq or fp16 for {target.name}.")
+    lowering = "onnxruntime" if target.kind == "cpu" else "tensorrt"  # egm_edge.export.lowering.LOWERINGS
     if recipe != "full" and RECIPES[recipe].needs_cuda:
         import torch
 
@@ -170,13 +159,12 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
                                                     model_hashes, run_quantize, say)}
 
     ck_hashes = _top_level_hashes(checkpoint)
-    lowering_kw = {"lowering": pf.lowering} if "lowering" in inspect.signature(_export_fn()).parameters else {}
-    key = _digest({"stage": "export", "checkpoint": ck_hashes, **lowering_kw, "egm_edge": __version__})
+    key = _digest({"stage": "export", "checkpoint": ck_hashes, "lowering": pf.lowering, "egm_edge": __version__})
     export_dir = work / f"export-{key[:12]}"
 
     def run_export():
         say(f"exporting {checkpoint} to ONNX ({pf.lowering} lowering) into {export_dir}")
-        _export_fn()(checkpoint, export_dir, force=True, progress=say, **lowering_kw)
+        _export_fn()(checkpoint, export_dir, lowering=pf.lowering, force=True, progress=say)
 
     stages["export"] = {"key": key, "lowering": pf.lowering,
                         **_stage("export", export_dir, lambda m: (m.get("inputs") or {}).get("sha256"), ck_hashes, run_export, say)}

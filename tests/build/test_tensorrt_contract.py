@@ -53,7 +53,7 @@ def test_onnxruntime_fused_graphs_are_refused(tiny_bundle):
     assert not r.ok and any("com.microsoft::" in p for p in r.problems)
 
 
-def _lowered_layer_graph(tmp_path, precision: str):
+def _lowered_layer_graph(tmp_path, precision: str, backend: str = "onnxruntime"):
     """One quantized Linear exported through the export stage's own lowering (what the real graphs hold)."""
     torch = pytest.importorskip("torch")
     from egm_edge.export import lowering
@@ -78,20 +78,23 @@ def _lowered_layer_graph(tmp_path, precision: str):
         spec.loader.exec_module(mod)
         weight, scale = mod._int4(w, torch)
         ex = {"weight_scale": scale}
-    q = lowering._lowered("layer", weight, ex, lin).eval()
+    q = lowering._lowered("layer", weight, ex, lin, backend).eval()
     dyn = torch.export.Dim.DYNAMIC
     x = torch.randn(2, 5, k)
     program = torch.onnx.export(q, (x,), dynamo=True, opset_version=21, input_names=["x"], dynamic_shapes=({0: dyn, 1: dyn},),
                                 custom_translation_table=lowering.translation_table())
+    if backend == "tensorrt":
+        lowering.pack_int4_weights(program.model)  # what the export stage does after tracing
     program.save(str(tmp_path / "layer.onnx"))
     return tmp_path / "layer.onnx"
 
 
-@pytest.mark.parametrize("precision,patterns", [("fp8", {"fp8_weight", "fp8_activation"}), ("int8_sq", {"int8_weight", "int8_activation"})])
+@pytest.mark.parametrize("precision,patterns", [("fp8", {"fp8_weight", "fp8_activation"}), ("int8_sq", {"int8_weight", "int8_activation"}),
+                                               ("int4_awq", {"int4_blocked_weight"})])
 def test_quantized_lowerings_use_patterns_tensorrt_fuses(tmp_path, precision, patterns):
     from egm_edge.build.trt_contract import check_graph
 
-    r = check_graph(_lowered_layer_graph(tmp_path, precision), "10.16")
+    r = check_graph(_lowered_layer_graph(tmp_path, precision, "tensorrt"), "10.16")
     assert r.ok, r.problems
     assert set(r.quantized) == patterns
 
@@ -287,7 +290,6 @@ def test_finalize_builds_engines_that_ground(jetson_bundle, tmp_path, scene):
 @pytest.mark.parametrize("precision", ["fp8", "int8_sq", "int4_awq"])
 def test_full_quantized_exports_are_tensorrt_ready(tmp_path, precision):
     import importlib.util
-    import inspect
     from pathlib import Path
 
     from egm_edge.build.trt_contract import check_graph
@@ -304,10 +306,7 @@ def test_full_quantized_exports_are_tensorrt_ready(tmp_path, precision):
     text = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32,
             "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 4, 4], "mrope_interleaved": True}}
     base = write_tiny_checkpoint(tmp_path / "ck", tok, seed=0, text=text, vision={"out_hidden_size": 128})
-    kw = {"lowering": "tensorrt"} if "lowering" in inspect.signature(export).parameters else {}
-    if precision == "int4_awq" and not kw:
-        pytest.skip("the export has no TensorRT lowering (blocked int4 DequantizeLinear) yet")
-    out = export(mods["quantized"].write_quantized(base, tmp_path / f"ck-{precision}", precision), tmp_path / "ir", decode_steps=2, **kw)
+    out = export(mods["quantized"].write_quantized(base, tmp_path / f"ck-{precision}", precision), tmp_path / "ir", decode_steps=2, lowering="tensorrt")
     for graph in ("vision", "decoder"):
         r = check_graph(out / f"{graph}.onnx", "10.16")
         assert r.ok, r.problems
