@@ -20,7 +20,7 @@ from egm_edge.quantize.loader import load_dequantized
 
 COSINE_MIN = 0.999
 CASES = [("fp8", None, "16bit"), ("int4_awq", None, "16bit"), ("w4a8_awq", None, "16bit"), ("int8_sq", None, "16bit"),
-         ("fp8", "fp8", "fp8")]
+         ("fp8", "fp8", "fp8"), ("int4_awq", None, "fp8")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(x or "none" for x in c))
