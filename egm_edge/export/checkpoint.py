@@ -105,19 +105,17 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo:
     return CheckpointInfo(path, config, precision, tuple(weights), size, quant)
 
 
-def vision_grid_config(info: CheckpointInfo) -> VisionGridConfig:
-    """The host-side config of vision.onnx, from the checkpoint's vision config (HF defaults where absent)."""
-    v = info.vision
-    hidden, heads = int(v.get("hidden_size", 1152)), int(v.get("num_heads", 16))
-    rope = v.get("rope_parameters") or {}
+def vision_grid_config(model) -> VisionGridConfig:
+    """The host-side config of vision.onnx, read from the loaded model's vision config (what transformers runs)."""
+    v = model.config.vision_config
     return VisionGridConfig(
-        head_dim=hidden // heads,
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        num_grid_per_side=int(int(v.get("num_position_embeddings", 2304)) ** 0.5),
-        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
-        patch_size=int(v.get("patch_size", 16)),
-        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-        in_channels=int(v.get("in_channels", 3)),
+        head_dim=v.hidden_size // v.num_heads,
+        rope_theta=float(v.rope_parameters["rope_theta"]),
+        num_grid_per_side=int(v.num_position_embeddings**0.5),
+        spatial_merge_size=int(v.spatial_merge_size),
+        patch_size=int(v.patch_size),
+        temporal_patch_size=int(v.temporal_patch_size),
+        in_channels=int(v.in_channels),
     )
 
 

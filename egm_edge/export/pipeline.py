@@ -67,7 +67,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         t = time.perf_counter()
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
-        vcfg, dcfg = vision_grid_config(info), decoder_config(model)
+        vcfg, dcfg = vision_grid_config(model), decoder_config(model)
         graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
