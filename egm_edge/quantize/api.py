@@ -96,13 +96,17 @@ def checkpoint_dtype(cfg: dict[str, Any]) -> str:
     return "float32"
 
 
-def _calibration_key(recipe, spec: QuantSpec, tokenizer_sha: str, image_cfg, model_hashes: dict[str, str]) -> str:
+def _calibration_key(recipe, spec: QuantSpec, tokenizer_sha: str, image_cfg, model_hashes: dict[str, str], samples) -> str:
     from dataclasses import asdict
 
     from egm_edge.quantize.calibset import RENDER_VERSION
 
+    def ident(s):  # a changed image or annotation must not reuse a stale set
+        st = Path(s.image).stat()
+        return [str(s.image), st.st_size, st.st_mtime_ns, s.expression, s.task]
+
     key = {"recipe": recipe.digest(), "render": RENDER_VERSION, "tokenizer": tokenizer_sha, "image": asdict(image_cfg),
-           "reasoning": spec.calib_with_reasoning}
+           "reasoning": spec.calib_with_reasoning, "samples": [ident(s) for s in samples]}
     if spec.calib_with_reasoning:  # the model's own text: depends on its weights
         key["weights"] = {k: v for k, v in model_hashes.items() if k.endswith(".safetensors")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -166,6 +170,9 @@ def quantize(
     if out_dir.resolve() == model_dir.resolve():
         raise EgmError(f"Output directory {out_dir} is the input checkpoint; choose another --out.")
     check_output_dir(out_dir, force)
+    from egm_edge.quantize import policy
+
+    policy.check_block_sizes(policy.config_widths(cfg), spec)
     calib_recipe = calibration if isinstance(calibration, CalibrationRecipe) else CalibrationRecipe.from_toml(calibration)
     dtype = checkpoint_dtype(cfg) if dtype == "auto" else dtype
     if dtype not in DTYPES:
@@ -186,7 +193,7 @@ def quantize(
     timings["load_s"] = time.perf_counter() - t0
 
     image_cfg = calibset.image_config_for(runner.image_config, calib_recipe.max_pixels, calib_recipe.min_pixels)
-    key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes)
+    key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes, calib_samples + hold_samples)
     calib_file = cache / f"calib-{key[:24]}.safetensors"
     t0 = time.perf_counter()
     if calib_file.is_file():
@@ -195,7 +202,8 @@ def quantize(
     else:
         reused = False
         rendered = []
-        for s in _progress(calib_samples + hold_samples, "rendering calibration", progress):
+        what = "rendering calibration" + (" + full-model reasoning" if spec.calib_with_reasoning else "")
+        for s in _progress(calib_samples + hold_samples, what, progress):
             r = calibset.render(s, sample_task(calib_recipe, s), runner.tokenizer, image_cfg, runner.image_token_id)
             if spec.calib_with_reasoning:
                 r = calibset.with_reasoning(runner, r, calib_recipe.max_new_tokens)
@@ -208,9 +216,8 @@ def quantize(
     timings["calibration_set_s"] = time.perf_counter() - t0
 
     from egm_edge.quantize import fidelity as fid
-    from egm_edge.quantize import policy
 
-    policy.check_block_sizes(model, spec)
+    policy.check_block_sizes(policy.linear_widths(model), spec)
     linears = policy.linear_counts(model)
     image_token_id = runner.image_token_id
     t0 = time.perf_counter()

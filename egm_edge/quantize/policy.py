@@ -195,22 +195,34 @@ def check_counts(census: dict[str, dict[str, int]], spec: QuantSpec, linears: di
         )
 
 
-def check_block_sizes(model, spec: QuantSpec) -> None:
-    """Block-quantized recipes need every quantized Linear's input width to be a multiple of the block."""
+def linear_widths(model) -> dict[str, int]:
+    """Input width of every language-model Linear, by module name."""
     import torch
 
+    return {name: mod.in_features for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and quantizer_group(name + ".weight_quantizer") == "language_model"}
+
+
+def config_widths(cfg: dict[str, Any]) -> dict[str, int]:
+    """The same widths read from config.json (checked before the model is loaded)."""
+    t = cfg.get("text_config") or {}
+    hidden = int(t.get("hidden_size", 0))
+    heads = int(t.get("num_attention_heads", 1))
+    head_dim = int(t.get("head_dim") or hidden // max(heads, 1))
+    return {"hidden_size": hidden, "intermediate_size": int(t.get("intermediate_size", 0)),
+            "num_attention_heads*head_dim": heads * head_dim}
+
+
+def check_block_sizes(widths: dict[str, int], spec: QuantSpec) -> None:
+    """Block-quantized recipes need every quantized Linear's input width to be a multiple of the block."""
     block = spec.weight_block_size
     if not block:
         return
-    bad = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and quantizer_group(name + ".weight_quantizer") == "language_model":
-            if mod.in_features % block:
-                bad.append(f"{name} ({mod.in_features})")
+    bad = [f"{name} ({w})" for name, w in widths.items() if w % block]
     if bad:
         raise UnsupportedError(
-            f"Recipe {spec.recipe} quantizes weights in blocks of {block} input channels, but {len(bad)} layers "
-            f"have an input width that is not a multiple of {block}, e.g. {bad[0]}; "
+            f"Recipe {spec.recipe} quantizes weights in blocks of {block} input channels, but {len(bad)} widths "
+            f"are not multiples of {block}, e.g. {bad[0]}; "
             + ("try --block-size 64, or " if spec.recipe_spec.weights == "int4" and block != 64 else "")
             + "choose fp8 or int8_sq for this model."
         )
