@@ -110,3 +110,33 @@ def test_importing_the_stage_and_its_command_stays_torch_free():
             "assert callable(egm_edge.quantize); "
             "bad = [m for m in ('torch', 'transformers', 'modelopt') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("tamper, match", [
+    (lambda c: c["vision"].__setitem__("weight", 3), "vision weight quantizers: 3, expected 0"),
+    (lambda c: c["lm_head"].__setitem__("weight", 1), "lm_head weight quantizers: 1, expected 0"),
+    (lambda c: c["language_model"].__setitem__("weight", 0), "no language-model weight is quantized"),
+    (lambda c: c["kv_cache"].__setitem__("kv", 0), "kv_cache kv quantizers: 0, expected 4"),
+])
+def test_census_contradicting_the_recipe_fails(tamper, match):
+    from egm_edge.errors import EgmError
+    from egm_edge.quantize.policy import check_counts, expected_census
+
+    spec = QuantSpec("fp8", "fp8")
+    linears = {"language_model": 14, "vision": 12, "lm_head": 1, "layers": 2}
+    census = expected_census(spec, linears)
+    check_counts(census, spec, linears)  # the expected census passes
+    tamper(census)
+    with pytest.raises(EgmError, match=match):
+        check_counts(census, spec, linears)
+
+
+def test_block_width_check_from_config():
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.quantize.policy import check_block_sizes, config_widths
+
+    cfg = {"text_config": {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 6, "head_dim": 32}}
+    with pytest.raises(UnsupportedError, match="--block-size 64"):
+        check_block_sizes(config_widths(cfg), QuantSpec("int4_awq"))
+    check_block_sizes(config_widths(cfg), QuantSpec("int4_awq", block_size=64))
+    check_block_sizes(config_widths(cfg), QuantSpec("fp8"))
