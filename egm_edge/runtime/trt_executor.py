@@ -10,8 +10,10 @@ TensorRT version or plan is refused with one sentence that says what to run.
 Inputs and outputs keep the names and dtypes of egm_edge.export.graphs; the
 decoder engine has two optimisation profiles from the build plan, "prefill"
 (profile 0, no past) and "decode" (profile 1, one new token), chosen per call.
-The KV cache goes back to the host each step (the decode loop owns it); device
-buffers are kept and grown, never freed between calls.
+The KV cache stays on the GPU: `decode` returns the present keys/values as
+`DeviceTensor` handles that the decode loop passes back unchanged as the next
+past (each layer ping-pongs between two grow-only buffers, so a step reads one
+and writes the other); only logits and image features cross to the host.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def find_engines(bundle_path: Path, key: str) -> Path:
     raise CheckpointError(f"Bundle {bundle_path} has no TensorRT engines yet; run `egm-edge build --finalize {bundle_path}` on the device.")
 
 
+@dataclass(frozen=True)
+class DeviceTensor:
+    """A tensor left in GPU memory by an engine: opaque to the decode loop, which only passes it back."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    slot: int  # which of its output's two buffers holds it
+
+
 class _Engine:
     """One deserialised engine, its context, and grow-only device buffers per tensor."""
 
@@ -100,10 +112,10 @@ class _Engine:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity bytes)
+        self.buffers: dict[object, tuple[int, int]] = {}  # name or (name, slot) -> (device pointer, capacity bytes)
         self.stream = _check(rt.cudaStreamCreate())
 
-    def _buffer(self, name: str, nbytes: int) -> int:
+    def _buffer(self, name, nbytes: int) -> int:
         ptr, cap = self.buffers.get(name, (0, 0))
         if nbytes > cap or not ptr:
             if ptr:
@@ -113,34 +125,44 @@ class _Engine:
             self.buffers[name] = (ptr, cap)
         return ptr
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str], profile: int = 0) -> list[np.ndarray]:
+    def run(self, feeds: dict, outputs: list[str], profile: int = 0, on_device: dict[str, int] | None = None) -> list:
+        """Run once; `outputs` come back as numpy arrays, except those in `on_device` (name -> buffer slot),
+        which stay on the GPU as DeviceTensor. Inputs may be numpy arrays or DeviceTensor."""
         rt, ctx = self.rt, self.context
+        on_device = on_device or {}
         if self.engine.num_optimization_profiles > 1:
             ctx.set_optimization_profile_async(profile, self.stream)
-        host = {}
         for name in self.inputs:
-            a = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            host[name] = a
-            if not ctx.set_input_shape(name, tuple(a.shape)):
+            v = feeds[name]
+            if isinstance(v, DeviceTensor):
+                shape, ptr, a = v.shape, v.ptr, None
+            else:
+                a = np.ascontiguousarray(v, dtype=self.dtypes[name])
+                shape, ptr = a.shape, self._buffer(name, a.nbytes)
+            if not ctx.set_input_shape(name, tuple(shape)):
                 raise UnsupportedError(
-                    f"Input {name} of shape {tuple(a.shape)} is outside the engine's optimisation profile "
+                    f"Input {name} of shape {tuple(shape)} is outside the engine's optimisation profile "
                     f"{PROFILES[profile] if profile < len(PROFILES) else profile}; rebuild the bundle with a larger plan."
                 )
-            ptr = self._buffer(name, a.nbytes)
-            if a.nbytes:
+            if a is not None and a.nbytes:
                 _check(rt.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
             ctx.set_tensor_address(name, ptr)
         result = {}
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
-            out = np.empty(shape, self.dtypes[name])
-            result[name] = out
-            ctx.set_tensor_address(name, self._buffer(name, out.nbytes))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtypes[name].itemsize
+            if name in on_device:
+                ptr = self._buffer((name, on_device[name]), nbytes)
+                result[name] = DeviceTensor(ptr, shape, self.dtypes[name], on_device[name])
+            else:
+                result[name] = np.empty(shape, self.dtypes[name])
+                ptr = self._buffer(name, nbytes)
+            ctx.set_tensor_address(name, ptr)
         if not ctx.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         for name in outputs:
             out = result[name]
-            if out.nbytes:
+            if isinstance(out, np.ndarray) and out.nbytes:
                 _check(rt.cudaMemcpyAsync(out.ctypes.data, self.buffers[name][0], out.nbytes,
                                           rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _check(rt.cudaStreamSynchronize(self.stream))
@@ -184,5 +206,7 @@ class TrtExecutor:
         all_feeds = dict(feeds)
         all_feeds.update(zip(self.past_names, past))
         profile = 0 if past[0].shape[2] == 0 else 1
-        out = self.decoder.run(all_feeds, ["logits", *self.present_names], profile=profile)
+        # Each present goes to the buffer its past is not in: the step reads one and writes the other.
+        slots = {n: 1 - p.slot if isinstance(p, DeviceTensor) else 0 for n, p in zip(self.present_names, past)}
+        out = self.decoder.run(all_feeds, ["logits", *self.present_names], profile=profile, on_device=slots)
         return out[0].astype(np.float32, copy=False), out[1:]
