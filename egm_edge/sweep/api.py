@@ -1,6 +1,8 @@
 """`sweep(model_dir, ...)`: every (recipe, thinking budget) on the data, one record each, then the choice.
 
-Contract: for each recipe a CPU bundle is built or reused (`egm_edge.sweep.bundles`);
+Contract: for each recipe a CPU bundle is built or reused (`egm_edge.sweep.bundles`;
+for a recipe the CPU runtime has no kernels for, fp8, the quantized checkpoint
+through the PyTorch reference, marked not deployable on cpu);
 each (recipe, budget) runs every sample through the torch-free runtime on this
 machine (one warm-up grounding first, no image-encoding cache, so latencies are
 per request) and appends a record (`egm_edge.sweep.records`); targets other than
@@ -88,7 +90,8 @@ def analyze(records: list[dict], out_dir, *, targets=None, latency_budget_ms: fl
             plots[t] = p
     tab = table(records)
     lines = ["# Sweep: accuracy vs latency", "",
-             "Accuracy is measured with the CPU bundle on this machine; latency is measured for target cpu and "
+             "Accuracy is measured on this machine with the CPU bundle (or, for recipes the CPU runtime cannot run, the quantized "
+             "checkpoint through the PyTorch reference); latency is measured for target cpu and "
              "predicted by the planner (roofline x calibrated efficiency) for other targets; memory is predicted.", "",
              tab, "", "## Recommendation", ""]
     lines += [f"- {r['why']}" for r in recs.values()]
@@ -107,11 +110,10 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
           max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None) -> SweepResult:
     """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring."""
     from egm_edge.reference.runner import read_model_config
-    from egm_edge.runtime.bundle import open_bundle
     from egm_edge.sweep import bundles as B
     from egm_edge.sweep import records as R
     from egm_edge.validate.api import load_data, run_side, subset
-    from egm_edge.validate.predictors import BundlePredictor, DecodeSettings
+    from egm_edge.validate.predictors import DecodeSettings
     from egm_edge.validate.store import PredictionStore, sample_ids
 
     say = say or (lambda _m: None)
@@ -160,12 +162,9 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         if not todo:
             say(f"{recipe}: all {len(budgets)} budgets already recorded")
             continue
-        bundle_dir, _ = B.bundle_for(model_dir, recipe, out / "bundles", calibration=calib, max_answer_tokens=max_answer_tokens,
-                                     max_seq_len=max_seq_len, say=say, quantize_progress=progress)
-        bundle = open_bundle(bundle_dir)
-        pred = BundlePredictor(bundle_dir)
+        runner = _runner(model_dir, recipe, out, cpu, calib, max_answer_tokens, max_seq_len, say, progress)
         first = samples[0]
-        pred.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens))  # warm-up
+        runner.predictor.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens))  # warm-up
         for b in todo:
             ran += 1
             say(f"[{recipes.index(recipe) * len(budgets) + budgets.index(b) + 1}/{total}] {recipe}, think budget {b if b is not None else 'none'}")
@@ -175,12 +174,11 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
                 runs = PredictionStore(out / "runs", f"{recipe}-{'none' if b is None else b}", rkey)
                 done = runs.load()
                 left = [i for i in ids if i not in done or done[i].get("error")]
-                run_side(pred, f"{recipe} @ {'none' if b is None else b}", by_id, groups, left, settings, runs, 1, progress)
+                run_side(runner.predictor, f"{recipe} @ {'none' if b is None else b}", by_id, groups, left, settings, runs, 1, progress)
                 rows = [r for i, r in runs.load().items() if i in by_id]
                 cap = b if b is not None else max((r.get("think_tokens") or 0 for r in rows), default=0)
                 mem = R.predict(spec, cpu, recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
-                measured = R.measured_record(recipe, b, rkey, bundle, rows, mem.get("memory_gib") if mem["supported"] else None,
-                                             not_deployable=_why_not_deployable(cpu, recipe))
+                measured = R.measured_record(recipe, b, rkey, runner, rows, mem.get("memory_gib") if mem["supported"] else None)
                 store.append(measured)
             think = measured["accuracy"]["mean_think_tokens"] or 0.0
             cap = b if b is not None else (measured["latency"].get("max_think_tokens") or 0)
@@ -200,13 +198,41 @@ def _image(sample) -> Any:
     return load_image(sample.image, exif_transpose=False)
 
 
-def _why_not_deployable(cpu, recipe: str) -> str | None:
-    from egm_edge.errors import UnsupportedError
+@dataclass(frozen=True)
+class Runner:
+    """What measures one recipe on this machine: a CPU bundle, or (where the CPU runtime has no kernels for the
+    recipe) the quantized checkpoint through the PyTorch reference, whose latency is then no deployment figure."""
+
+    predictor: Any
+    path: Path
+    precision: str
+    kind: str  # "bundle" | "checkpoint"
+    not_deployable: str | None  # why the cpu profile does not offer this precision; None when it does
+
+
+def _runner(model_dir: Path, recipe: str, out: Path, cpu, calib, max_answer_tokens: int, max_seq_len: int, say, progress) -> Runner:
+    from egm_edge.errors import EgmError, UnsupportedError
+    from egm_edge.runtime.bundle import open_bundle
+    from egm_edge.sweep import bundles as B
     from egm_edge.sweep.records import planner_precision
     from egm_edge.targets import check_precision
+    from egm_edge.validate.predictors import BundlePredictor, CheckpointPredictor
+
+    def reference(why: str) -> Runner:
+        path, _ = B.checkpoint_for(model_dir, recipe, out / "checkpoints", calibration=calib, say=say, quantize_progress=progress)
+        say(f"{recipe}: measured with the PyTorch reference ({why})")
+        why += "; measured with the PyTorch reference (dequantized, activations fake-quantized): its accuracy counts, its latency does not."
+        return Runner(CheckpointPredictor(path), path, recipe, "checkpoint", why)
 
     try:
         check_precision(cpu, planner_precision(recipe, cpu))
     except UnsupportedError as e:
-        return f"{e} The bundle ran by emulation: its accuracy counts, its latency does not."
-    return None
+        return reference(str(e).rstrip("."))
+    try:
+        path, _ = B.bundle_for(model_dir, recipe, out / "bundles", checkpoints_dir=out / "checkpoints", calibration=calib,
+                               max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len, say=say, quantize_progress=progress)
+    except EgmError as e:
+        if recipe == B.FULL:
+            raise
+        return reference(f"no CPU bundle could be built for {recipe}: {str(e).rstrip('.')}")
+    return Runner(BundlePredictor(path), path, open_bundle(path).precision, "bundle", None)

@@ -6,9 +6,11 @@ Contract: `bundle_for(model_dir, recipe, bundles_dir, ...)` returns
 (config.json sha256 and a fingerprint of its weights), the recipe, the
 calibration recipe (quantized recipes only), the bundle caps and the egm-edge
 version. A bundle whose key matches is reused as is; otherwise it is rebuilt:
-quantize (skipped for "full") -> export -> build_cpu, each into
-`bundles_dir/.work/<recipe>/` (removed once the bundle is in place). Stages
-write their own manifests and rename into place, so an interrupted build leaves
+quantize (skipped for "full"; INT4 blocks of 64 where the model's widths do
+not divide by 128; the quantized checkpoint is kept and reused under
+`checkpoints/<recipe>`, see `checkpoint_for`) -> export into
+`bundles_dir/.work/<recipe>/` (removed afterwards) -> build_cpu. Stages write
+their own manifests and rename into place, so an interrupted build leaves
 nothing that looks reusable.
 """
 
@@ -46,6 +48,25 @@ def default_calibration() -> Path:
     return Path(__file__).resolve().parents[2] / "calibration" / "synth.toml"
 
 
+def int4_block_size(model_dir: Path, recipe: str) -> int | None:
+    """The largest INT4 block (128, else 64) dividing every quantized input width of the language model; None if not INT4.
+
+    Small models (the tiny grounder's hidden size is 192) need 64; real EGM models take the recipe's 128.
+    """
+    from egm_edge.quantize.recipes import INT4_BLOCK_SIZES, RECIPES
+
+    if recipe == FULL or RECIPES[recipe].weights != "int4":
+        return None
+    cfg = json.loads((model_dir / "config.json").read_text())
+    t = cfg.get("text_config") or cfg
+    widths = {t.get("hidden_size"), t.get("intermediate_size"), (t.get("num_attention_heads") or 0) * (t.get("head_dim") or 0)}
+    widths = {w for w in widths if w}
+    for block in sorted(INT4_BLOCK_SIZES, reverse=True):
+        if all(w % block == 0 for w in widths):
+            return None if block == RECIPES[recipe].block_size else block
+    return None  # no block fits: quantize refuses with its own sentence
+
+
 def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict) -> str:
     from egm_edge import __version__
     from egm_edge.artifacts import sha256_file
@@ -58,9 +79,34 @@ def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict) -> str:
         rec = calibration if isinstance(calibration, CalibrationRecipe) else CalibrationRecipe.from_toml(calibration)
         calib = rec.digest()
     blob = {"config": sha256_file(model_dir / "config.json"), "weights": weights_fingerprint(model_dir),
-            "tokenizer": sha256_file(model_dir / "tokenizer.json"), "recipe": recipe, "calibration": calib, "caps": caps,
+            "tokenizer": sha256_file(model_dir / "tokenizer.json"), "recipe": recipe,
+            "int4_block": int4_block_size(model_dir, recipe), "calibration": calib, "caps": caps,
             "egm_edge": __version__}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def checkpoint_for(model_dir, recipe: str, root, *, calibration=None, say: Callable[[str], None] | None = None,
+                   quantize_progress: bool = True) -> tuple[Path, bool]:
+    """(quantized checkpoint, reused?) at `root/<recipe>`, reused when `root/<recipe>.sweep-key` matches the inputs.
+
+    It feeds the export of a quantized bundle, and is what gets measured (through the PyTorch reference's
+    dequantizing loader) where no CPU bundle can be built for the recipe."""
+    from egm_edge.artifacts import read_manifest
+    from egm_edge.quantize.api import quantize
+
+    say = say or (lambda _m: None)
+    model_dir, root = Path(model_dir), Path(root)
+    calibration = calibration if calibration is not None else default_calibration()
+    key = bundle_key(model_dir, recipe, calibration, {})
+    out, key_file = root / recipe, root / f"{recipe}.sweep-key"
+    if (read_manifest(out) or {}).get("stage") == "quantize" and key_file.is_file() and key_file.read_text().strip() == key:
+        say(f"{recipe}: reusing {out} (inputs unchanged)")
+        return out, True
+    key_file.unlink(missing_ok=True)
+    say(f"{recipe}: quantizing {model_dir.name}")
+    quantize(model_dir, recipe, calibration, out, block_size=int4_block_size(model_dir, recipe), force=True, progress=quantize_progress)
+    key_file.write_text(key + "\n")  # after the stage renamed its output into place: only a finished one is reused
+    return out, False
 
 
 def reusable(bundle_dir: Path, key: str) -> bool:
@@ -70,8 +116,8 @@ def reusable(bundle_dir: Path, key: str) -> bool:
     return m.get("stage") == "build" and (m.get("sweep") or {}).get("key") == key
 
 
-def bundle_for(model_dir, recipe: str, bundles_dir, *, calibration=None, max_answer_tokens: int = 128, max_seq_len: int = 4096,
-               say: Callable[[str], None] | None = None, quantize_progress: bool = True) -> tuple[Path, bool]:
+def bundle_for(model_dir, recipe: str, bundles_dir, *, checkpoints_dir=None, calibration=None, max_answer_tokens: int = 128,
+               max_seq_len: int = 4096, say: Callable[[str], None] | None = None, quantize_progress: bool = True) -> tuple[Path, bool]:
     """(bundle path, reused?) for `recipe` (see the module docstring)."""
     say = say or (lambda _m: None)
     model_dir, bundles_dir = Path(model_dir), Path(bundles_dir)
@@ -87,19 +133,19 @@ def bundle_for(model_dir, recipe: str, bundles_dir, *, calibration=None, max_ans
     from egm_edge.build import build_cpu
     from egm_edge.export.pipeline import export
 
+    src = model_dir
+    if recipe != FULL:
+        src, _ = checkpoint_for(model_dir, recipe, checkpoints_dir or bundles_dir.parent / "checkpoints", calibration=calibration,
+                                say=say, quantize_progress=quantize_progress)
     work = bundles_dir / ".work" / recipe
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    src = model_dir
-    if recipe != FULL:
-        from egm_edge.quantize.api import quantize
-
-        say(f"{recipe}: quantizing {model_dir.name}")
-        src = quantize(model_dir, recipe, calibration, work / "quantized", force=True, progress=quantize_progress)
-    say(f"{recipe}: exporting to ONNX")
-    ex = export(src, work / "export", force=True)
-    say(f"{recipe}: building the CPU bundle")
-    build_cpu(ex, out, max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len, force=True, name=f"{model_dir.name}-{recipe}",
-              extra_manifest={"sweep": {"key": key, "recipe": recipe, "model": str(model_dir.resolve())}})
-    shutil.rmtree(bundles_dir / ".work" / recipe, ignore_errors=True)
+    try:
+        say(f"{recipe}: exporting to ONNX")
+        ex = export(src, work / "export", force=True)
+        say(f"{recipe}: building the CPU bundle")
+        build_cpu(ex, out, max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len, force=True, name=f"{model_dir.name}-{recipe}",
+                  extra_manifest={"sweep": {"key": key, "recipe": recipe, "model": str(model_dir.resolve())}})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out, False

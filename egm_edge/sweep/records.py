@@ -70,13 +70,13 @@ def _mean(vals) -> float | None:
     return round(statistics.fmean(vals), 3) if vals else None
 
 
-def measured_record(recipe: str, budget, rkey: str, bundle, rows: list[dict], memory_gib: float | None,
-                    not_deployable: str | None = None) -> dict[str, Any]:
+def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], memory_gib: float | None) -> dict[str, Any]:
     """The cpu record of one run: accuracy and latency measured on this machine.
 
-    not_deployable: why the cpu profile does not offer this precision (the bundle still runs, by emulation:
-    its accuracy counts, its latency is not what a deployment would see); such records are never recommended.
+    runner: `egm_edge.sweep.api.Runner`; when its `not_deployable` says why the cpu profile does not offer
+    the precision, the accuracy counts but the latency is no deployment figure: never recommended.
     """
+    not_deployable = runner.not_deployable
     from egm_edge.validate.stats import side_metrics
 
     m = side_metrics(rows)
@@ -90,7 +90,8 @@ def measured_record(recipe: str, budget, rkey: str, bundle, rows: list[dict], me
         "key": record_key(recipe, budget, "cpu", rkey),
         "run_key": rkey,
         "recipe": recipe,
-        "precision": bundle.precision,
+        "precision": runner.precision,
+        "measured_with": runner.kind,
         "think_budget": budget,
         "target": "cpu",
         "supported": True,
@@ -108,7 +109,7 @@ def measured_record(recipe: str, budget, rkey: str, bundle, rows: list[dict], me
         },
         "memory_gib": memory_gib,
         "memory_source": "predicted" if memory_gib is not None else None,
-        "bundle": str(bundle.path),
+        "bundle": str(runner.path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -26,6 +26,10 @@ def _ci(ci) -> str:
     return "-" if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
+def _points(v: float) -> str:
+    return f"{v:g} point" + ("" if v == 1 else "s")
+
+
 def notes(rows: dict, settings, errors: dict) -> list[str]:
     """Sentences a reader must see: errors, budgets a server ignored, truncated outputs."""
     out = []
@@ -89,8 +93,8 @@ def markdown(data: dict) -> str:
         f"- data: {data['data']['path'] or 'in memory'}, {data['data']['n_samples']} samples, split by `{data['data']['split_by']}`"
         + (f"; skipped while loading: {data['data']['skipped']}" if data["data"]["skipped"] else ""),
         f"- decode: think budget {budget}, max {s['max_answer_tokens']} answer tokens, max {s['max_new_tokens']} new tokens, greedy",
-        f"- gate: a drop of more than {data['thresholds']['max_acc_drop_points']:g} points of Acc@0.5 or "
-        f"{data['thresholds']['max_miou_drop_points']:g} points of mean IoU on any split or overall fails",
+        f"- gate: a drop of more than {_points(data['thresholds']['max_acc_drop_points'])} of Acc@0.5 or "
+        f"{_points(data['thresholds']['max_miou_drop_points'])} of mean IoU on any split or overall fails",
         "",
     ]
     if data["failures"]:
@@ -132,9 +136,12 @@ def _draw_worst(out_dir: Path, rows: dict, k: int) -> list[dict]:
         except Exception:  # the image went away since it was predicted: list the sample, draw nothing
             img = None
         if img is not None:
+            k_up = max(1, round(480 / max(img.size)))  # small images are enlarged so the labels stay legible
+            img = img.resize((img.width * k_up, img.height * k_up)) if k_up > 1 else img
+            box = lambda b: None if not b else tuple(v * k_up for v in b)  # noqa: E731
             rb, cb = (r["result"] or {}).get("box"), (c["result"] or {}).get("box")
-            drawn = draw_boxes(img, [(tuple(c["gt"]), "GT", GT), (tuple(rb) if rb else None, f"ref {r['iou']:.2f}", REF),
-                                     (tuple(cb) if cb else None, f"cand {c['iou']:.2f}", CAND)])
+            drawn = draw_boxes(img, [(box(rb), f"ref {r['iou']:.2f}", REF), (box(cb), f"cand {c['iou']:.2f}", CAND),
+                                     (box(c["gt"]), "GT", GT)])
             drawn.save(folder / name)
         out.append({"id": i, "split": c.get("split"), "expression": c["expression"], "iou_reference": round(r["iou"], 4),
                     "iou_candidate": round(c["iou"], 4), "png": f"{WORST_DIR}/{name}" if img is not None else None})

@@ -98,3 +98,23 @@ def test_bad_input(tiny_ckpt, tmp_path):
             sweep(tiny_ckpt, data=data, out_dir=tmp_path / "o", **{**KW, **kw})
     with pytest.raises(InputError, match="does not exist"):
         sweep(tiny_ckpt, data=tmp_path / "none.jsonl", out_dir=tmp_path / "o", **KW)
+
+
+def test_recipes_without_a_cpu_bundle_fall_back_to_the_reference(tiny_ckpt, tmp_path, monkeypatch):
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.sweep import api, bundles
+    from egm_edge.targets import load_target
+
+    monkeypatch.setattr(bundles, "checkpoint_for", lambda *a, **k: (tiny_ckpt, True))  # stands in for a quantized checkpoint
+
+    def no_bundle(*a, **k):
+        raise UnsupportedError("MatMulNBits needs block 128.")
+
+    monkeypatch.setattr(bundles, "bundle_for", no_bundle)
+    cpu = load_target("cpu")
+    fp8 = api._runner(tiny_ckpt, "fp8", tmp_path, cpu, None, 8, 1024, lambda m: None, False)
+    assert fp8.kind == "checkpoint" and "Unsupported precision 'fp8' for target cpu" in fp8.not_deployable
+    int4 = api._runner(tiny_ckpt, "int4_awq", tmp_path, cpu, None, 8, 1024, lambda m: None, False)
+    assert int4.kind == "checkpoint" and "no CPU bundle could be built for int4_awq: MatMulNBits needs block 128" in int4.not_deployable
+    with pytest.raises(UnsupportedError):
+        api._runner(tiny_ckpt, "full", tmp_path, cpu, None, 8, 1024, lambda m: None, False)

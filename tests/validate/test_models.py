@@ -47,3 +47,39 @@ def test_cli_exit_status_and_bad_input(tiny_bundle, tiny_ckpt, dataset, tmp_path
     assert "does not exist" in capsys.readouterr().err
     assert main([*args[:2], str(tmp_path), *args[3:]]) == 2  # neither a bundle nor a checkpoint
     assert "neither a bundle" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def grounder_dir():
+    pytest.importorskip("torch")
+    from egm_edge.assets import default_model_dir
+
+    d = default_model_dir()
+    if not (d / "model.safetensors").is_file():
+        pytest.skip(f"the trained tiny grounder is not in {d} yet")
+    return d
+
+
+def scrambled(src, dst, seed=0):
+    """The same checkpoint with every tensor's values permuted: same tokenizer and shapes, no skill left."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: rng.permutation(v.reshape(-1)).reshape(v.shape) for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_a_broken_candidate_fails_the_gate(grounder_dir, tmp_path):
+    from egm_edge.synth import generate
+
+    data = generate(tmp_path / "data", 8, seed=424242)
+    broken = scrambled(grounder_dir, tmp_path / "broken")
+    rep = validate(broken, grounder_dir, data, out_dir=tmp_path / "o", think_budget=8, progress=False)
+    assert rep.verdict == "fail" and rep.exit_code == 1
+    o = rep.data["groups"]["overall"]
+    assert o["reference"]["acc"] >= 50.0 and o["delta"]["acc_delta"] <= -40.0
+    assert any(f.startswith("overall: Acc@0.5 dropped") for f in rep.failures)
+    assert len(o["delta"]["hit_to_miss"]) >= 4 and rep.data["worst_regressions"]
