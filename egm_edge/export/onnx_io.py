@@ -81,21 +81,32 @@ def export_graph(module, args: tuple, path: Path, input_names, output_names, dyn
 
     Saving goes through the exporter's IR, never a single protobuf, so graphs above 2 GB work.
     """
+    import logging
+    import warnings
+
     import torch
 
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_shapes=dynamic_shapes,
-            optimize=True,
-            custom_translation_table=translations or None,
-            verbose=False,
-        )
+    # The exporter logs a warning per missing torchvision op and torch.export a FutureWarning per call: noise here.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                custom_translation_table=translations or None,
+                verbose=False,
+            )
+    finally:
+        onnx_log.setLevel(level)
     name_dims(program.model, dims)
     if postprocess is not None:
         postprocess(program.model)
