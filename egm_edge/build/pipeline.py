@@ -84,8 +84,11 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int =
             raise InputError(f"Calibration recipe {calib} does not exist; pass a TOML file such as calibration/coco128.toml.")
     if not isinstance(think_budget, int) or isinstance(think_budget, bool) or think_budget < 0:
         raise InputError(f"think_budget={think_budget!r} must be a non-negative whole number of tokens.")
+    spec = spec_from_config(model_dir)
+    if spec.family != "qwen3_vl":
+        raise UnsupportedError(f"{model_dir} is a {spec.family} checkpoint; the export stage handles Qwen3-VL checkpoints only.")
     kv = "fp8" if kv_cache == "fp8" else None
-    p = plan(spec_from_config(model_dir), target, precision, think_budget, image_wh=image_wh or DEFAULT_IMAGE_WH, kv_dtype=kv)
+    p = plan(spec, target, precision, think_budget, image_wh=image_wh or DEFAULT_IMAGE_WH, kv_dtype=kv)
     require_fit(p)
     if out_dir is not None:
         check_output_dir(Path(out_dir), force)

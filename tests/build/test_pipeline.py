@@ -55,6 +55,18 @@ def test_unknown_recipe_missing_calib_and_missing_config_are_refused(config_dir,
     _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int8_sq", "--target", "jetson-agx-orin-64gb"], "--calib")
     _refused(capsys, tmp_path, ["--model", str(tmp_path / "nothing"), "--recipe", "full", "--target", "cpu"], "config.json")
     _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "full", "--target", "nowhere"], "Unknown target")
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int4_awq", "--kv-cache", "fp8", "--target", "jetson-agx-orin-64gb",
+                                "--calib", "calibration/coco128.toml"], "KV-cache dtype 'fp8'", "Choose from: fp16, bf16")
+
+
+def test_an_internvl_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    from egm_edge.models import get_spec
+    from egm_edge.models.hf_config import to_hf_config
+
+    d = tmp_path / "internvl"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-2b"))))
+    _refused(capsys, tmp_path, ["--model", str(d), "--recipe", "full", "--target", "h100"], "Qwen3-VL checkpoints only")
 
 
 def test_full_precision_follows_the_target():
