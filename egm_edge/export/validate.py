@@ -219,9 +219,14 @@ def _sessions(out_dir: Path, precision: str, backend: str):
     return mk("vision.onnx"), mk("decoder.onnx")
 
 
-def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
-                    steps: int = 4, seed: int = 0, backend: str = "onnxruntime") -> dict:
-    """Compare ONNX Runtime on `out_dir`'s graphs with `model`; returns the figures, raises EgmError on a miss."""
+def reference_outputs(model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, steps: int = 4, seed: int = 0) -> list:
+    """[(case, reference outputs)] for the validation cases; small enough to keep once the model is gone."""
+    return [(case, _reference(model, case, steps)) for case in build_cases(Path(checkpoint), vcfg, dcfg, seed)]
+
+
+def compare_with_onnxruntime(out_dir: Path, refs: list, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
+                             backend: str = "onnxruntime") -> dict:
+    """Run `out_dir`'s graphs on the cases of `refs`; returns the figures, raises EgmError on a miss."""
     if precision not in THRESHOLDS:
         from egm_edge.errors import UnsupportedError
 
@@ -229,10 +234,10 @@ def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConf
     threshold = THRESHOLDS[precision]
     t0 = time.perf_counter()
     vision, decoder = _sessions(Path(out_dir), precision, backend)
-    report: dict = {"precision": precision, "backend": backend, "threshold": asdict(threshold), "steps": steps, "seed": seed, "cases": {}}
+    steps = len(refs[0][1]["tokens"]) if refs else 0
+    report: dict = {"precision": precision, "backend": backend, "threshold": asdict(threshold), "steps": steps, "cases": {}}
     failures = []
-    for case in build_cases(Path(checkpoint), vcfg, dcfg, seed):
-        ref = _reference(model, case, steps)
+    for case, ref in refs:
         got = _ort(vision, decoder, case, ref["tokens"], vcfg, dcfg)
         outputs = {k: _metric(got[k], ref[k]) for k in ("image_features", "deepstack_features", "prefill_logits", "decode_logits", "kv_cache")}
         agree = [int(a == b) for a, b in zip(got["greedy"], ref["tokens"])]
@@ -252,3 +257,11 @@ def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConf
         raise EgmError(f"Exported graphs disagree with the PyTorch reference ({precision}): {'; '.join(failures)}; "
                        "the export was not written, report this with the checkpoint's config.json.")
     return report
+
+
+def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
+                    steps: int = 4, seed: int = 0, backend: str = "onnxruntime") -> dict:
+    """`reference_outputs` then `compare_with_onnxruntime`, for callers that keep the model anyway."""
+    report = compare_with_onnxruntime(out_dir, reference_outputs(model, checkpoint, vcfg, dcfg, steps, seed), vcfg, dcfg,
+                                      precision, backend)
+    return {**report, "seed": seed}
