@@ -95,16 +95,24 @@ def table(records: list[dict]) -> str:
         return (order[r["target"]], r["recipe"], float("inf") if b is None else b)
 
     f = lambda v, nd=1: "-" if v is None else f"{v:.{nd}f}"  # noqa: E731
+    reasons: list[str] = []
+
+    def _note(reason: str) -> str:
+        if reason not in reasons:
+            reasons.append(reason)
+        return f"[{reasons.index(reason) + 1}]"
+
     for r in sorted(records, key=key):
         a, lat = r["accuracy"], r["latency"]
         if not r.get("supported", True):
             lines.append(f"| {r['target']} | {r['recipe']} | {r.get('precision', '-')} | {budget_label(r['think_budget'])} | "
-                         f"unsupported: {r.get('reason', '')} |" + " |" * 11)
+                         f"unsupported {_note(r.get('reason', ''))} |" + " |" * 11)
             continue
         lines.append(
             f"| {r['target']} | {r['recipe']} | {r.get('precision', '-')} | {budget_label(r['think_budget'])} | {f(a.get('acc'))} | "
             f"{f(a.get('miou'))} | {f(a.get('parse_failure_rate'), 3)} | {a.get('errors', 0)} | {f(a.get('mean_think_tokens'))} | "
             f"{f(lat.get('mean_ms'))} | {f(lat.get('p50_ms'))} | {f(lat.get('p90_ms'))} | {f(lat.get('ms_per_token'), 2)} | "
-            f"{lat['source']}{'' if r.get('deployable', True) else ' (not deployable: ' + r.get('reason', '') + ')'} | {f(r.get('memory_gib'), 2)} | {'yes' if id(r) in fronts[r['target']] else ''} |"
+            f"{lat['source']}{'' if r.get('deployable', True) else ', not deployable ' + _note(r.get('reason', ''))} | {f(r.get('memory_gib'), 2)} | {'yes' if id(r) in fronts[r['target']] else ''} |"
         )
+    lines += [""] * bool(reasons) + [f"[{k}] {why}" for k, why in enumerate(reasons, 1)]
     return "\n".join(lines)

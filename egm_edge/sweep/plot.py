@@ -40,7 +40,9 @@ def plot_target(records: list[dict], target: str, path: Path, latency_budget_ms:
         pts = sorted((r for r in rs if r["recipe"] == recipe), key=lambda r: _order(r["think_budget"]))
         xs = [r["latency"]["mean_ms"] for r in pts]
         ys = [r["accuracy"]["acc"] for r in pts]
-        ax.plot(xs, ys, "-o", color=colours(k % 10), label=recipe, markersize=5, linewidth=1.2, alpha=0.9)
+        emulated = not all(r.get("deployable", True) for r in pts)  # hollow and dashed: accuracy only, latency emulated
+        ax.plot(xs, ys, "--o" if emulated else "-o", color=colours(k % 10), markersize=5, linewidth=1.2, alpha=0.9,
+                markerfacecolor="white" if emulated else colours(k % 10), label=recipe + (" (not deployable here)" if emulated else ""))
         for r, x, y in zip(pts, xs, ys):
             mark = "" if r.get("deployable", True) else " not deployable"
             ax.annotate(f"({recipe}, {budget_label(r['think_budget'])}){mark}", (x, y), textcoords="offset points", xytext=(4, 4),
@@ -55,12 +57,17 @@ def plot_target(records: list[dict], target: str, path: Path, latency_budget_ms:
     if recommended is not None:
         ax.scatter([recommended["latency"]["mean_ms"]], [recommended["accuracy"]["acc"]], marker="*", s=260, color="gold",
                    edgecolors="black", zorder=4, label="recommended")
+    accs = [r["accuracy"]["acc"] for r in rs]
+    lo, hi = max(0.0, min(accs) - 5), min(100.0, max(accs) + 5)
+    if hi - lo < 10:
+        lo, hi = max(0.0, (lo + hi) / 2 - 5), min(100.0, (lo + hi) / 2 + 5)
+    ax.set_ylim(lo - 1, hi + 1)
     source = rs[0]["latency"]["source"]
     ax.set_xlabel(f"mean latency per grounding, ms ({source}{' on this machine' if source == 'measured' else ''})")
     ax.set_ylabel("Acc@0.5 (%)")
     ax.set_title(f"Accuracy vs latency on {target}: recipe x thinking budget")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

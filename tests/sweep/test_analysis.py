@@ -59,7 +59,7 @@ def test_unsupported_records_are_listed_not_recommended():
     r = recommend(RECORDS, "jetson-orin-nano-8gb")
     assert r["record"]["recipe"] == "full" and "(predicted)" in r["why"]
     t = table(RECORDS)
-    assert "unsupported: no FP8 here" in t and t.count("\n") == len(RECORDS) + 1
+    assert "| unsupported [1] |" in t and t.endswith("\n\n[1] no FP8 here") and t.count("\n") == len(RECORDS) + 3
     assert recommend(RECORDS, "h100")["record"] is None
 
 
