@@ -168,6 +168,10 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
     if target.kind not in ("gpu", "jetson"):
         raise UnsupportedError(f"Target {target.name} is a {target.kind} target; TensorRT bundles are for gpu and jetson targets.")
     em = _read_export(export_dir)
+    exported = em.get("precision", "full")
+    if (exported == "full") != (plan.precision in ("fp32", "fp16", "bf16")) or (exported != "full" and exported != plan.precision):
+        raise UnsupportedError(f"Export {export_dir} holds {exported} weights but the plan is for {plan.precision}; "
+                               "plan the precision the export was made with.")
     say(f"checking the graphs against TensorRT {target.software.get('tensorrt')}'s ONNX support and Q/DQ rules")
     contract = require_tensorrt_graphs(export_dir, target)
     t0 = time.perf_counter()

@@ -217,8 +217,8 @@ def importlib_util_find(name):
     return importlib.util.find_spec(name)
 
 
-def test_cpu_graphs_and_targets_are_refused(tiny_bundle, tiny_ckpt, tmp_path):
-    from trt_helpers import tiny_plan
+def test_cpu_graphs_targets_and_foreign_precisions_are_refused(tiny_bundle, tiny_ckpt, tmp_path):
+    from trt_helpers import export_of, tiny_plan
 
     from egm_edge.build.tensorrt import build_tensorrt
     from egm_edge.targets import load_target
@@ -226,6 +226,8 @@ def test_cpu_graphs_and_targets_are_refused(tiny_bundle, tiny_ckpt, tmp_path):
     t = load_target("h100")
     with pytest.raises(CheckpointError):  # a cpu bundle is not an export
         build_tensorrt(tiny_bundle, tmp_path / "b", t, tiny_plan(tiny_ckpt, t, "fp16"))
+    with pytest.raises(UnsupportedError, match="holds full weights but the plan is for int8_sq"):
+        build_tensorrt(export_of(tiny_bundle), tmp_path / "b", t, tiny_plan(tiny_ckpt, t, "int8_sq"))
     with pytest.raises(UnsupportedError, match="cpu target"):
         build_tensorrt(tiny_bundle, tmp_path / "b", load_target("cpu"), tiny_plan(tiny_ckpt, "cpu", "fp32"))
     assert not (tmp_path / "b").exists()
