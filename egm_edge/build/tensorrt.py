@@ -40,6 +40,11 @@ SIDE_FILES = ("tokenizer.json", "preprocessor_config.json", "config.json", "chat
 MIN_TEXT_TOKENS = 128  # prompt text the prefill profile admits besides the image, at least
 
 
+def prompt_text_max(plan) -> int:
+    """Prompt text tokens (besides the image) a bundle admits: the planned prompt with room for longer expressions."""
+    return max(MIN_TEXT_TOKENS, 2 * plan.prompt_tokens)
+
+
 def _dims(plan, image_processor: dict, decoder: dict) -> dict[str, int]:
     """Token counts every profile is built from (see the module docstring)."""
     merge = int(image_processor.get("merge_size", 2))
@@ -47,7 +52,7 @@ def _dims(plan, image_processor: dict, decoder: dict) -> dict[str, int]:
     # The largest image the bundle's processor lets through (smart_resize keeps h*w <= max_pixels).
     img_max = max(img, int(image_processor["max_pixels"]) // (int(image_processor.get("patch_size", 16)) * merge) ** 2)
     text_opt = plan.prompt_tokens
-    text_max = max(MIN_TEXT_TOKENS, 2 * plan.prompt_tokens)
+    text_max = prompt_text_max(plan)
     tail = plan.think_budget + plan.close_tokens + plan.answer_tokens
     return {"merge": merge, "image_opt": img, "image_max": img_max, "text_opt": text_opt, "text_max": text_max,
             "prefill_opt": text_opt + img, "prefill_max": text_max + img_max, "kv_opt": text_opt + img + plan.think_budget // 2,

@@ -2,8 +2,9 @@
 
 Contract: `llm_api_options(plan, target, ...)` returns the LLM-API options that
 `trtllm-serve CKPT --backend pytorch --extra_llm_api_options FILE` loads into
-TorchLlmArgs: max_batch_size, max_seq_len (the plan's context: prompt + image
-tokens + think budget + budget close + answer), max_input_len, max_num_tokens,
+TorchLlmArgs: max_batch_size, max_input_len (prompt text with room for longer
+expressions + the planned image's tokens), max_seq_len (that + think budget +
+budget close + answer), max_num_tokens,
 kv_cache_config (dtype from --kv-cache, free_gpu_memory_fraction sized from the
 plan), cuda_graph_config batch sizes up to max_batch_size. `check_options`
 lists every name the pinned TensorRT-LLM version (target profile
@@ -87,8 +88,10 @@ def llm_api_options(plan, target, *, kv_cache: str | None = None, max_batch_size
     if kv_cache == "fp8" and "fp8" not in target.kv_dtypes():
         raise UnsupportedError(f"Unsupported KV-cache dtype 'fp8' for target {target.name} (SM {target.sm_text} has no FP8). "
                                f"Choose from: {', '.join(target.kv_dtypes())}.")
-    prefill = plan.prompt_tokens + plan.image.image_tokens
-    max_seq = plan.context_tokens
+    from egm_edge.build.tensorrt import prompt_text_max
+
+    prefill = prompt_text_max(plan) + plan.image.image_tokens  # the engines' slack for longer expressions, as on the device
+    max_seq = prefill + plan.think_budget + plan.close_tokens + plan.answer_tokens
     # KV bytes the whole batch needs at max_seq_len, as a share of what is left after weights and overhead.
     free = plan.usable_bytes - sum(plan.weights.values()) - plan.overhead_bytes - plan.activation_bytes
     per_token = plan.kv_cache_bytes / max(plan.context_tokens, 1) * (0.5 if kv_cache == "fp8" and plan.kv_dtype != "fp8" else 1)
@@ -122,6 +125,7 @@ def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = No
     """Write llm_api_options.yaml, launch.sh and README.md into `out_dir`; returns what the manifest records."""
     version = serving_version(target)
     options = llm_api_options(plan, target, kv_cache=kv_cache, max_batch_size=max_batch_size)
+    prefill = options["max_input_len"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # JSON is YAML 1.2: PyYAML's safe_load (what trtllm-serve uses) reads it, and so can anything without PyYAML.
@@ -141,8 +145,9 @@ def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = No
         "Then score it against a reference with the same samples the bundle is validated on:\n\n"
         f"    egm-edge validate --candidate http://HOST:{port} ...\n\n"
         f"The think budget ({plan.think_budget} tokens) is not a TensorRT-LLM {version} option: clients cap it through "
-        f"max_tokens. max_seq_len {options['max_seq_len']} = prompt {plan.prompt_tokens} + image {plan.image.image_tokens} "
-        f"+ think {plan.think_budget} + budget close {plan.close_tokens} + answer {plan.answer_tokens} tokens.\n"
+        f"max_tokens. max_seq_len {options['max_seq_len']} = prompt text up to {prefill - plan.image.image_tokens} + image "
+        f"{plan.image.image_tokens} (a {plan.image_wh[0]}x{plan.image_wh[1]} image; larger ones exceed max_input_len: rebuild with "
+        f"--image) + think {plan.think_budget} + budget close {plan.close_tokens} + answer {plan.answer_tokens} tokens.\n"
     )
     return {"version": version, "options_file": f"trtllm/{OPTIONS_FILE}", "options": options, "checkpoint": str(checkpoint),
             "launch": launch_command(checkpoint, f"trtllm/{OPTIONS_FILE}", version, port), "port": port}

@@ -45,7 +45,8 @@ def test_options_validate_and_follow_the_plan(target):
     p = _plan(target)
     o = llm_api_options(p, tg, max_batch_size=16)
     assert check_options(o, serving_version(tg)) == []
-    assert o["max_seq_len"] == p.context_tokens == p.prompt_tokens + p.image.image_tokens + 1024 + p.close_tokens + p.answer_tokens
+    assert o["max_input_len"] >= p.prompt_tokens + p.image.image_tokens
+    assert o["max_seq_len"] == o["max_input_len"] + 1024 + p.close_tokens + p.answer_tokens
     assert o["max_batch_size"] == 16 and o["cuda_graph_config"]["batch_sizes"] == [1, 2, 4, 8, 16]
     assert 0 < o["kv_cache_config"]["free_gpu_memory_fraction"] <= 0.9 and o["kv_cache_config"]["dtype"] == "auto"
     assert o["trust_remote_code"] is False
