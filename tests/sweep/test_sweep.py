@@ -14,8 +14,7 @@ from egm_edge.sweep import RecordStore, sweep
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validate"))
 from validate_helpers import write_dataset  # noqa: E402
 
-KW = dict(recipes=("full",), budgets=(0, 3), targets=("cpu", "jetson-orin-nano-8gb"), limit=3, max_answer_tokens=8,
-          max_seq_len=1024, progress=False)
+KW = dict(recipes=("full",), budgets=(0, 3), targets=("cpu", "jetson-orin-nano-8gb"), limit=3, max_answer_tokens=8, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,22 @@ def test_rerun_resumes_from_records_and_reuses_the_bundle(swept):
     store.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
     res = sweep(ckpt, data=data, out_dir=out, **KW)
     assert res.ran == 1 and len(res.records) == 4 and manifest.stat().st_mtime_ns == before
+
+
+def test_cli_reads_finished_runs_and_answers_a_new_latency_budget(swept, capsys):
+    from egm_edge.cli import main
+
+    ckpt, data, out, first = swept
+    slowest = max(r["latency"]["mean_ms"] for r in first.records if r["target"] == "cpu")
+    args = ["sweep", "--model", str(ckpt), "--recipes", "full", "--budgets", "0,3", "--target", "cpu,jetson-orin-nano-8gb",
+            "--data", str(data), "--out", str(out), "--limit", "3", "--max-answer-tokens", "8", "--no-progress",
+            "--latency-budget-ms", str(slowest * 2)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "full: all 2 budgets already recorded" in text and "(0 runs measured now)" in text
+    assert f"within {slowest * 2:g} ms" in text and "pareto-cpu.png" in text
+    with pytest.raises(SystemExit):
+        main([*args[:6], "0,lots", *args[7:]])  # argparse refuses a budget that is not a number, before any work
 
 
 def test_interrupted_run_keeps_finished_samples(swept, monkeypatch):
@@ -112,9 +127,9 @@ def test_recipes_without_a_cpu_bundle_fall_back_to_the_reference(tiny_ckpt, tmp_
 
     monkeypatch.setattr(bundles, "bundle_for", no_bundle)
     cpu = load_target("cpu")
-    fp8 = api._runner(tiny_ckpt, "fp8", tmp_path, cpu, None, 8, 1024, lambda m: None, False)
+    fp8 = api._runner(tiny_ckpt, "fp8", tmp_path, cpu, None, 8, 4096, lambda m: None, False)
     assert fp8.kind == "checkpoint" and "Unsupported precision 'fp8' for target cpu" in fp8.not_deployable
-    int4 = api._runner(tiny_ckpt, "int4_awq", tmp_path, cpu, None, 8, 1024, lambda m: None, False)
+    int4 = api._runner(tiny_ckpt, "int4_awq", tmp_path, cpu, None, 8, 4096, lambda m: None, False)
     assert int4.kind == "checkpoint" and "no CPU bundle could be built for int4_awq: MatMulNBits needs block 128" in int4.not_deployable
     with pytest.raises(UnsupportedError):
-        api._runner(tiny_ckpt, "full", tmp_path, cpu, None, 8, 1024, lambda m: None, False)
+        api._runner(tiny_ckpt, "full", tmp_path, cpu, None, 8, 4096, lambda m: None, False)
