@@ -33,12 +33,13 @@ def _fp32_estimate(info) -> int:
     return info.weight_bytes * 4 // _BYTES_PER_DTYPE.get(dtype, 2)
 
 
-def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "onnxruntime", force: bool = False,
-           decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
+def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "onnxruntime", int4_accuracy_level: int = 0,
+           force: bool = False, decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
     """Export a Qwen3-VL checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
 
     `lowering` is the engine the graphs are for: "onnxruntime" (INT4 as MatMulNBits, CPU bundles) or "tensorrt"
     (blocked INT4 DequantizeLinear + MatMul); other precisions lower the same way for both.
+    `int4_accuracy_level` 4 lets MatMulNBits compute in int8 (faster on CPU, looser validation threshold).
     `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
     """
     from egm_edge.artifacts import check_output_dir, staged_output
@@ -49,13 +50,16 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     info = inspect_checkpoint(checkpoint_dir)
-    from egm_edge.export.validate import THRESHOLDS
+    from egm_edge.export.validate import THRESHOLDS, validation_key
 
-    from egm_edge.export.lowering import LOWERINGS
+    from egm_edge.export.lowering import INT4_ACCURACY_LEVELS, LOWERINGS
 
     backend = lowering
     if backend not in LOWERINGS:
         raise UnsupportedError(f"Unknown export lowering {backend!r}. Choose from: {', '.join(LOWERINGS)}.")
+    if int4_accuracy_level not in INT4_ACCURACY_LEVELS:
+        raise UnsupportedError(f"int4_accuracy_level={int4_accuracy_level!r} is not one MatMulNBits offers here; choose 0 (fp32 compute) or 4 (int8 compute).")
+    check = validation_key(info.precision, backend, int4_accuracy_level)
     if info.precision not in THRESHOLDS:
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
                                f"export one of: {', '.join(THRESHOLDS)}.")
@@ -69,7 +73,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
         vcfg, dcfg = vision_grid_config(model), decoder_config(model)
-        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend)
+        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend, int4_accuracy_level)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
@@ -81,15 +85,15 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         # The reference's weights go before ONNX Runtime loads its own copy: one model in memory at a time.
         del model
         gc.collect()
-        report = {**compare_with_onnxruntime(tmp, refs, vcfg, dcfg, info.precision, backend), "seed": seed}
+        report = {**compare_with_onnxruntime(tmp, refs, vcfg, dcfg, check, backend), "seed": seed}
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        _write_manifest(info, tmp, graphs, layers, backend, vcfg, dcfg, versions, timings, report, OPSET)
+        _write_manifest(info, tmp, graphs, layers, backend, int4_accuracy_level, vcfg, dcfg, versions, timings, report, OPSET)
     say(f"wrote {out_dir}")
     return out_dir
 
 
-def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str) -> tuple[dict, dict]:
+def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str, accuracy_level: int) -> tuple[dict, dict]:
     """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowered-layer counts)."""
     from egm_edge.export.graphs import (
         DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
@@ -103,7 +107,7 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
         replacements = low.quantized_linears(info.path, model, backend)
         if not replacements:
             raise CheckpointError(f"Checkpoint {info.path} says {info.precision} but holds no quantized Linear weights; re-run egm-edge quantize.")
-        translations, layers, post = low.translation_table(), low.summary(replacements), low.pack_int4_weights
+        translations, layers, post = low.translation_table(accuracy_level), low.summary(replacements), low.pack_int4_weights
         say(f"lowering {sum(layers.values())} quantized Linear layers for {backend}: {layers}")
     graphs = {}
     with _swapped(model, replacements):
@@ -135,7 +139,7 @@ def _swapped(model, replacements: dict):
     return swapped(model, replacements)
 
 
-def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, int4_accuracy_level: int, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
     from egm_edge.artifacts import file_hashes, package_versions, write_manifest
     from egm_edge.export.validate import disabled_optimizers
 
@@ -153,6 +157,7 @@ def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, v
         graphs=graphs,
         lowering=backend,
         lowered_layers=layers,
+        int4_accuracy_level=int4_accuracy_level if layers and backend == "onnxruntime" else None,
         onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision, backend))},
         runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
         versions={**package_versions(), **versions},

@@ -35,13 +35,14 @@ def _linear_case(precision: str, k=256, n=64, seed=0):
     return q, {"weight_scale": s, "input_scale": torch.tensor(0.03), "pre_quant_scale": 0.5 + torch.rand(k, generator=gen)}, lin
 
 
-@pytest.mark.parametrize("precision,backend,ops", [
-    ("int4_awq", "onnxruntime", {"MatMulNBits"}),
-    ("int4_awq", "tensorrt", {"DequantizeLinear", "MatMul"}),
-    ("fp8", "onnxruntime", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
-    ("int8_sq", "onnxruntime", {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
+@pytest.mark.parametrize("precision,backend,level,ops", [
+    ("int4_awq", "onnxruntime", 0, {"MatMulNBits"}),
+    ("int4_awq", "onnxruntime", 4, {"MatMulNBits"}),
+    ("int4_awq", "tensorrt", 0, {"DequantizeLinear", "MatMul"}),
+    ("fp8", "onnxruntime", 0, {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
+    ("int8_sq", "onnxruntime", 0, {"QuantizeLinear", "DequantizeLinear", "MatMul"}),
 ])
-def test_each_lowering_matches_the_loader_numerics(precision, backend, ops, tmp_path):
+def test_each_lowering_matches_the_loader_numerics(precision, backend, level, ops, tmp_path):
     import onnx
     import onnxruntime as ort
 
@@ -61,7 +62,7 @@ def test_each_lowering_matches_the_loader_numerics(precision, backend, ops, tmp_
 
     dyn = torch.export.Dim.DYNAMIC
     onnx_io.export_graph(q, (x,), tmp_path / "m.onnx", ["x"], ["y"], ({0: dyn, 1: dyn},), {}, 0,
-                         translations=lowering.translation_table(), postprocess=lowering.pack_int4_weights)
+                         translations=lowering.translation_table(level), postprocess=lowering.pack_int4_weights)
     model = onnx.load(str(tmp_path / "m.onnx"))
     assert ops <= {n.op_type for n in model.graph.node}
     floats = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 256 * 64]
@@ -73,6 +74,13 @@ def test_each_lowering_matches_the_loader_numerics(precision, backend, ops, tmp_
     got = sess.run(None, {"x": x.numpy()})[0]
     r = ref.numpy()
     cos = float((got * r).sum() / np.linalg.norm(got) / np.linalg.norm(r))
+    if level == 4:  # int8 activations inside MatMulNBits: close, not faithful (the export's looser threshold)
+        from egm_edge.export.validate import THRESHOLDS
+
+        assert {a.name: a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}["accuracy_level"] == 4
+        t = THRESHOLDS["int4_awq/int8_compute"]
+        assert cos >= t.cosine and np.abs(got - r).max() <= t.rel_max_abs * np.abs(r).max()
+        return
     assert cos >= 0.9999 and np.abs(got - r).max() <= 2e-2 * np.abs(r).max()
 
     from egm_edge.build.trt_contract import check_graph
