@@ -205,7 +205,7 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, bac
         t["input_scale"] = ex["input_scale"].float().reshape(())
     if ex.get("pre_quant_scale") is not None:
         t["pre_quant_scale"] = ex["pre_quant_scale"].float().reshape(-1)
-    return QuantizedLinear(fmt, k, n, t, linear.bias)
+    return QuantizedLinear(fmt, k, n, t, linear.bias).eval()
 
 
 def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxruntime") -> dict[str, QuantizedLinear]:
