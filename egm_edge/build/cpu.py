@@ -38,8 +38,12 @@ def _read_export(export_dir: Path) -> dict:
     return m
 
 
-def optimize_graph(src: Path, dst: Path, external: bool) -> None:
-    """Run ONNX Runtime's offline optimiser on `src` and save the result at `dst`."""
+def optimize_graph(src: Path, dst: Path, external: bool, disabled_optimizers=()) -> None:
+    """Run ONNX Runtime's offline optimiser on `src` and save the result at `dst`.
+
+    `disabled_optimizers` (from the export manifest) keeps transformers off that would
+    change the graph's numerics (e.g. Q/DQ fusion of FP8 graphs).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -49,7 +53,7 @@ def optimize_graph(src: Path, dst: Path, external: bool) -> None:
     if external:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
 
 
 def _smoke_image():
@@ -79,12 +83,14 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
                            max_seq_len=max_seq_len)
     t0 = time.perf_counter()
     timings = {}
+    ort_settings = em.get("onnxruntime") or {}
+    disabled = tuple(ort_settings.get("disabled_optimizers") or ())
     with staged_output(out_dir, force=force) as tmp:
         for graph in ("vision", "decoder"):
             external = bool((em.get("graphs", {}).get(graph) or {}).get("external_data"))
             say(f"optimising {graph}.onnx for ONNX Runtime (CPU)")
             t = time.perf_counter()
-            optimize_graph(export_dir / f"{graph}.onnx", tmp / f"{graph}.onnx", external)
+            optimize_graph(export_dir / f"{graph}.onnx", tmp / f"{graph}.onnx", external, disabled)
             timings[f"optimize_{graph}"] = round(time.perf_counter() - t, 3)
         for f in _SIDE_FILES:
             shutil.copyfile(export_dir / f, tmp / f)
@@ -102,6 +108,7 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
             inputs={"export": str(export_dir.resolve()), "export_manifest_sha256": file_hashes(export_dir, ["manifest.json"])["manifest.json"],
                     "checkpoint": (em.get("inputs") or {}).get("checkpoint")},
             runtime=em["runtime"],
+            onnxruntime=ort_settings,
             source_validation=em.get("validation"),
             **(extra_manifest or {}),
         )

@@ -30,7 +30,8 @@ from torch import nn
 
 from egm_edge.errors import UnsupportedError
 
-INT4_BLOCK = 128
+INT4_BLOCK = 128  # the default; the block is read from each layer's scales (MatMulNBits takes powers of two >= 16)
+INT4_BLOCKS = (16, 32, 64, 128, 256)
 LOWERINGS = ("onnxruntime", "tensorrt")
 # ONNX Runtime fuses Q/DQ + MatMul into MatMulIntegerToFloat (no float8 kernel) and blocked INT4 DQ +
 # MatMul into MatMulNBits with int8 activations: FP8 and TensorRT-bound graphs are run with this
@@ -145,9 +146,9 @@ class LinearFormat:
 class QuantizedLinear(nn.Module):
     """A Linear whose weight stays quantized in the exported graph (see the module docstring)."""
 
-    def __init__(self, fmt: LinearFormat, in_features: int, out_features: int, tensors: dict, bias=None):
+    def __init__(self, fmt: LinearFormat, in_features: int, out_features: int, tensors: dict, bias=None, block: int = INT4_BLOCK):
         super().__init__()
-        self.fmt, self.k, self.n = fmt, in_features, out_features
+        self.fmt, self.k, self.n, self.block = fmt, in_features, out_features, block
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
@@ -158,9 +159,9 @@ class QuantizedLinear(nn.Module):
         if self.fmt.activations:
             x = torch.ops.egm_edge.fake_quant(x, self.input_scale, self.fmt.activations)
         if "scales_t" in self._buffers:
-            y = x @ torch.ops.egm_edge.dequantize_blocked(self.weight_t, self.scales_t, INT4_BLOCK)
+            y = x @ torch.ops.egm_edge.dequantize_blocked(self.weight_t, self.scales_t, self.block)
         elif self.fmt.weights == "int4":
-            y = torch.ops.egm_edge.matmul_nbits(x, self.packed, self.scales, self.k, self.n, INT4_BLOCK)
+            y = torch.ops.egm_edge.matmul_nbits(x, self.packed, self.scales, self.k, self.n, self.block)
         else:
             y = x @ torch.ops.egm_edge.dequantize(self.weight_t, self.weight_scale)
         return y if self.bias is None else y + self.bias
@@ -187,14 +188,20 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, bac
     fmt = _format(prefix, weight, ex)
     k, n = linear.in_features, linear.out_features
     t: dict[str, torch.Tensor] = {}
+    block = INT4_BLOCK
     if fmt.weights == "int4":
-        if k % INT4_BLOCK or ex["weight_scale"].shape != (n, k // INT4_BLOCK):
-            raise UnsupportedError(f"{prefix}: int4 weight scales {tuple(ex['weight_scale'].shape)} are not blocks of {INT4_BLOCK} over {k} inputs; MatMulNBits needs block 128.")
+        ws = ex["weight_scale"]
+        block = k // ws.shape[-1] if ws.ndim == 2 and ws.shape[-1] else 0
+        if block not in INT4_BLOCKS or k % block or tuple(ws.shape) != (n, k // block):
+            raise UnsupportedError(
+                f"{prefix}: int4 weight scales {tuple(ws.shape)} are not equal blocks over {k} inputs of a size "
+                f"MatMulNBits takes ({', '.join(map(str, INT4_BLOCKS))}); quantize with --block-size 128 or 64."
+            )
         if backend == "tensorrt":
             t["weight_t"] = unpack_int4(weight).T.contiguous()
             t["scales_t"] = ex["weight_scale"].float().T.contiguous()
         else:
-            u = (unpack_int4(weight).to(torch.int16) + 8).to(torch.uint8).reshape(n, k // INT4_BLOCK, INT4_BLOCK)
+            u = (unpack_int4(weight).to(torch.int16) + 8).to(torch.uint8).reshape(n, k // block, block)
             t["packed"] = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
             t["scales"] = ex["weight_scale"].float().reshape(-1).contiguous()
     else:
@@ -205,7 +212,7 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, bac
         t["input_scale"] = ex["input_scale"].float().reshape(())
     if ex.get("pre_quant_scale") is not None:
         t["pre_quant_scale"] = ex["pre_quant_scale"].float().reshape(-1)
-    return QuantizedLinear(fmt, k, n, t, linear.bias).eval()
+    return QuantizedLinear(fmt, k, n, t, linear.bias, block).eval()
 
 
 def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxruntime") -> dict[str, QuantizedLinear]:

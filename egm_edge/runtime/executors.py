@@ -49,8 +49,10 @@ class OrtExecutor:
         # compete with the host loop for the same cores (2 on this machine, 6-12 on a Jetson).
         so.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("EGM_EDGE_ORT_SPIN", "0"))
         providers = ["CPUExecutionProvider"]
-        self.vision = ort.InferenceSession(str(bundle.file("vision.onnx")), so, providers=providers)
-        self.decoder = ort.InferenceSession(str(bundle.file("decoder.onnx")), so, providers=providers)
+        # Transformers the export said must stay off for these graphs' numerics (e.g. FP8 Q/DQ fusion).
+        disabled = list((bundle.manifest.get("onnxruntime") or {}).get("disabled_optimizers") or [])
+        self.vision = ort.InferenceSession(str(bundle.file("vision.onnx")), so, providers=providers, disabled_optimizers=disabled)
+        self.decoder = ort.InferenceSession(str(bundle.file("decoder.onnx")), so, providers=providers, disabled_optimizers=disabled)
         n = bundle.decoder.num_layers
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
