@@ -109,7 +109,7 @@ def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], me
         },
         "memory_gib": memory_gib,
         "memory_source": "predicted" if memory_gib is not None else None,
-        "bundle": str(runner.path),
+        "artifact": str(runner.path),  # the bundle, or the checkpoint measured_with says
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -138,9 +138,10 @@ def predict(spec, target, recipe: str, think_tokens: float, budget_cap: int, ima
 
 def predicted_record(measured: dict, target, prediction: dict) -> dict[str, Any]:
     """The record of a target not at hand: the measured accuracy with the planner's latency and memory."""
-    r = {k: measured[k] for k in ("schema", "run_key", "recipe", "think_budget", "accuracy", "per_split", "bundle")}
+    r = {k: measured[k] for k in ("schema", "run_key", "recipe", "think_budget", "accuracy", "per_split", "artifact", "measured_with")}
     r.update(key=record_key(measured["recipe"], measured["think_budget"], target.name, measured["run_key"]), target=target.name,
-             accuracy_source="measured with the CPU bundle on this machine", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+             accuracy_source="measured on this machine with the " + ("CPU bundle" if r["measured_with"] == "bundle" else "PyTorch reference"),
+             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if not prediction["supported"]:
         return {**r, "supported": False, "reason": prediction["reason"], "latency": {"source": "predicted", "mean_ms": None},
                 "memory_gib": None}
