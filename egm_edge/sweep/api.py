@@ -114,7 +114,7 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     from egm_edge.sweep import records as R
     from egm_edge.validate.api import load_data, run_side, subset
     from egm_edge.validate.predictors import DecodeSettings
-    from egm_edge.validate.store import PredictionStore, sample_ids
+    from egm_edge.validate.store import PredictionStore, sample_ids, samples_digest
 
     say = say or (lambda _m: None)
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -154,7 +154,7 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         if recipe != B.FULL and isinstance(calib, (str, Path)) and not Path(calib).is_file():
             raise InputError(f"Recipe {recipe} needs a calibration recipe and {calib} does not exist; pass --calib FILE.toml.")
         bkey = B.bundle_key(model_dir, recipe, calib, caps)
-        rkey = R.run_key(bkey, ids, caps)
+        rkey = R.run_key(bkey, samples_digest(by_id), caps)
         keys = {b: [R.record_key(recipe, b, t.name, rkey) for t in [cpu, *others]] for b in budgets}
         wanted += [k for ks in keys.values() for k in ks]
         have = store.keys()
@@ -172,10 +172,9 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
             if measured is None:
                 settings = DecodeSettings(b, "hard", max_answer_tokens)
                 runs = PredictionStore(out / "runs", f"{recipe}-{'none' if b is None else b}", rkey)
-                done = runs.load()
-                left = [i for i in ids if i not in done or done[i].get("error")]
-                run_side(runner.predictor, f"{recipe} @ {'none' if b is None else b}", by_id, groups, left, settings, runs, 1, progress)
-                rows = [r for i, r in runs.load().items() if i in by_id]
+                run_side(runner.predictor, f"{recipe} @ {'none' if b is None else b}", by_id, groups, runs.pending(by_id), settings,
+                         runs, 1, progress)
+                rows = list(runs.load(by_id).values())
                 cap = b if b is not None else max((r.get("think_tokens") or 0 for r in rows), default=0)
                 mem = R.predict(spec, cpu, recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
                 measured = R.measured_record(recipe, b, rkey, runner, rows, mem.get("memory_gib") if mem["supported"] else None)

@@ -27,8 +27,8 @@ SCHEMA = 1
 RECORDS = "records.jsonl"
 
 
-def run_key(bundle_key: str, ids: list[str], caps: dict) -> str:
-    blob = json.dumps({"bundle": bundle_key, "samples": ids, "caps": caps}, sort_keys=True)
+def run_key(bundle_key: str, samples_digest: str, caps: dict) -> str:
+    blob = json.dumps({"bundle": bundle_key, "samples": samples_digest, "caps": caps}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

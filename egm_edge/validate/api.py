@@ -144,7 +144,7 @@ def predict_row(predictor, sample, sid: str, group: str, settings: DecodeSetting
     from egm_edge.runtime.image import load_image
 
     row = {"id": sid, "split": group, "task": sample.task, "image": str(sample.image), "expression": sample.expression,
-           "gt": list(sample.bbox), "error": None}
+           "gt": [float(v) for v in sample.bbox], "error": None}
     t0 = time.perf_counter()
     try:
         image = load_image(sample.image, exif_transpose=False)  # RefCOCO boxes live in the stored frame
@@ -232,10 +232,9 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     rows, runs = {}, {}
     for side, pred in (("reference", ref), ("candidate", cand)):
         store = PredictionStore(out, side, config_hash(pred.fingerprint(), settings.to_dict()))
-        have = store.load()
-        todo = [i for i in ids if i not in have or have[i].get("error")]
+        todo = store.pending(by_id)
         wall = run_side(pred, side, by_id, groups, todo, settings, store, concurrency, progress) if todo else 0.0
-        rows[side] = {i: r for i, r in store.load().items() if i in by_id}
+        rows[side] = store.load(by_id)
         runs[side] = {"predicted_now": len(todo), "reused": len(ids) - len(todo), "wall_s": round(wall, 2),
                       "predictions": store.path.name, "config": store.config}
 

@@ -4,7 +4,8 @@ Contract: `predictions-<side>.jsonl` holds one JSON line per finished sample,
 appended and flushed as soon as the sample is done, keyed by sample id + side +
 config hash (the predictor's fingerprint and the decode settings). Reading keeps
 the last line per sample for the current config and ignores other configs and a
-torn last line (an interrupted write). Rows with an `error` are kept for the
+torn last line (an interrupted write), and rows whose sample changed (same id,
+other image, expression, box or task). Rows with an `error` are kept for the
 record but are not "done": a rerun retries them.
 """
 
@@ -38,14 +39,40 @@ def sample_ids(samples) -> list[str]:
     return ids
 
 
+def same_sample(row: dict, sample) -> bool:
+    return (row.get("image") == str(sample.image) and row.get("expression") == sample.expression
+            and row.get("gt") == [float(v) for v in sample.bbox] and row.get("task", "vanilla") == sample.task)
+
+
+def samples_digest(samples: dict) -> str:
+    """A digest of what the samples ask (id, image, expression, box, task), for keys that must change with the data."""
+    what = [[i, str(s.image), s.expression, [float(v) for v in s.bbox], s.task] for i, s in samples.items()]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
 class PredictionStore:
     def __init__(self, out_dir: Path, side: str, config: str):
         self.path = Path(out_dir) / f"predictions-{side}.jsonl"
         self.side, self.config = side, config
         self._lock = threading.Lock()
 
-    def load(self) -> dict[str, dict]:
-        """Rows of this side and config by sample id (last one wins), errors included."""
+    def load(self, samples: dict | None = None) -> dict[str, dict]:
+        """Rows of this side and config by sample id (last one wins), errors included.
+
+        With `samples` (id -> Sample), only rows of those ids whose image, expression, box and task are still
+        the sample's: ids such as `file:line` survive an edited data file, the predictions for them must not.
+        """
+        rows = self._read()
+        if samples is None:
+            return rows
+        return {i: r for i, r in rows.items() if i in samples and same_sample(r, samples[i])}
+
+    def pending(self, samples: dict) -> list[str]:
+        """Ids of `samples` (in order) with no row yet, or only a failed one."""
+        rows = self.load(samples)
+        return [i for i in samples if i not in rows or rows[i].get("error")]
+
+    def _read(self) -> dict[str, dict]:
         rows: dict[str, dict] = {}
         if not self.path.is_file():
             return rows

@@ -167,3 +167,13 @@ def test_store_ignores_other_configs(tmp_path):
     a.append({"id": "x", "error": None})
     b.append({"id": "y", "error": None})
     assert set(a.load()) == {"x"} and set(b.load()) == {"y"}
+
+
+def test_an_edited_sample_is_predicted_again(dataset, tmp_path):
+    path, recs = dataset
+    run(Scripted(exact(recs)), Scripted(exact(recs), name="ref"), path, tmp_path / "out")
+    recs[4]["sent"] = "the red box, edited"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))  # same file and line: the same id
+    cand, ref = Scripted(exact(recs)), Scripted(exact(recs), name="ref")
+    rep = run(cand, ref, path, tmp_path / "out")
+    assert cand.calls == ref.calls == 1 and rep.verdict == "pass" and rep.data["groups"]["overall"]["delta"]["pairs"] == 12
