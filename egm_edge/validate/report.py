@@ -53,14 +53,14 @@ def notes(rows: dict, settings, errors: dict) -> list[str]:
 
 def _table(groups: dict) -> list[str]:
     head = ("| split | n | Acc@0.5 ref | Acc@0.5 cand | delta Acc (95% CI) | mIoU ref | mIoU cand | delta mIoU (95% CI) "
-            "| parse fail ref / cand | errors ref / cand | think tokens ref / cand | hit->miss | miss->hit |")
-    lines = [head, "|" + "---|" * 13]
+            "| same box | parse fail ref / cand | errors ref / cand | think tokens ref / cand | hit->miss | miss->hit |")
+    lines = [head, "|" + "---|" * 14]
     for name, g in groups.items():
         r, c, d = g["reference"], g["candidate"], g["delta"]
         lines.append(
             f"| {'**overall**' if name == 'overall' else name} | {g['n']} | {_f(r['acc'])} | {_f(c['acc'])} | "
             f"{_f(d['acc_delta'])} {_ci(d['acc_delta_ci95'])} | {_f(r['miou'])} | {_f(c['miou'])} | "
-            f"{_f(d['miou_delta'])} {_ci(d['miou_delta_ci95'])} | {_f(r['parse_failure_rate'], 3)} / {_f(c['parse_failure_rate'], 3)} | "
+            f"{_f(d['miou_delta'])} {_ci(d['miou_delta_ci95'])} | {_f(d['same_box_rate'], 3)} | {_f(r['parse_failure_rate'], 3)} / {_f(c['parse_failure_rate'], 3)} | "
             f"{r['errors']} / {c['errors']} | {_f(r['mean_think_tokens'], 1)} / {_f(c['mean_think_tokens'], 1)} | "
             f"{len(d['hit_to_miss'])} | {len(d['miss_to_hit'])} |"
         )
@@ -166,7 +166,8 @@ def summary_text(report) -> str:
         f"reference: Acc@0.5 {_f(r['acc'])}  mIoU {_f(r['miou'])}  errors {r['errors']}  p50 {_f(r['latency_ms']['p50'], 1)} ms",
         f"candidate: Acc@0.5 {_f(c['acc'])}  mIoU {_f(c['miou'])}  errors {c['errors']}  p50 {_f(c['latency_ms']['p50'], 1)} ms",
         f"delta (candidate - reference, {dl['pairs']} pairs): Acc@0.5 {_f(dl['acc_delta'])} {_ci(dl['acc_delta_ci95'])}, "
-        f"mIoU {_f(dl['miou_delta'])} {_ci(dl['miou_delta_ci95'])}; hit->miss {len(dl['hit_to_miss'])}, miss->hit {len(dl['miss_to_hit'])}",
+        f"mIoU {_f(dl['miou_delta'])} {_ci(dl['miou_delta_ci95'])}; same box {_f(dl['same_box_rate'], 3)}; "
+        f"hit->miss {len(dl['hit_to_miss'])}, miss->hit {len(dl['miss_to_hit'])}",
     ]
     lines += [f"FAIL {f}" for f in report.failures]
     lines += [f"note: {n}" for n in d["notes"]]

@@ -69,9 +69,15 @@ def paired(cand: dict[str, dict], ref: dict[str, dict], ids: list[str], seed: in
         "acc_delta_ci95": rnd(ci_acc),
         "miou_delta": round(float(np.mean(d_iou)), 3) if both else None,
         "miou_delta_ci95": rnd(ci_iou),
+        # Identical boxes: how often quantization changed nothing the user sees (greedy decoding usually agrees token for token).
+        "same_box_rate": round(sum(_box(cand[i]) == _box(ref[i]) for i in both) / len(both), 4) if both else None,
         "hit_to_miss": sorted(i for i in both if ref[i]["hit"] and not cand[i]["hit"]),
         "miss_to_hit": sorted(i for i in both if cand[i]["hit"] and not ref[i]["hit"]),
     }
+
+
+def _box(row: dict):
+    return (row.get("result") or {}).get("box")
 
 
 def group_ids(rows: dict[str, dict], ids: list[str]) -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ def test_identical_sides_pass_with_zero_deltas(dataset, tmp_path):
     assert rep.verdict == "pass" and rep.exit_code == 0 and rep.failures == []
     o = rep.data["groups"]["overall"]
     assert o["reference"]["acc"] == 100.0 and o["candidate"]["acc"] == 100.0
-    assert o["delta"]["acc_delta"] == 0.0 and o["delta"]["acc_delta_ci95"] == [0.0, 0.0]
+    assert o["delta"]["acc_delta"] == 0.0 and o["delta"]["acc_delta_ci95"] == [0.0, 0.0] and o["delta"]["same_box_rate"] == 1.0
     assert set(rep.data["groups"]) == {"a", "b", "overall"} and rep.data["groups"]["a"]["n"] == 6
     for name in ("report.json", "report.md", "predictions-candidate.jsonl", "predictions-reference.jsonl"):
         assert (tmp_path / "out" / name).is_file()
