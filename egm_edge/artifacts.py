@@ -48,6 +48,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def read_json(path, *, missing: str, restore: str, error=None) -> dict:
+    """A JSON object from `path`, or one sentence: `missing` when the file is absent; otherwise
+    "<path> is not readable JSON (<why>); <restore>." `error` is the EgmError subclass to raise."""
+    from egm_edge.errors import CheckpointError
+
+    error = error or CheckpointError
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (OSError, ValueError) as e:
+        raise error(f"{path} is not readable JSON ({e}); {restore}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a JSON object; {restore}.")
+    return data
+
+
 def read_manifest(path: Path) -> dict | None:
     p = Path(path) / MANIFEST
     if not p.is_file():

@@ -11,7 +11,6 @@ never from file names.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +48,10 @@ class CheckpointInfo:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"Checkpoint {path.parent} has no {path.name}; pass a Hugging Face checkpoint directory ({what}).") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}); restore the checkpoint's {path.name}.") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a JSON object; restore the checkpoint's {path.name}.")
-    return data
+    from egm_edge.artifacts import read_json
+
+    return read_json(path, missing=f"Checkpoint {path.parent} has no {path.name}; pass a Hugging Face checkpoint directory ({what}).",
+                     restore=f"restore the checkpoint's {path.name}")
 
 
 def _precision(path: Path) -> tuple[str, dict]:

@@ -14,7 +14,6 @@ box is in pixels of the original image. torch/transformers load in `open()`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,13 +35,10 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     """config.json of a supported checkpoint, or a CheckpointError saying what was found instead."""
     if not model_dir.is_dir():
         raise CheckpointError(f"Model directory {model_dir} does not exist; pass a local Qwen3-VL checkpoint directory.")
-    path = model_dir / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory.") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e}); restore the checkpoint's config.json.") from None
+    from egm_edge.artifacts import read_json
+
+    cfg = read_json(model_dir / "config.json", restore="restore the checkpoint's config.json",
+                    missing=f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory.")
     archs = cfg.get("architectures") or []
     mtype = cfg.get("model_type")
     if SUPPORTED_ARCHITECTURE not in archs or mtype != SUPPORTED_MODEL_TYPE:

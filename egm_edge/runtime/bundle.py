@@ -18,7 +18,6 @@ A directory without manifest.json is not a bundle.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -96,13 +95,10 @@ class Bundle:
         return self.path / name
 
 
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent} has no {path.name}; it is not a complete {what}.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); rebuild the {what}.") from None
+def _read(path: Path, what: str) -> dict:
+    from egm_edge.artifacts import read_json
+
+    return read_json(path, missing=f"{path.parent} has no {path.name}; it is not a complete {what}.", restore=f"rebuild the {what}")
 
 
 def open_bundle(path) -> Bundle:
@@ -114,7 +110,7 @@ def open_bundle(path) -> Bundle:
         raise CheckpointError(
             f"{path} has no manifest.json, so it is not a finished bundle (an interrupted build leaves none); rebuild it."
         )
-    manifest = read_json(path / "manifest.json", "bundle")
+    manifest = _read(path / "manifest.json", "bundle")
     if manifest.get("stage") != "build":
         raise CheckpointError(
             f"{path} holds a {manifest.get('stage', 'unknown')!r} artifact, not a bundle; run `egm-edge build` on it."
@@ -134,5 +130,5 @@ def open_bundle(path) -> Bundle:
         decoder=decoder,
         vision=vision,
         image_processor=ImageProcessorConfig.from_json(path / "preprocessor_config.json"),
-        generation=GenerationConfig.from_dict(read_json(path / "generation_config.json", "bundle")),
+        generation=GenerationConfig.from_dict(_read(path / "generation_config.json", "bundle")),
     )

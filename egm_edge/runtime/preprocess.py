@@ -10,7 +10,6 @@ in the merge-window order the vision tower expects. Imports only numpy and pillo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,15 +84,10 @@ class ImageProcessorConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ImageProcessorConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"Image processor config {path} does not exist; copy the model's preprocessor_config.json there.") from None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"Image processor config {path} is not readable JSON ({e}); restore the model's preprocessor_config.json.") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"Image processor config {path} is not a JSON object; restore the model's preprocessor_config.json.")
+        from egm_edge.artifacts import read_json
+
+        d = read_json(path, missing=f"Image processor config {path} does not exist; copy the model's preprocessor_config.json there.",
+                      restore="restore the model's preprocessor_config.json")
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
