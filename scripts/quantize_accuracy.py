@@ -8,7 +8,8 @@ neither training's nor the evaluation's), runs every checkpoint through the
 reference runner (quantized ones through the dequantizing loader, FP8/INT8 input
 fake-quant on) on `--n` samples of stream `--seed`, greedy with unlimited
 thinking, and prints a Markdown table: Acc@0.5, mean IoU, samples that flipped
-hit->miss / miss->hit against the full model, and the fidelity figures of each
+hit->miss / miss->hit against the full model, the fraction of samples whose whole
+greedy output (reasoning + answer) equals the full model's, and the fidelity figures of each
 manifest (weight SNR, held-out logit cosine and top-1 agreement). `--out` keeps
 the checkpoints and writes results.json and results.md.
 
@@ -91,21 +92,24 @@ def main(argv=None) -> int:
                   file=sys.stderr)
 
     full_hits = [r["hit"] for r in rows["full"]["eval"]["rows"]]
+    full_text = [r["text"] for r in rows["full"]["eval"]["rows"]]
     lines = [f"model {model}; {args.n} synthetic samples of seed {args.seed}; greedy, unlimited thinking; calibration {args.calib.name}", "",
-             "| config | Acc@0.5 | mIoU | hit->miss | miss->hit | think tokens | weight SNR min/median (dB) | logit cos | top-1 agree |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| config | Acc@0.5 | mIoU | hit->miss | miss->hit | same output as full | think tokens | weight SNR min/median (dB) | logit cos | top-1 agree |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         ev = row["eval"]
         hits = [r["hit"] for r in ev["rows"]]
         lost = sum(f and not h for f, h in zip(full_hits, hits))
         won = sum(h and not f for f, h in zip(full_hits, hits))
+        same = sum(a == b["text"] for a, b in zip(full_text, ev["rows"])) / len(full_text)
+        row["same_output_as_full"] = same
         fid = row.get("fidelity") or {}
         w, lg = fid.get("weights") or {}, fid.get("logits") or {}
         snr = f"{w['snr_db_min']:.1f} / {w['snr_db_median']:.1f}" if w.get("layers") else "-"
         cos = f"{lg['logit_cosine_mean']:.4f}" if lg.get("positions") else "-"
         top1 = f"{100 * lg['top1_agreement']:.1f}%" if lg.get("positions") else "-"
         label = name + (f" (block {row['block_size']})" if row.get("block_size") else "")
-        lines.append(f"| {label} | {ev['all']['acc50']:.3f} | {ev['all']['miou']:.3f} | {lost} | {won} | "
+        lines.append(f"| {label} | {ev['all']['acc50']:.3f} | {ev['all']['miou']:.3f} | {lost} | {won} | {100 * same:.0f}% | "
                      f"{ev['all']['think_tokens']:.1f} | {snr} | {cos} | {top1} |")
         row["eval"].pop("rows")
     text = "\n".join(lines)
