@@ -56,10 +56,20 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=40)
+    p.add_argument("--decay-from", type=int, default=None,
+                   help="end early: follow the cosine schedule of --steps up to this step, then decay linearly")
+    p.add_argument("--decay-steps", type=int, default=150, help="length of the --decay-from decay; the run then ends")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--truncate-fraction", type=float, default=0.22)
     p.add_argument("--amodal-fraction", type=float, default=0.15)
     p.add_argument("--vocab", type=int, default=640)
+    p.add_argument("--warmup-samples", type=float, default=0.6,
+                   help="curriculum: fraction of 1-2 shape samples at the start, falling to 0 at --curriculum-end")
+    p.add_argument("--curriculum-end", type=int, default=500)
+    p.add_argument("--freeze-vision-until", type=int, default=800,
+                   help="keep the vision tower's patch embedding, position table and blocks at their init until this "
+                        "step (the mergers always train), so the explicit position code survives while the "
+                        "language model learns to read boxes off it")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-n", type=int, default=24)
     p.add_argument("--ckpt-every", type=int, default=100)
@@ -97,23 +107,27 @@ def build_tokenizer_dir(out: Path, seed: int, vocab: int, template_path: Path) -
 class Batcher:
     """Builds training batches of stream `seed` exactly as the runner builds inference inputs."""
 
-    def __init__(self, tok, image_config, seed: int, truncate_fraction: float, amodal_fraction: float):
+    def __init__(self, tok, image_config, seed: int, truncate_fraction: float, amodal_fraction: float,
+                 easy: float = 0.0, easy_until: int = 0):
         self.tok, self.cfg, self.seed = tok, image_config, seed
+        self.easy, self.easy_until = easy, max(1, easy_until)
         self.truncate_fraction, self.amodal_fraction = truncate_fraction, amodal_fraction
         self.pad = tok.token_to_id("<|endoftext|>")
         self.image_token = tok.token_to_id("<|image_pad|>")
 
-    def example(self, i: int):
+    def example(self, i: int, step: int = 0):
         import numpy as np
 
         from egm_edge.grounding import qwen_chat_prompt, user_text
         from egm_edge.runtime.preprocess import preprocess_image
         from egm_edge.synth import answer, assistant_ids, draw, reasoning, render
+        from egm_edge.synth.dataset import draw_warmup
 
-        s = draw(self.seed, i, self.amodal_fraction)
+        rng = np.random.default_rng([self.seed, i, 7])
+        p_easy = self.easy * max(0.0, 1.0 - step / self.easy_until)
+        s = draw_warmup(self.seed, i) if rng.random() < p_easy else draw(self.seed, i, self.amodal_fraction)
         pre = preprocess_image(render(s.scene), self.cfg)
         prompt = self.tok.encode(qwen_chat_prompt(user_text(s.expr.sent, s.task), pre.n_image_tokens), add_special_tokens=False).ids
-        rng = np.random.default_rng([self.seed, i, 7])
         think = reasoning(s.scene, s.expr)
         cut, qwen_stop = None, False
         if rng.random() < self.truncate_fraction:
@@ -123,11 +137,11 @@ class Batcher:
         target = assistant_ids(self.tok, think, answer(s.scene, s.expr), cut=cut, qwen_stop=qwen_stop)
         return prompt, target, pre
 
-    def batch(self, start: int, size: int, device):
+    def batch(self, start: int, size: int, device, step: int = 0):
         import numpy as np
         import torch
 
-        exs = [self.example(i) for i in range(start, start + size)]
+        exs = [self.example(i, step) for i in range(start, start + size)]
         length = max(len(p) + len(t) for p, t, _ in exs)
         ids = np.full((size, length), self.pad, dtype=np.int64)
         labels = np.full((size, length), -100, dtype=np.int64)
@@ -146,7 +160,37 @@ class Batcher:
         }
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def init_position_grid(model, amplitude: float = 1.0) -> None:
+    """Give the vision tower's learned position table an explicit (row, column) code at init.
+
+    Qwen3-VL's `pos_embed` is a square table bilinearly resampled to each image's
+    patch grid, so entry (r, c) stands for the normalised position (r, c)/(side-1),
+    the frame EGM's 0..1000 coordinates live in. Random init leaves it ~30x weaker
+    than the patch content, and absolute position must then be learned from scratch;
+    writing linear and Fourier features of (x, y) into the first channels lets the
+    model read box coordinates off the image tokens from the first steps. Only the
+    initial values change; the architecture and everything else stay Qwen3-VL's.
+    """
+    import torch
+
+    emb = model.model.visual.pos_embed.weight
+    side = int(round(emb.shape[0] ** 0.5))
+    r, c = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    feats = [2 * c - 1, 2 * r - 1]
+    for f in (1, 2, 4, 8):
+        for v in (c, r):
+            feats += [torch.sin(math.pi * f * v), torch.cos(math.pi * f * v)]
+    grid = torch.stack([f.reshape(-1) for f in feats], dim=1) * amplitude
+    with torch.no_grad():
+        emb[:, : grid.shape[1]] = grid.to(emb.dtype)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, decay_from: int | None = None, decay_steps: int = 0) -> float:
+    """Warmup, then cosine to 5% at `total`; with `decay_from`, linear from there to 5% over `decay_steps`."""
+    if decay_from is not None and step >= decay_from:
+        start = lr_at(decay_from, total, peak, warmup)
+        frac = min(1.0, (step - decay_from + 1) / max(1, decay_steps))
+        return start + (0.05 * peak - start) * frac
     if step < warmup:
         return peak * (step + 1) / warmup
     frac = (step - warmup) / max(1, total - warmup)
@@ -187,7 +231,10 @@ def save_final(model, init: Path, out: Path, dtype: str) -> Path:
     shutil.copytree(init, tmp)
     for f in tmp.glob("*.safetensors"):
         f.unlink()
-    model.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
+    model.to(getattr(torch, dtype))
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg.dtype = dtype  # one stored dtype everywhere in config.json
+    model.save_pretrained(tmp, safe_serialization=True)
     model.to(torch.float32)
     if final.exists():
         shutil.rmtree(final)
@@ -218,6 +265,8 @@ def main(argv=None) -> int:
     image_config = _image_config(init, read_model_config(init))
     src = out / "last" if args.resume and (out / "last").exists() else init
     model = Qwen3VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32, local_files_only=True).to(device)
+    if src == init:
+        init_position_grid(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -229,7 +278,8 @@ def main(argv=None) -> int:
         state = torch.load(src / "train_state.pt", weights_only=True)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-    batcher = Batcher(tok, image_config, args.seed, args.truncate_fraction, args.amodal_fraction)
+    batcher = Batcher(tok, image_config, args.seed, args.truncate_fraction, args.amodal_fraction,
+                      args.warmup_samples, args.curriculum_end)
     meta = {"event": "start", "params": n_params, "device": device, "args": {k: str(v) for k, v in vars(args).items()},
             "train_seed": args.seed, "tokenizer_seed": args.seed + 1, "quick_eval_seed": args.seed + 2, "start_step": start}
     log = open(out / "train_log.jsonl", "a")
@@ -243,31 +293,42 @@ def main(argv=None) -> int:
     t_start = time.time()
     torch.manual_seed(args.seed + start)
     ema = None
-    for step in range(start, args.steps):
+    frozen = [p for n, p in model.named_parameters() if n.startswith("model.visual.") and "merger" not in n]
+
+    def set_vision_trainable(flag: bool) -> None:
+        for p in frozen:
+            p.requires_grad_(flag)
+
+    set_vision_trainable(start >= args.freeze_vision_until)
+    total = args.steps if args.decay_from is None else min(args.steps, args.decay_from + args.decay_steps)
+    for step in range(start, total):
         t0 = time.time()
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.decay_from, args.decay_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = batcher.batch(step * args.batch, args.batch, device)
+        if step == args.freeze_vision_until and step > start:
+            set_vision_trainable(True)
+            emit({"step": step, "event": "vision tower unfrozen"})
+        batch = batcher.batch(step * args.batch, args.batch, device, step)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-        if step % 10 == 0 or step == args.steps - 1:
+        if step % 10 == 0 or step == total - 1:
             emit({"step": step, "loss": round(loss.item(), 4), "loss_ema": round(ema, 4), "lr": round(lr, 6),
                   "sec_per_step": round(time.time() - t0, 2), "elapsed_min": round((time.time() - t_start) / 60, 2)})
         if (step + 1) % args.ckpt_every == 0:
             save_last(model, opt, step + 1, out)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
             emit({"step": step + 1, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
-    save_last(model, opt, args.steps, out)
+    save_last(model, opt, total, out)
     final = save_final(model, init, out, args.save_dtype)
     wall = time.time() - t_start
-    emit({"event": "done", "steps": args.steps, "wall_min": round(wall / 60, 2), "final": str(final)})
+    emit({"event": "done", "steps": total, "wall_min": round(wall / 60, 2), "final": str(final)})
     model.eval()
-    emit({"step": args.steps, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
+    emit({"step": total, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from egm_edge.synth.expressions import TYPES, Expression, make_sample
+from egm_edge.synth.expressions import TYPES, Expression, make_sample, make_warmup_sample
 from egm_edge.synth.world import Scene, render
 
 JSONL_NAME = "samples.jsonl"
@@ -52,6 +52,13 @@ def draw(seed: int, i: int, amodal_fraction: float = DEFAULT_AMODAL_FRACTION) ->
     amodal = bool(rng.random() < amodal_fraction)
     scene, expr = make_sample(rng, TYPES[i % len(TYPES)], amodal=amodal)
     return Sample(scene, expr, "amodal" if amodal else "vanilla")
+
+
+def draw_warmup(seed: int, i: int) -> Sample:
+    """Curriculum sample `i` of stream `seed`: 1-2 shapes, a unique expression (training only)."""
+    rng = np.random.default_rng([int(seed), int(i), 1])
+    scene, expr = make_warmup_sample(rng)
+    return Sample(scene, expr, "vanilla")
 
 
 def generate(out_dir, n: int, seed: int, amodal_fraction: float = DEFAULT_AMODAL_FRACTION) -> Path:

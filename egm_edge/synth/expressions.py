@@ -248,6 +248,28 @@ def _attempt(rng: np.random.Generator, etype: str) -> tuple[Scene, Expression] |
     return scene, e
 
 
+def make_warmup_sample(rng: np.random.Generator, max_shapes: int = 2):
+    """A curriculum sample for the start of training: 1..max_shapes shapes, a unique expression.
+
+    Not part of the evaluation world (which always has 3-6 shapes): with few shapes
+    a model first learns to read a box off the image, then to match words to shapes.
+    """
+    while True:
+        n = int(rng.integers(1, max_shapes + 1))
+        attrs: list[tuple[str, str]] = []
+        while len(attrs) < n:
+            a = (_pick(rng, KINDS), _pick(rng, list(COLOURS)))
+            if a not in attrs:
+                attrs.append(a)
+        scene = make_scene(rng, attrs)
+        if scene is None:
+            continue
+        target = int(rng.integers(0, n))
+        k, c = attrs[target]
+        e = Expression("unique", "", target, Group(c, k))
+        return scene, Expression(**{**e.__dict__, "sent": sentence(e)})
+
+
 def make_sample(rng: np.random.Generator, etype: str | None = None, amodal: bool = False, max_tries: int = 200):
     """A (scene, expression) pair; with `amodal`, a grey occluder hides part of the target."""
     if etype is None:
