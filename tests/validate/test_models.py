@@ -62,24 +62,28 @@ def grounder_dir():
 
 def scrambled(src, dst, seed=0):
     """The same checkpoint with every tensor's values permuted: same tokenizer and shapes, no skill left."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
+    import torch
+    from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
-    rng = np.random.default_rng(seed)
-    tensors = load_file(str(src / "model.safetensors"))
-    save_file({k: rng.permutation(v.reshape(-1)).reshape(v.shape) for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    tensors = load_file(str(src / "model.safetensors"))  # bfloat16: numpy cannot hold it
+    save_file({k: v.reshape(-1)[torch.randperm(v.numel(), generator=g)].reshape(v.shape).contiguous() for k, v in tensors.items()},
+              str(dst / "model.safetensors"))
     return dst
 
 
 def test_a_broken_candidate_fails_the_gate(grounder_dir, tmp_path):
+    # The committed grounder is under-trained (Acc@0.5 about 1%, see its model card): what it has is EGM's answer
+    # format and a coarse box (mean IoU ~2 points on this set). A scrambled copy loses both, and the gate must say so.
     from egm_edge.synth import generate
 
-    data = generate(tmp_path / "data", 8, seed=424242)
+    data = generate(tmp_path / "data", 16, seed=424242)
     broken = scrambled(grounder_dir, tmp_path / "broken")
-    rep = validate(broken, grounder_dir, data, out_dir=tmp_path / "o", think_budget=8, progress=False)
+    rep = validate(broken, grounder_dir, data, out_dir=tmp_path / "o", think_budget=16, progress=False)
     assert rep.verdict == "fail" and rep.exit_code == 1
     o = rep.data["groups"]["overall"]
-    assert o["reference"]["acc"] >= 50.0 and o["delta"]["acc_delta"] <= -40.0
-    assert any(f.startswith("overall: Acc@0.5 dropped") for f in rep.failures)
-    assert len(o["delta"]["hit_to_miss"]) >= 4 and rep.data["worst_regressions"]
+    assert o["reference"]["parse_failure_rate"] == 0.0 and o["candidate"]["parse_failure_rate"] == 1.0
+    assert o["reference"]["miou"] > 1.0 and o["delta"]["miou_delta"] < -1.0 and o["delta"]["same_box_rate"] == 0.0
+    assert any(f.startswith("overall: mean IoU dropped") for f in rep.failures)
+    assert rep.data["tokenizer_check"].startswith("same tokenizer.json")
