@@ -33,11 +33,15 @@ def write_small_tokenizer(out_dir, n_words: int = 290):
 
 
 @pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory):
+def small_tokenizer(tmp_path_factory):
+    return write_small_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory, small_tokenizer):
     from egm_edge.reference.checkpoint import write_tiny_checkpoint
 
-    tok = write_small_tokenizer(tmp_path_factory.mktemp("tok"))
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", tok, seed=0)
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-vl", small_tokenizer, seed=0)
 
 
 @pytest.fixture(scope="session")

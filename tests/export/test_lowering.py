@@ -103,12 +103,10 @@ def test_formats_without_cpu_lowering_are_refused():
 
 
 @pytest.fixture(scope="module")
-def quant_base(tmp_path_factory):
-    from conftest import write_small_tokenizer
-
+def quant_base(tmp_path_factory, small_tokenizer):
     from egm_edge.reference.checkpoint import write_tiny_checkpoint
 
-    tok = write_small_tokenizer(tmp_path_factory.mktemp("qtok"))
+    tok = small_tokenizer
     # int4 blocks of 128 need every Linear's input width to be a multiple of 128.
     return write_tiny_checkpoint(tmp_path_factory.mktemp("qbase") / "tiny", tok, seed=0, text=QUANT_TEXT, vision={"out_hidden_size": 128})
 
