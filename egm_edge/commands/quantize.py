@@ -16,7 +16,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="full-precision Hugging Face checkpoint directory")
     # No argparse choices: an unknown recipe gets the project's one-sentence error listing the valid ones.
     p.add_argument("--recipe", required=True, metavar="R", help=f"quantization recipe: {', '.join(RECIPES)}")
-    p.add_argument("--calib", required=True, metavar="TOML", help="calibration recipe, e.g. calibration/synth.toml")
+    p.add_argument("--calib", required=True, metavar="TOML", help="calibration recipe: a TOML file, or a shipped recipe by name (synth, coco128, refcoco, egm_jsonl)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty unless --force)")
     p.add_argument("--kv-cache", metavar="KV", default=None, help=f"quantize the KV cache too: {', '.join(KV_CACHE)}")
     p.add_argument("--vision", metavar="V", default="16bit", help=f"vision tower policy: {', '.join(VISION_MODES)} (default 16bit)")

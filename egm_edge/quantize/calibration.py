@@ -106,7 +106,12 @@ class CalibrationRecipe:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "CalibrationRecipe":
+        """Read a recipe file; a bare name ("synth") means the shipped recipe of that name."""
         path = Path(path)
+        if not path.exists() and path.suffix == "" and path.name == str(path):
+            shipped = recipes_dir() / f"{path.name}.toml"
+            if shipped.is_file():
+                path = shipped
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
@@ -114,7 +119,8 @@ class CalibrationRecipe:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise InputError(f"Calibration recipe {path} does not exist; pass one of the files in calibration/ or your own TOML.") from None
+            names = ", ".join(shipped_recipes()) or "none found"
+            raise InputError(f"Calibration recipe {path} does not exist; pass your own TOML or a shipped recipe by name ({names}).") from None
         except (OSError, ValueError) as e:
             raise InputError(f"Calibration recipe {path} is not valid TOML ({e}).") from None
         return cls.from_dict(data, base_dir=path.resolve().parent, name=path.stem)
@@ -249,3 +255,16 @@ def select_samples(recipe: CalibrationRecipe, cache_dir: str | Path) -> tuple[li
 
 def sample_task(recipe: CalibrationRecipe, sample) -> str:
     return sample.task if recipe.task == "source" else recipe.task
+
+
+def recipes_dir() -> Path:
+    """The shipped calibration recipes: in the wheel (egm_edge/_data/calibration), else the checkout's calibration/."""
+    packaged = Path(__file__).resolve().parents[1] / "_data" / "calibration"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "calibration"
+
+
+def shipped_recipes() -> list[str]:
+    d = recipes_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []

@@ -44,8 +44,10 @@ def check_recipes(recipes) -> tuple[str, ...]:
 
 
 def default_calibration() -> Path:
-    """calibration/synth.toml of a source checkout: the synthetic world, always available."""
-    return Path(__file__).resolve().parents[2] / "calibration" / "synth.toml"
+    """The shipped synth recipe: the synthetic world, always available."""
+    from egm_edge.quantize.calibration import recipes_dir
+
+    return recipes_dir() / "synth.toml"
 
 
 def int4_block_size(model_dir: Path, recipe: str) -> int | None:

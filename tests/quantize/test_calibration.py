@@ -37,6 +37,16 @@ def test_bad_recipes_are_refused(bad, match):
         CalibrationRecipe.from_dict(bad, name="bad")
 
 
+def test_shipped_recipes_by_name(tmp_path, monkeypatch):
+    from egm_edge.quantize.calibration import shipped_recipes
+
+    assert {"synth", "coco128"} <= set(shipped_recipes())
+    monkeypatch.chdir(tmp_path)  # a bare name works from any folder, not only a checkout's root
+    assert CalibrationRecipe.from_toml("synth").digest() == CalibrationRecipe.from_toml(REPO / "calibration" / "synth.toml").digest()
+    with pytest.raises(InputError, match="shipped recipe by name \\(coco128"):
+        CalibrationRecipe.from_toml("imagenet")
+
+
 def test_missing_toml_and_missing_source_path(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         CalibrationRecipe.from_toml(tmp_path / "nope.toml")
