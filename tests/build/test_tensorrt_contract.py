@@ -288,7 +288,6 @@ def test_finalize_builds_engines_that_ground(jetson_bundle, tmp_path, scene):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("EGM_EDGE_SLOW"), reason="three full quantized exports (~3 min); set EGM_EDGE_SLOW=1")
 @pytest.mark.parametrize("precision", ["fp8", "int8_sq", "int4_awq"])
 def test_full_quantized_exports_are_tensorrt_ready(tmp_path, precision):
     import importlib.util

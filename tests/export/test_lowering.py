@@ -150,7 +150,6 @@ def test_refusals_before_export(quant_base, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("EGM_EDGE_SLOW"), reason="two more full exports (~45 s); set EGM_EDGE_SLOW=1")
 @pytest.mark.parametrize("precision", ["fp8", "int8_sq"])
 def test_activation_quantized_exports_validate(quant_base, tmp_path, precision):
     out = _export_quantized(quant_base, tmp_path, precision)
