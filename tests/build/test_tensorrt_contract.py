@@ -9,7 +9,6 @@ gpu and skip without it.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
