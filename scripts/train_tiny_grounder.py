@@ -74,6 +74,7 @@ def parse_args(argv=None):
                    help="learning-rate factor for the whole vision tower, mergers included: at full rate the merger "
                         "output grows ~100x within a few hundred steps and the position code stops being linearly "
                         "readable (R^2 0.97 -> 0.05); 0.1 keeps it (R^2 0.95)")
+    p.add_argument("--colour-code", action="store_true", help="init the patch embedding with explicit colour features")
     p.add_argument("--digit-weight", type=float, default=1.0,
                    help="loss weight of the digit tokens (the box coordinates, the only tokens that need the image; "
                         "the rest is format the model learns in a few hundred steps)")
@@ -251,6 +252,40 @@ def _answer_digits(row, idx) -> int:
     return n
 
 
+def init_colour_code(model, first: int = 18, amplitude: float = 2.0) -> int:
+    """Give the patch embedding explicit colour features at init, next to the position code.
+
+    For each RGB channel: the patch mean, left-minus-right and top-minus-bottom half
+    means (9 channels from `first`); the position-code channels get no random pixel
+    projection, so both codes start clean. A random projection separates shape tokens
+    from (textured) background only weakly (a linear probe: 93% vs 81% chance); with
+    this code the language model can match "red" to red tokens, and the half
+    differences carry where an edge falls inside a patch. Only initial values change.
+    Returns the first channel after the code.
+    """
+    import torch
+
+    w = model.model.visual.patch_embed.proj.weight  # (hidden, 3, temporal, patch, patch)
+    _, _, t, ph, pw = w.shape
+    n = t * ph * pw
+    half_w = torch.ones(ph, pw)
+    half_w[:, pw // 2:] = -1
+    half_h = torch.ones(ph, pw)
+    half_h[ph // 2:, :] = -1
+    with torch.no_grad():
+        w[:first] = 0.0
+        k = first
+        for c in range(3):
+            for pattern in (torch.ones(ph, pw), half_w, half_h):
+                w[k] = 0.0
+                w[k, c] = pattern.expand(t, ph, pw) * (amplitude / n)
+                k += 1
+        bias = model.model.visual.patch_embed.proj.bias
+        if bias is not None:
+            bias[:k] = 0.0
+    return k
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, decay_from: int | None = None, decay_steps: int = 0) -> float:
     """Warmup, then cosine to 5% at `total`; with `decay_from`, linear from there to 5% over `decay_steps`."""
     if decay_from is not None and step >= decay_from:
@@ -333,6 +368,8 @@ def main(argv=None) -> int:
     model = Qwen3VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32, local_files_only=True).to(device)
     if src == init:
         init_position_grid(model)
+        if args.colour_code:
+            init_colour_code(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     groups = []
