@@ -154,6 +154,15 @@ def test_activation_quantized_exports_validate(quant_base, tmp_path, precision):
     out = _export_quantized(quant_base, tmp_path, precision)
     m = json.loads((out / "manifest.json").read_text())
     assert m["validation"]["passed"] and m["lowered_layers"] == {f"{precision[:4].rstrip('_')}/QDQ": 14}
+    if precision == "int8_sq":  # a CPU precision: it also builds (the build smoke-tests the bundle) and grounds
+        from egm_edge.build import build_cpu
+        from egm_edge.runtime.grounder import Grounder
+        from egm_edge.synth import draw, render
+
+        bundle = build_cpu(out, tmp_path / "bundle-int8", max_answer_tokens=8)
+        s = draw(11, 0)
+        r = Grounder.open(bundle).ground(render(s.scene), s.expr.sent, think_budget=4, max_answer_tokens=8, max_new_tokens=16)
+        assert r.think_tokens <= 4 and r.answer_tokens <= 8
     shutil.rmtree(out)
 
 
