@@ -48,6 +48,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def shipped_dir(name: str, checkout: str) -> Path:
+    """A data folder the wheel ships as egm_edge/_data/<name>; in a source checkout, <repo>/<checkout>."""
+    packaged = Path(__file__).resolve().parent / "_data" / name
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / checkout
+
+
 def read_json(path, *, missing: str, restore: str, error=None) -> dict:
     """A JSON object from `path`, or one sentence: `missing` when the file is absent; otherwise
     "<path> is not readable JSON (<why>); <restore>." `error` is the EgmError subclass to raise."""

@@ -56,11 +56,11 @@ def run_demo(out_dir="egm-edge-demo", *, model=None, n: int = 24, include_fp8: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(model) if model else default_model_dir()
-    say(f"[1/4] synthetic grounding set: {n} samples of stream {DEMO_SEED} -> {out / 'data'}")
     data = out / "data" / "samples.jsonl"
     if data.is_file():  # a rerun into the same folder keeps its data (and so every stored measurement)
-        say("      reusing the set already there")
+        say(f"[1/4] synthetic grounding set: reusing {data} (a new --out makes a fresh one)")
     else:
+        say(f"[1/4] synthetic grounding set: {n} samples of stream {DEMO_SEED} -> {out / 'data'}")
         data = generate(out / "data", n=n, seed=DEMO_SEED)
 
     recipes = _recipes(include_fp8)
@@ -101,5 +101,4 @@ def run_demo(out_dir="egm-edge-demo", *, model=None, n: int = 24, include_fp8: b
         draw_boxes(img, [(s.bbox, "truth", (40, 170, 60)), (r.box, shown, (220, 40, 40))]).save(path)
         images.append(path)
         say(f"      '{s.expression}': think {r.think_tokens} tokens, {r.timings['total']:.0f} ms -> {path}")
-    res = DemoResult(out, sw.summary(), validations, images, time.perf_counter() - t0)
-    return res
+    return DemoResult(out, sw.summary(), validations, images, time.perf_counter() - t0)

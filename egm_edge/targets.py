@@ -181,10 +181,9 @@ def targets_dir() -> Path:
     env = os.environ.get("EGM_EDGE_TARGETS")
     if env:
         return Path(env)
-    packaged = Path(__file__).resolve().parent / "_data" / "targets"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[1] / "build" / "targets"
+    from egm_edge.artifacts import shipped_dir
+
+    return shipped_dir("targets", "build/targets")
 
 
 def list_targets() -> list[str]:

@@ -259,10 +259,9 @@ def sample_task(recipe: CalibrationRecipe, sample) -> str:
 
 def recipes_dir() -> Path:
     """The shipped calibration recipes: in the wheel (egm_edge/_data/calibration), else the checkout's calibration/."""
-    packaged = Path(__file__).resolve().parents[1] / "_data" / "calibration"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[2] / "calibration"
+    from egm_edge.artifacts import shipped_dir
+
+    return shipped_dir("calibration", "calibration")
 
 
 def shipped_recipes() -> list[str]:

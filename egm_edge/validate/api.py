@@ -23,7 +23,7 @@ from typing import Any
 
 from egm_edge.errors import EgmError, InputError
 from egm_edge.validate.predictors import DEFAULT_MAX_ANSWER_TOKENS, DEFAULT_MAX_NEW_TOKENS, DecodeSettings, open_predictor
-from egm_edge.validate.store import SIDES, PredictionStore, config_hash, sample_ids
+from egm_edge.validate.store import SIDES, PredictionStore, config_hash, gt_box, sample_ids
 
 UNLIMITED = ("none", "unlimited")
 
@@ -144,7 +144,7 @@ def predict_row(predictor, sample, sid: str, group: str, settings: DecodeSetting
     from egm_edge.runtime.image import load_image
 
     row = {"id": sid, "split": group, "task": sample.task, "image": str(sample.image), "expression": sample.expression,
-           "gt": [float(v) for v in sample.bbox], "error": None}
+           "gt": gt_box(sample), "error": None}
     t0 = time.perf_counter()
     try:
         image = load_image(sample.image, exif_transpose=False)  # RefCOCO boxes live in the stored frame

@@ -13,6 +13,7 @@ Local models load lazily on the first prediction, so bad input is refused first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -186,7 +187,7 @@ class CheckpointPredictor:
         finally:
             torch.set_num_threads(before)
 
-    @property
+    @functools.cached_property
     def small(self) -> bool:
         """A model this small decodes faster on one CPU thread: per-op overhead, not arithmetic, dominates
         (the tiny grounder: 0.3 s per grounding on one thread, 0.7-1.7 s on two of a busy 2-core machine)."""

@@ -39,14 +39,19 @@ def sample_ids(samples) -> list[str]:
     return ids
 
 
+def gt_box(sample) -> list[float]:
+    """The sample's box as stored in prediction rows (floats, so that a rerun compares equal)."""
+    return [float(v) for v in sample.bbox]
+
+
 def same_sample(row: dict, sample) -> bool:
     return (row.get("image") == str(sample.image) and row.get("expression") == sample.expression
-            and row.get("gt") == [float(v) for v in sample.bbox] and row.get("task", "vanilla") == sample.task)
+            and row.get("gt") == gt_box(sample) and row.get("task", "vanilla") == sample.task)
 
 
 def samples_digest(samples: dict) -> str:
     """A digest of what the samples ask (id, image, expression, box, task), for keys that must change with the data."""
-    what = [[i, str(s.image), s.expression, [float(v) for v in s.bbox], s.task] for i, s in samples.items()]
+    what = [[i, str(s.image), s.expression, gt_box(s), s.task] for i, s in samples.items()]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
