@@ -78,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--digit-weight", type=float, default=1.0,
                    help="loss weight of the digit tokens (the box coordinates, the only tokens that need the image; "
                         "the rest is format the model learns in a few hundred steps)")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the dense image-token loss: linear heads (used in training only, never saved) "
+                        "read each image token's shape colour, kind and full box off the vision tower's output, "
+                        "so every image supervises ~70 tokens instead of the few box digits of one answer")
     p.add_argument("--probe-every", type=int, default=100,
                    help="teacher-forced accuracy of the reasoning's box digits on a fixed held-out batch (cheap)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -145,17 +149,17 @@ class Batcher:
             cut = 0 if rng.random() < 0.3 else int(rng.integers(0, n))
             qwen_stop = bool(rng.random() < 1 / 3)
         target = assistant_ids(self.tok, think, answer(s.scene, s.expr), cut=cut, qwen_stop=qwen_stop)
-        return prompt, target, pre
+        return prompt, target, pre, s
 
     def batch(self, start: int, size: int, device, step: int = 0):
         import numpy as np
         import torch
 
         exs = [self.example(i, step) for i in range(start, start + size)]
-        length = max(len(p) + len(t) for p, t, _ in exs)
+        length = max(len(p) + len(t) for p, t, _, _ in exs)
         ids = np.full((size, length), self.pad, dtype=np.int64)
         labels = np.full((size, length), -100, dtype=np.int64)
-        for r, (p, t, _) in enumerate(exs):
+        for r, (p, t, _, _) in enumerate(exs):
             ids[r, : len(p) + len(t)] = p + t
             labels[r, len(p) : len(p) + len(t)] = t
         ids_t = torch.from_numpy(ids)
@@ -167,7 +171,77 @@ class Batcher:
             "mm_token_type_ids": (ids_t == self.image_token).long().to(device),
             "pixel_values": torch.from_numpy(np.concatenate([e[2].pixel_values for e in exs])).to(device),
             "image_grid_thw": torch.tensor([e[2].grid_thw for e in exs], dtype=torch.long, device=device),
+            "aux": [cell_targets(e[3].scene, e[2].grid_thw, self.cfg.merge_size) for e in exs],
         }
+
+
+def cell_targets(scene, grid_thw, merge: int):
+    """Dense targets for each merged image token, in the tower's output order (merge windows in raster
+    order): the colour and kind of the shape covering the cell (0 = background) and that shape's full
+    box (0..1 of the image, EGM's frame / 1000). A cell belongs to the shape whose box covers most of
+    it (at least a fifth), and the cell holding a shape's centre always belongs to it."""
+    import numpy as np
+
+    from egm_edge.synth.traces import box_norm
+    from egm_edge.synth.world import COLOURS, KINDS
+
+    _, gh, gw = grid_thw
+    rows, cols = gh // merge, gw // merge
+    colour = np.zeros((rows, cols), dtype=np.int64)
+    kind = np.zeros((rows, cols), dtype=np.int64)
+    box = np.zeros((rows, cols, 4), dtype=np.float32)
+    best = np.full((rows, cols), 0.2)
+    xs, ys = np.arange(cols + 1) / cols, np.arange(rows + 1) / rows
+    colour_ids = {c: k + 1 for k, c in enumerate(COLOURS)}
+    for i, sh in enumerate(scene.shapes):
+        b = np.asarray(box_norm(scene, i), dtype=np.float32) / 1000.0
+        ox = np.clip(np.minimum(xs[1:], b[2]) - np.maximum(xs[:-1], b[0]), 0, None) * cols
+        oy = np.clip(np.minimum(ys[1:], b[3]) - np.maximum(ys[:-1], b[1]), 0, None) * rows
+        frac = oy[:, None] * ox[None, :]
+        cy, cx = min(rows - 1, int((b[1] + b[3]) / 2 * rows)), min(cols - 1, int((b[0] + b[2]) / 2 * cols))
+        frac[cy, cx] = 2.0
+        win = frac > best
+        best = np.where(win, frac, best)
+        colour[win], kind[win], box[win] = colour_ids[sh.colour], KINDS.index(sh.kind) + 1, b
+    return colour.reshape(-1), kind.reshape(-1), box.reshape(-1, 4)
+
+
+class AuxHeads:
+    """Linear read-outs of the image tokens for the dense loss (training only; never saved)."""
+
+    def __init__(self, dim: int, device):
+        import torch
+
+        from egm_edge.synth.world import COLOURS, KINDS
+
+        self.colour = torch.nn.Linear(dim, len(COLOURS) + 1).to(device)
+        self.kind = torch.nn.Linear(dim, len(KINDS) + 1).to(device)
+        self.box = torch.nn.Linear(dim, 4).to(device)
+        self.digit = torch.nn.Linear(dim, 40).to(device)  # hundreds digit of each coordinate
+
+    def parameters(self):
+        return [p for m in (self.colour, self.kind, self.box, self.digit) for p in m.parameters()]
+
+    def loss(self, tokens, targets) -> tuple:
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        colour = torch.from_numpy(np.concatenate([t[0] for t in targets])).to(tokens.device)
+        kind = torch.from_numpy(np.concatenate([t[1] for t in targets])).to(tokens.device)
+        box = torch.from_numpy(np.concatenate([t[2] for t in targets])).to(tokens.device)
+        x = tokens.float()
+        lc = F.cross_entropy(self.colour(x), colour)
+        lk = F.cross_entropy(self.kind(x), kind)
+        on = colour > 0
+        lb = F.smooth_l1_loss(self.box(x[on]), box[on], beta=0.05) * 10
+        digit = (box[on] * 1000).long().div(100, rounding_mode="floor").clamp(0, 9)
+        ld = F.cross_entropy(self.digit(x[on]).view(-1, 10), digit.view(-1))
+        with torch.no_grad():
+            stats = {"colour_acc": (self.colour(x).argmax(-1) == colour).float().mean().item(),
+                     "kind_acc": (self.kind(x).argmax(-1) == kind).float().mean().item(),
+                     "box_mae": (self.box(x[on]) - box[on]).abs().mean().item() * 1000}
+        return lc + lk + lb + ld, stats
 
 
 def init_position_grid(model, amplitude: float = 1.0) -> None:
@@ -378,6 +452,11 @@ def main(argv=None) -> int:
             ps = [p for n, p in model.named_parameters() if n.startswith("model.visual.") == vision and (p.ndim >= 2) == decayed]
             groups.append({"params": ps, "weight_decay": args.weight_decay if decayed else 0.0,
                            "lr_scale": args.vision_lr_scale if vision else 1.0})
+    aux = AuxHeads(TEXT["hidden_size"], device) if args.aux_weight else None
+    if aux is not None:
+        groups.append({"params": aux.parameters(), "weight_decay": 0.0, "lr_scale": 1.0})
+    captured = {}
+    model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     start = 0
     if src != init:
@@ -399,6 +478,7 @@ def main(argv=None) -> int:
     digits = digit_ids(tok)
     # Held-out probe batch: stream seed+2 (the quick eval's), full scenes, no truncation.
     held = Batcher(tok, image_config, args.seed + 2, 0.0, args.amodal_fraction).batch(0, 32, device)
+    held.pop("aux")
     t_start = time.time()
     torch.manual_seed(args.seed + start)
     ema = None
@@ -419,18 +499,26 @@ def main(argv=None) -> int:
             set_vision_trainable(True)
             emit({"step": step, "event": "vision tower unfrozen"})
         batch = batcher.batch(step * args.batch, args.batch, device, step)
+        targets = batch.pop("aux")
         if args.digit_weight == 1.0:
             loss = model(**batch).loss
         else:
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             loss = weighted_loss(logits, batch["labels"], token_weights(batch["labels"], digits, args.digit_weight))
+        lm_loss, aux_stats = loss.item(), None
+        if aux is not None:
+            aux_loss, aux_stats = aux.loss(captured["tokens"], targets)
+            loss = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
         if step % 10 == 0 or step == total - 1:
-            emit({"step": step, "loss": round(loss.item(), 4), "loss_ema": round(ema, 4), "lr": round(lr, 6),
+            rec = {"lm_loss": round(lm_loss, 4)}
+            if aux_stats:
+                rec.update({k: round(v, 3) for k, v in aux_stats.items()})
+            emit({"step": step, "loss": round(loss.item(), 4), "loss_ema": round(ema, 4), "lr": round(lr, 6), **rec,
                   "sec_per_step": round(time.time() - t0, 2), "elapsed_min": round((time.time() - t_start) / 60, 2)})
         if args.probe_every and (step + 1) % args.probe_every == 0:
             emit({"step": step + 1, "probe": probe(model, held, digits)})
