@@ -79,9 +79,10 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int =
             raise UnsupportedError(f"Recipe {recipe} needs a CUDA GPU to quantize and this machine has none; run the build on a GPU machine.")
     if recipe != "full":
         if calib is None:
-            raise InputError(f"Recipe {recipe} needs a calibration recipe; pass --calib, e.g. calibration/coco128.toml.")
-        if not Path(calib).is_file():
-            raise InputError(f"Calibration recipe {calib} does not exist; pass a TOML file such as calibration/coco128.toml.")
+            raise InputError(f"Recipe {recipe} needs a calibration recipe; pass --calib, e.g. synth or calibration/coco128.toml.")
+        from egm_edge.quantize.calibration import CalibrationRecipe
+
+        CalibrationRecipe.from_toml(calib)  # a shipped name or a file, checked (and parsed) before any work
     if not isinstance(think_budget, int) or isinstance(think_budget, bool) or think_budget < 0:
         raise InputError(f"think_budget={think_budget!r} must be a non-negative whole number of tokens.")
     spec = spec_from_config(model_dir)
@@ -144,11 +145,12 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
 
     checkpoint = model_dir
     if recipe != "full":
+        from egm_edge.quantize.calibration import recipe_file
         from egm_edge.quantize.recipes import QuantSpec
 
         model_hashes = file_hashes(model_dir)
         spec = QuantSpec(recipe, kv_cache)
-        key = _digest({"stage": "quantize", "model": model_hashes, "spec": spec.to_dict(), "calib": sha256_file(Path(calib)),
+        key = _digest({"stage": "quantize", "model": model_hashes, "spec": spec.to_dict(), "calib": sha256_file(recipe_file(calib)),
                        "egm_edge": __version__})
         checkpoint = work / f"quantize-{recipe}-{key[:12]}"
 

@@ -46,7 +46,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", metavar="T", help=f"target profile name or .toml file; shipped: {', '.join(list_targets())}")
     p.add_argument("--out", metavar="DIR", help="bundle directory to write")
     p.add_argument("--recipe", metavar="R", default=None, help=f"with --model: full (no quantization) or {', '.join(RECIPES)}")
-    p.add_argument("--calib", metavar="TOML", default=None, help="with --model: calibration recipe, e.g. calibration/coco128.toml")
+    p.add_argument("--calib", metavar="TOML", default=None, help="with --model: calibration recipe, a TOML file or a shipped recipe by name (synth, coco128, refcoco, egm_jsonl)")
     p.add_argument("--kv-cache", metavar="KV", default=None, help=f"with --model: quantize the KV cache too: {', '.join(KV_CACHE)}")
     p.add_argument("--image", default=None, metavar="WxH", help="largest image size the plan budgets for (default 640x480)")
     p.add_argument("--work-dir", metavar="DIR", default=None, help="with --model: where stage outputs go (default: <out>-stages)")

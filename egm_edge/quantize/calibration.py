@@ -107,11 +107,7 @@ class CalibrationRecipe:
     @classmethod
     def from_toml(cls, path: str | Path) -> "CalibrationRecipe":
         """Read a recipe file; a bare name ("synth") means the shipped recipe of that name."""
-        path = Path(path)
-        if not path.exists() and path.suffix == "" and path.name == str(path):
-            shipped = recipes_dir() / f"{path.name}.toml"
-            if shipped.is_file():
-                path = shipped
+        path = recipe_file(path)
         try:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
@@ -262,6 +258,16 @@ def recipes_dir() -> Path:
     from egm_edge.artifacts import shipped_dir
 
     return shipped_dir("calibration", "calibration")
+
+
+def recipe_file(name_or_path: str | Path) -> Path:
+    """The recipe file a --calib value names: a path as given, or a bare name ("synth") of a shipped recipe."""
+    path = Path(name_or_path)
+    if not path.exists() and path.suffix == "" and path.name == str(path):
+        shipped = recipes_dir() / f"{path.name}.toml"
+        if shipped.is_file():
+            return shipped
+    return path
 
 
 def shipped_recipes() -> list[str]:

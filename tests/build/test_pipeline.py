@@ -59,6 +59,18 @@ def test_unknown_recipe_missing_calib_and_missing_config_are_refused(config_dir,
                                 "--calib", "calibration/coco128.toml"], "KV-cache dtype 'fp8'", "Choose from: fp16, bf16")
 
 
+def test_calibration_recipe_is_checked_before_any_work_and_shipped_names_are_accepted(config_dir, tmp_path, capsys):
+    from egm_edge.build.pipeline import preflight
+
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int8_sq", "--target", "jetson-agx-orin-64gb",
+                                "--calib", "nosuch"], "Calibration recipe nosuch does not exist", "synth")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("this is = = not toml")
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int8_sq", "--target", "jetson-agx-orin-64gb",
+                                "--calib", str(bad)], "not valid TOML")
+    assert preflight(config_dir, "int8_sq", "jetson-agx-orin-64gb", calib="synth").precision == "int8_sq"
+
+
 def test_an_internvl_checkpoint_is_refused_before_any_work(tmp_path, capsys):
     from egm_edge.models import get_spec
     from egm_edge.models.hf_config import to_hf_config
