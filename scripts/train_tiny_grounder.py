@@ -82,6 +82,11 @@ def parse_args(argv=None):
                    help="weight of the dense image-token loss: linear heads (used in training only, never saved) "
                         "read each image token's shape colour, kind and full box off the vision tower's output, "
                         "so every image supervises ~70 tokens instead of the few box digits of one answer")
+    p.add_argument("--lm-aux-weight", type=float, default=0.0,
+                   help="weight of a box read-out on the language model: at each token that opens a box ('[') a "
+                        "linear head (training only) regresses that box from the hidden state after --lm-aux-layer, "
+                        "a smooth signal for learning which image tokens to attend to")
+    p.add_argument("--lm-aux-layer", type=int, default=2)
     p.add_argument("--probe-every", type=int, default=100,
                    help="teacher-forced accuracy of the reasoning's box digits on a fixed held-out batch (cheap)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -90,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls on a shared machine")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this run's weights (e.g. OTHER/last) with a fresh optimizer and schedule; the "
+                        "tokenizer must be the same (the stream seed stays --seed)")
     p.add_argument("--chat-template", type=Path, default=INSTRUCT_TEMPLATE,
                    help="the Qwen3-VL instruct chat template (its Thinking variant is shipped)")
     return p.parse_args(argv)
@@ -172,7 +180,31 @@ class Batcher:
             "pixel_values": torch.from_numpy(np.concatenate([e[2].pixel_values for e in exs])).to(device),
             "image_grid_thw": torch.tensor([e[2].grid_thw for e in exs], dtype=torch.long, device=device),
             "aux": [cell_targets(e[3].scene, e[2].grid_thw, self.cfg.merge_size) for e in exs],
+            "lm_aux": [(r, len(p) + k, box) for r, (p, t, _, _) in enumerate(exs) for k, box in box_openings(self.tok, t)],
         }
+
+
+def box_openings(tok, ids: list[int]) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """(index of the token that opens a box, the box) for every complete "[x1, y1, x2, y2" in `ids`."""
+    text = [tok.id_to_token(i) for i in ids]
+    runs, k = [], 0
+    while k < len(ids):
+        if text[k].isdigit():
+            j = k
+            while j < len(ids) and text[j].isdigit():
+                j += 1
+            runs.append((k, j))
+            k = j
+        else:
+            k += 1
+    out = []
+    for n, (a, _) in enumerate(runs):
+        if a == 0 or not text[a - 1].endswith("[") or n + 3 >= len(runs):
+            continue
+        group = runs[n:n + 4]
+        if all("".join(text[group[m][1]:group[m + 1][0]]).replace("Ġ", " ") == ", " for m in range(3)):
+            out.append((a - 1, tuple(int("".join(text[x:y])) for x, y in group)))
+    return out
 
 
 def cell_targets(scene, grid_thw, merge: int):
@@ -204,6 +236,34 @@ def cell_targets(scene, grid_thw, merge: int):
         best = np.where(win, frac, best)
         colour[win], kind[win], box[win] = colour_ids[sh.colour], KINDS.index(sh.kind) + 1, b
     return colour.reshape(-1), kind.reshape(-1), box.reshape(-1, 4)
+
+
+class LMAuxHead:
+    """Linear box read-out of the language model's hidden state at box openings (training only)."""
+
+    def __init__(self, dim: int, device):
+        import torch
+
+        self.box = torch.nn.Linear(dim, 4).to(device)
+        self.digit = torch.nn.Linear(dim, 40).to(device)
+
+    def parameters(self):
+        return list(self.box.parameters()) + list(self.digit.parameters())
+
+    def loss(self, hidden, openings) -> tuple:
+        import torch
+        import torch.nn.functional as F
+
+        if not openings:
+            return hidden.sum() * 0.0, {}
+        rows = torch.tensor([o[0] for o in openings], device=hidden.device)
+        cols = torch.tensor([o[1] for o in openings], device=hidden.device)
+        box = torch.tensor([o[2] for o in openings], dtype=torch.float32, device=hidden.device) / 1000.0
+        x = hidden[rows, cols].float()
+        pred = self.box(x)
+        digit = (box * 1000).long().div(100, rounding_mode="floor").clamp(0, 9)
+        loss = F.smooth_l1_loss(pred, box, beta=0.05) * 10 + F.cross_entropy(self.digit(x).view(-1, 10), digit.view(-1))
+        return loss, {"lm_box_mae": (pred - box).abs().mean().item() * 1000}
 
 
 class AuxHeads:
@@ -439,8 +499,9 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_file(str(init / "tokenizer.json"))
     image_config = _image_config(init, read_model_config(init))
     src = out / "last" if args.resume and (out / "last").exists() else init
-    model = Qwen3VLForConditionalGeneration.from_pretrained(src, dtype=torch.float32, local_files_only=True).to(device)
-    if src == init:
+    weights = args.init_from if src == init and args.init_from else src
+    model = Qwen3VLForConditionalGeneration.from_pretrained(weights, dtype=torch.float32, local_files_only=True).to(device)
+    if weights == init:
         init_position_grid(model)
         if args.colour_code:
             init_colour_code(model)
@@ -455,6 +516,9 @@ def main(argv=None) -> int:
     aux = AuxHeads(TEXT["hidden_size"], device) if args.aux_weight else None
     if aux is not None:
         groups.append({"params": aux.parameters(), "weight_decay": 0.0, "lr_scale": 1.0})
+    lm_aux = LMAuxHead(TEXT["hidden_size"], device) if args.lm_aux_weight else None
+    if lm_aux is not None:
+        groups.append({"params": lm_aux.parameters(), "weight_decay": 0.0, "lr_scale": 1.0})
     captured = {}
     model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -478,7 +542,7 @@ def main(argv=None) -> int:
     digits = digit_ids(tok)
     # Held-out probe batch: stream seed+2 (the quick eval's), full scenes, no truncation.
     held = Batcher(tok, image_config, args.seed + 2, 0.0, args.amodal_fraction).batch(0, 32, device)
-    held.pop("aux")
+    held.pop("aux"), held.pop("lm_aux")
     t_start = time.time()
     torch.manual_seed(args.seed + start)
     ema = None
@@ -499,16 +563,22 @@ def main(argv=None) -> int:
             set_vision_trainable(True)
             emit({"step": step, "event": "vision tower unfrozen"})
         batch = batcher.batch(step * args.batch, args.batch, device, step)
-        targets = batch.pop("aux")
+        targets, openings = batch.pop("aux"), batch.pop("lm_aux")
+        hs = {"output_hidden_states": True} if lm_aux is not None else {}
         if args.digit_weight == 1.0:
-            loss = model(**batch).loss
+            res = model(**batch, **hs)
+            loss = res.loss
         else:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            loss = weighted_loss(logits, batch["labels"], token_weights(batch["labels"], digits, args.digit_weight))
-        lm_loss, aux_stats = loss.item(), None
+            res = model(**{k: v for k, v in batch.items() if k != "labels"}, **hs)
+            loss = weighted_loss(res.logits, batch["labels"], token_weights(batch["labels"], digits, args.digit_weight))
+        lm_loss, aux_stats = loss.item(), {}
         if aux is not None:
             aux_loss, aux_stats = aux.loss(captured["tokens"], targets)
             loss = loss + args.aux_weight * aux_loss
+        if lm_aux is not None:
+            lm_aux_loss, st = lm_aux.loss(res.hidden_states[args.lm_aux_layer], openings)
+            aux_stats.update(st)
+            loss = loss + args.lm_aux_weight * lm_aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
