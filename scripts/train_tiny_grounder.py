@@ -87,6 +87,11 @@ def parse_args(argv=None):
                         "linear head (training only) regresses that box from the hidden state after --lm-aux-layer, "
                         "a smooth signal for learning which image tokens to attend to")
     p.add_argument("--lm-aux-layer", type=int, default=2)
+    p.add_argument("--attn-weight", type=float, default=0.0,
+                   help="weight of an attention target: at every box opening, head 0 of language layer --attn-layer "
+                        "should put its mass on the image tokens of the shape that box belongs to (training only; "
+                        "the text layers run eager attention so the weights exist)")
+    p.add_argument("--attn-layer", type=int, default=1)
     p.add_argument("--probe-every", type=int, default=100,
                    help="teacher-forced accuracy of the reasoning's box digits on a fixed held-out batch (cheap)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -180,8 +185,15 @@ class Batcher:
             "pixel_values": torch.from_numpy(np.concatenate([e[2].pixel_values for e in exs])).to(device),
             "image_grid_thw": torch.tensor([e[2].grid_thw for e in exs], dtype=torch.long, device=device),
             "aux": [cell_targets(e[3].scene, e[2].grid_thw, self.cfg.merge_size) for e in exs],
-            "lm_aux": [(r, len(p) + k, box) for r, (p, t, _, _) in enumerate(exs) for k, box in box_openings(self.tok, t)],
+            "lm_aux": [(r, len(p) + k, box, shape_of(e[3].scene, box)) for r, e in enumerate(exs)
+                       for p, t in [e[:2]] for k, box in box_openings(self.tok, t)],
         }
+
+
+def shape_of(scene, box) -> int:
+    from egm_edge.synth.traces import box_norm
+
+    return next((i for i in range(len(scene.shapes)) if tuple(box_norm(scene, i)) == tuple(box)), -1)
 
 
 def box_openings(tok, ids: list[int]) -> list[tuple[int, tuple[int, int, int, int]]]:
@@ -222,6 +234,7 @@ def cell_targets(scene, grid_thw, merge: int):
     colour = np.zeros((rows, cols), dtype=np.int64)
     kind = np.zeros((rows, cols), dtype=np.int64)
     box = np.zeros((rows, cols, 4), dtype=np.float32)
+    owner = np.full((rows, cols), -1, dtype=np.int64)
     best = np.full((rows, cols), 0.2)
     xs, ys = np.arange(cols + 1) / cols, np.arange(rows + 1) / rows
     colour_ids = {c: k + 1 for k, c in enumerate(COLOURS)}
@@ -234,8 +247,27 @@ def cell_targets(scene, grid_thw, merge: int):
         frac[cy, cx] = 2.0
         win = frac > best
         best = np.where(win, frac, best)
-        colour[win], kind[win], box[win] = colour_ids[sh.colour], KINDS.index(sh.kind) + 1, b
-    return colour.reshape(-1), kind.reshape(-1), box.reshape(-1, 4)
+        colour[win], kind[win], box[win], owner[win] = colour_ids[sh.colour], KINDS.index(sh.kind) + 1, b, i
+    return colour.reshape(-1), kind.reshape(-1), box.reshape(-1, 4), owner.reshape(-1)
+
+
+def attention_loss(attn, input_ids, image_token: int, openings, targets):
+    """Mean -log(attention mass on the opened box's shape tokens) of head 0 at each box opening."""
+    import torch
+
+    terms = []
+    for r, pos, _, shape in openings:
+        if shape < 0:
+            continue
+        cells = torch.from_numpy(targets[r][3] == shape).to(attn.device)
+        img = (input_ids[r] == image_token).nonzero().flatten()
+        if cells.sum() == 0 or len(img) != len(cells):
+            continue
+        terms.append(-torch.log(attn[r, 0, pos, img[cells]].sum().float() + 1e-6))
+    if not terms:
+        return attn.sum() * 0.0, None
+    loss = torch.stack(terms).mean()
+    return loss, float(torch.exp(-torch.stack(terms)).mean())
 
 
 class LMAuxHead:
@@ -521,6 +553,10 @@ def main(argv=None) -> int:
         groups.append({"params": lm_aux.parameters(), "weight_decay": 0.0, "lr_scale": 1.0})
     captured = {}
     model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
+    if args.attn_weight:
+        model.config.text_config._attn_implementation = "eager"  # the weights of the supervised head must exist
+        model.model.language_model.layers[args.attn_layer].self_attn.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("attn", o[1]))
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     start = 0
     if src != init:
@@ -575,6 +611,10 @@ def main(argv=None) -> int:
         if aux is not None:
             aux_loss, aux_stats = aux.loss(captured["tokens"], targets)
             loss = loss + args.aux_weight * aux_loss
+        if args.attn_weight:
+            a_loss, mass = attention_loss(captured["attn"], batch["input_ids"], batcher.image_token, openings, targets)
+            aux_stats["attn_mass"] = mass if mass is not None else 0.0
+            loss = loss + args.attn_weight * a_loss
         if lm_aux is not None:
             lm_aux_loss, st = lm_aux.loss(res.hidden_states[args.lm_aux_layer], openings)
             aux_stats.update(st)
