@@ -12,9 +12,11 @@ writes JSON. In one run it
    so every run decodes the same number of tokens) and keeps the median decode
    ms/token;
 5. asks the planner (`egm_edge.plan.decode_ms_per_token`, target cpu) for the same
-   model, precision and context, and fits the two CPU calibration constants
-   (decode efficiency, fixed cost per layer) to the measured rates by least squares,
-   so build/targets/cpu.toml [calibration] can cite a measurement.
+   model, precision and context, and derives what build/targets/cpu.toml [calibration]
+   cites: the fp32 bundle's achieved share of the measured read bandwidth
+   (decode_efficiency) and each quantized bundle's effective decode throughput
+   (decode_gops: 2 x MACs per token / measured time; low-bit CPU GEMV is bound by its
+   dequantising kernels, not by memory).
 
     python benchmarks/cpu_decode_vs_plan.py [--work runs/cpu_plan] [--recipes full,int4_awq] [--out runs/cpu_plan.json]
 """
@@ -86,18 +88,6 @@ def measure(bundle: Path, repeats: int, threads: int | None) -> dict:
             "decode_tokens": runs[0]["output_tokens"]}
 
 
-def fit(points: list[tuple[float, float, float]], bandwidth_gbs: float) -> tuple[float, float] | None:
-    """Least squares of measured_ms = bytes / (bandwidth * eff) + layers * overhead over (bytes, layers, ms)."""
-    if len(points) < 2:
-        return None
-    a = np.array([[b / (bandwidth_gbs * 1e9) * 1e3, n] for b, n, _ in points])
-    y = np.array([ms for _, _, ms in points])
-    (inv_eff, overhead_ms), *_ = np.linalg.lstsq(a, y, rcond=None)
-    if inv_eff <= 0:
-        return None
-    return 1.0 / inv_eff, overhead_ms * 1e3
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("runs/cpu_plan"))
@@ -125,29 +115,35 @@ def main(argv=None) -> int:
         m = measure(bundle, args.repeats, args.threads)
         precision = PLANNER_PRECISION[recipe]
         pred = decode_ms_per_token(spec, target, precision, m["context"])
-        nbytes = _Model(spec, target, precision, "fp32").decode_weight_bytes
-        rows.append({"recipe": recipe, "precision": precision, "weight_bytes_per_token": nbytes,
+        cost = _Model(spec, target, precision, "fp32")
+        nbytes = cost.decode_weight_bytes
+        flops = 2 * cost.lm_matmul + cost.head_flops + cost.attn_flops_per_ctx * m["context"]
+        rows.append({"effective_gops": round(flops / (m["ms_per_token"] * 1e6), 2),
+                     "achieved_read_gbs": round(nbytes / (m["ms_per_token"] * 1e6), 2), "recipe": recipe, "precision": precision, "weight_bytes_per_token": nbytes,
                      "measured_ms_per_token": m["ms_per_token"], "predicted_ms_per_token": round(pred, 3),
                      "predicted_over_measured": round(pred / m["ms_per_token"], 3), "context": m["context"],
                      "decode_tokens": m["decode_tokens"], "floor_ms_at_measured_bandwidth": round(nbytes / (bw * 1e9) * 1e3, 3)})
     cal = calibration_for(target)
-    fitted = fit([(r["weight_bytes_per_token"], spec.text.layers, r["measured_ms_per_token"]) for r in rows],
-                 target.memory_bandwidth_gbs)
+    full = next((r for r in rows if r["recipe"] == "full"), None)
+    fitted = {"memory_bandwidth_gbs": round(bw, 1),
+              "decode_efficiency": round(full["achieved_read_gbs"] / bw, 3) if full else None,
+              "decode_gops": {r["precision"]: r["effective_gops"] for r in rows if r["recipe"] != "full"}}
     result = {"machine_read_bandwidth_gbs": round(bw, 2), "target_bandwidth_gbs": target.memory_bandwidth_gbs,
-              "calibration_used": {"decode_efficiency": cal.decode_efficiency, "layer_overhead_us": cal.layer_overhead_us},
-              "fitted": None if fitted is None else {"decode_efficiency": round(fitted[0], 3), "layer_overhead_us": round(fitted[1], 1)},
+              "calibration_used": {"decode_efficiency": cal.decode_efficiency, "layer_overhead_us": cal.layer_overhead_us,
+                                   "decode_gops": cal.decode_gops},
+              "measured_calibration": fitted, "threads": args.threads,
               "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
                         "vocab": spec.text.vocab},
               "rows": rows}
     print(f"machine read bandwidth {bw:.1f} GB/s (cpu.toml says {target.memory_bandwidth_gbs})")
-    print("| recipe | weights read/token | floor | measured ms/token | predicted ms/token | predicted/measured |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | weights read/token | floor ms | measured ms/token | achieved GB/s | effective GOPS | predicted ms/token | predicted/measured |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['recipe']} | {r['weight_bytes_per_token'] / 1e6:.1f} MB | {r['floor_ms_at_measured_bandwidth']:.1f} | "
-              f"{r['measured_ms_per_token']:.1f} | {r['predicted_ms_per_token']:.1f} | {r['predicted_over_measured']:.2f} |")
-    if fitted:
-        print(f"fitted calibration: decode_efficiency {fitted[0]:.3f}, layer_overhead_us {fitted[1]:.0f} "
-              f"(in use: {cal.decode_efficiency}, {cal.layer_overhead_us})")
+              f"{r['measured_ms_per_token']:.1f} | {r['achieved_read_gbs']:.1f} | {r['effective_gops']:.1f} | "
+              f"{r['predicted_ms_per_token']:.1f} | {r['predicted_over_measured']:.2f} |")
+    print(f"measured calibration: {json.dumps(fitted)} (in use: decode_efficiency {cal.decode_efficiency}, "
+          f"decode_gops {cal.decode_gops}, bandwidth {target.memory_bandwidth_gbs} GB/s)")
     out = args.out or args.work / "results.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

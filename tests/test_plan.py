@@ -112,6 +112,23 @@ def test_calibration_is_stated_and_overridable():
     assert thor.decode_efficiency == 0.93 and "jetson-thor.toml" in thor.source
 
 
+def test_cpu_predictions_match_the_cpu_bundles_measured_decode():
+    from dataclasses import replace
+
+    from egm_edge.plan import CPU_BENCH_CONTEXT, CPU_BENCH_TEXT, CPU_MEASURED_DECODE
+
+    tiny = get_spec("tiny")
+    spec = replace(tiny, name="cpu-bench", text=replace(tiny.text, **CPU_BENCH_TEXT),
+                   vision=replace(tiny.vision, out_hidden=CPU_BENCH_TEXT["hidden"]))
+    cpu = load_target("cpu")
+    for precision, measured in CPU_MEASURED_DECODE.items():
+        predicted = decode_ms_per_token(spec, cpu, precision, CPU_BENCH_CONTEXT)
+        assert abs(predicted / measured - 1) <= 0.25, (precision, predicted, measured)
+    # Low-bit decode on CPU is bound by the dequantising kernels, and the plan says so.
+    p = plan(spec, cpu, "int4_awq", 64)
+    assert "kernel" in json.dumps(p.to_dict())
+
+
 def test_cli_plan_table_json_and_errors(capsys, tmp_path):
     assert main(["plan", "--model", "egm-8b", "--target", "jetson-agx-orin-64gb", "--precision", "int4_awq",
                  "--think-budget", "1024"]) == 0
