@@ -10,7 +10,9 @@ pixels, `grounding.qwen_chat_prompt` text, and assistant ids from
 `synth.assistant_ids` (reasoning, close, answer, <|im_end|>); about 22% of the
 samples have their reasoning cut at a random token (0 included) and closed early,
 a third of those with Qwen's stop sentence, so a budget-forced close still
-yields an answer. Loss is on assistant tokens only.
+yields an answer. Loss is on assistant tokens only, plus three optional
+training-only signals (--aux-weight on the image tokens, --lm-aux-weight and
+--attn-weight at box openings; their heads and hooks are never saved).
 
     python scripts/train_tiny_grounder.py --out runs/tiny --seed 0 --steps 1200
 
