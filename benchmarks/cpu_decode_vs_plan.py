@@ -33,9 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-PLANNER_PRECISION = {"full": "fp32", "int4_awq": "int4_awq", "int8_sq": "int8_sq"}
-
-
 def read_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
     a = np.ones(mib * 1024 * 1024 // 8, dtype=np.float64)
     best = float("inf")
@@ -100,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: WORK/results.json)")
     args = p.parse_args(argv)
 
+    from egm_edge.build.pipeline import full_precision
     from egm_edge.models.hf_config import spec_from_config
     from egm_edge.plan import _Model, calibration_for, decode_ms_per_token
     from egm_edge.targets import load_target
@@ -113,16 +111,16 @@ def main(argv=None) -> int:
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         bundle = build_bundle(model, recipe, args.work / f"bundle-{recipe}")
         m = measure(bundle, args.repeats, args.threads)
-        precision = PLANNER_PRECISION[recipe]
+        precision = full_precision(target) if recipe == "full" else recipe
         pred = decode_ms_per_token(spec, target, precision, m["context"])
         cost = _Model(spec, target, precision, "fp32")
-        nbytes = cost.decode_weight_bytes
-        flops = 2 * cost.lm_matmul + cost.head_flops + cost.attn_flops_per_ctx * m["context"]
-        rows.append({"effective_gops": round(flops / (m["ms_per_token"] * 1e6), 2),
-                     "achieved_read_gbs": round(nbytes / (m["ms_per_token"] * 1e6), 2), "recipe": recipe, "precision": precision, "weight_bytes_per_token": nbytes,
-                     "measured_ms_per_token": m["ms_per_token"], "predicted_ms_per_token": round(pred, 3),
-                     "predicted_over_measured": round(pred / m["ms_per_token"], 3), "context": m["context"],
-                     "decode_tokens": m["decode_tokens"], "floor_ms_at_measured_bandwidth": round(nbytes / (bw * 1e9) * 1e3, 3)})
+        nbytes, ms = cost.decode_weight_bytes, m["ms_per_token"]
+        rows.append({"recipe": recipe, "precision": precision, "weight_bytes_per_token": nbytes,
+                     "measured_ms_per_token": ms, "predicted_ms_per_token": round(pred, 3),
+                     "predicted_over_measured": round(pred / ms, 3), "context": m["context"],
+                     "decode_tokens": m["decode_tokens"], "floor_ms_at_measured_bandwidth": round(nbytes / (bw * 1e9) * 1e3, 3),
+                     "achieved_read_gbs": round(nbytes / (ms * 1e6), 2),
+                     "effective_gops": round(cost.decode_flops(m["context"]) / (ms * 1e6), 2)})
     cal = calibration_for(target)
     full = next((r for r in rows if r["recipe"] == "full"), None)
     fitted = {"memory_bandwidth_gbs": round(bw, 1),

@@ -292,12 +292,17 @@ class _Model:
         ms, bound = self._roofline_ms(flops, self.decode_weight_bytes + self.kv_per_token * n, self.compute)
         return ms + self.spec.text.layers * self.cal.layer_overhead_us / 1e3, bound
 
+    def decode_flops(self, context: float) -> float:
+        """Operations of one decoded token: every block and the head, attention over `context` cached tokens."""
+        return 2 * self.lm_matmul + self.head_flops + self.attn_flops_per_ctx * context
+
     def decode(self, context: float) -> tuple[float, str]:
-        flops = 2 * self.lm_matmul + self.head_flops + self.attn_flops_per_ctx * context
+        flops = self.decode_flops(context)
         ms, bound = self._roofline_ms(flops, self.decode_weight_bytes + self.kv_per_token * context, self.compute)
         gops = self.cal.decode_gops.get(self.precision)
-        if gops and flops / (gops * 1e9) * 1e3 > ms:
-            ms, bound = flops / (gops * 1e9) * 1e3, "kernel"
+        kernel_ms = flops / (gops * 1e9) * 1e3 if gops else 0.0
+        if kernel_ms > ms:
+            ms, bound = kernel_ms, "kernel"
         return ms + self.spec.text.layers * self.cal.layer_overhead_us / 1e3, bound
 
     def activations(self, grid: ImageGrid, prefill_tokens: int) -> int:

@@ -268,8 +268,19 @@ def attention_loss(attn, input_ids, image_token: int, openings, targets):
         terms.append(-torch.log(attn[r, 0, pos, img[cells]].sum().float() + 1e-6))
     if not terms:
         return attn.sum() * 0.0, None
-    loss = torch.stack(terms).mean()
-    return loss, float(torch.exp(-torch.stack(terms)).mean())
+    nll = torch.stack(terms)
+    return nll.mean(), float(torch.exp(-nll.detach()).mean())
+
+
+def box_readout_loss(box_head, digit_head, x, box) -> tuple:
+    """Box read-out of features `x`: smooth-L1 on the 0..1 box (x10) plus cross-entropy on each coordinate's
+    hundreds digit (`digit_head`: 4 x 10 logits); returns the loss and the mean absolute error in 0..1000."""
+    import torch.nn.functional as F
+
+    pred = box_head(x)
+    digit = (box * 1000).long().div(100, rounding_mode="floor").clamp(0, 9)
+    loss = F.smooth_l1_loss(pred, box, beta=0.05) * 10 + F.cross_entropy(digit_head(x).view(-1, 10), digit.view(-1))
+    return loss, (pred - box).abs().mean().item() * 1000
 
 
 class LMAuxHead:
@@ -286,18 +297,14 @@ class LMAuxHead:
 
     def loss(self, hidden, openings) -> tuple:
         import torch
-        import torch.nn.functional as F
 
         if not openings:
             return hidden.sum() * 0.0, {}
         rows = torch.tensor([o[0] for o in openings], device=hidden.device)
         cols = torch.tensor([o[1] for o in openings], device=hidden.device)
         box = torch.tensor([o[2] for o in openings], dtype=torch.float32, device=hidden.device) / 1000.0
-        x = hidden[rows, cols].float()
-        pred = self.box(x)
-        digit = (box * 1000).long().div(100, rounding_mode="floor").clamp(0, 9)
-        loss = F.smooth_l1_loss(pred, box, beta=0.05) * 10 + F.cross_entropy(self.digit(x).view(-1, 10), digit.view(-1))
-        return loss, {"lm_box_mae": (pred - box).abs().mean().item() * 1000}
+        loss, mae = box_readout_loss(self.box, self.digit, hidden[rows, cols].float(), box)
+        return loss, {"lm_box_mae": mae}
 
 
 class AuxHeads:
@@ -328,14 +335,11 @@ class AuxHeads:
         lc = F.cross_entropy(self.colour(x), colour)
         lk = F.cross_entropy(self.kind(x), kind)
         on = colour > 0
-        lb = F.smooth_l1_loss(self.box(x[on]), box[on], beta=0.05) * 10
-        digit = (box[on] * 1000).long().div(100, rounding_mode="floor").clamp(0, 9)
-        ld = F.cross_entropy(self.digit(x[on]).view(-1, 10), digit.view(-1))
+        lbox, mae = box_readout_loss(self.box, self.digit, x[on], box[on])
         with torch.no_grad():
             stats = {"colour_acc": (self.colour(x).argmax(-1) == colour).float().mean().item(),
-                     "kind_acc": (self.kind(x).argmax(-1) == kind).float().mean().item(),
-                     "box_mae": (self.box(x[on]) - box[on]).abs().mean().item() * 1000}
-        return lc + lk + lb + ld, stats
+                     "kind_acc": (self.kind(x).argmax(-1) == kind).float().mean().item(), "box_mae": mae}
+        return lc + lk + lbox, stats
 
 
 def init_position_grid(model, amplitude: float = 1.0) -> None:
