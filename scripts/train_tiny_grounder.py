@@ -93,7 +93,10 @@ def parse_args(argv=None):
                    help="weight of an attention target: at every box opening, head 0 of language layer --attn-layer "
                         "should put its mass on the image tokens of the shape that box belongs to (training only; "
                         "the text layers run eager attention so the weights exist)")
-    p.add_argument("--attn-layer", type=int, default=1)
+    p.add_argument("--attn-layer", default="1", help="the supervised language layer(s), comma-separated (head 0 of each)")
+    p.add_argument("--attn-span", action="store_true",
+                   help="supervise the attention at every token of the box (opening to last digit), not only at the "
+                        "opening: each digit is predicted from its own position, which must read the shape too")
     p.add_argument("--probe-every", type=int, default=100,
                    help="teacher-forced accuracy of the reasoning's box digits on a fixed held-out batch (cheap)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -187,8 +190,8 @@ class Batcher:
             "pixel_values": torch.from_numpy(np.concatenate([e[2].pixel_values for e in exs])).to(device),
             "image_grid_thw": torch.tensor([e[2].grid_thw for e in exs], dtype=torch.long, device=device),
             "aux": [cell_targets(e[3].scene, e[2].grid_thw, self.cfg.merge_size) for e in exs],
-            "lm_aux": [(r, len(p) + k, box, shape_of(e[3].scene, box)) for r, e in enumerate(exs)
-                       for p, t in [e[:2]] for k, box in box_openings(self.tok, t)],
+            "lm_aux": [(r, len(p) + k, box, shape_of(e[3].scene, box), len(p) + end) for r, e in enumerate(exs)
+                       for p, t in [e[:2]] for k, box, end in box_openings(self.tok, t)],
         }
 
 
@@ -198,8 +201,9 @@ def shape_of(scene, box) -> int:
     return next((i for i in range(len(scene.shapes)) if tuple(box_norm(scene, i)) == tuple(box)), -1)
 
 
-def box_openings(tok, ids: list[int]) -> list[tuple[int, tuple[int, int, int, int]]]:
-    """(index of the token that opens a box, the box) for every complete "[x1, y1, x2, y2" in `ids`."""
+def box_openings(tok, ids: list[int]) -> list[tuple[int, tuple[int, int, int, int], int]]:
+    """(index of the token that opens a box, the box, index just past its last digit) for every complete
+    "[x1, y1, x2, y2" in `ids`."""
     text = [tok.id_to_token(i) for i in ids]
     runs, k = [], 0
     while k < len(ids):
@@ -217,7 +221,7 @@ def box_openings(tok, ids: list[int]) -> list[tuple[int, tuple[int, int, int, in
             continue
         group = runs[n:n + 4]
         if all("".join(text[group[m][1]:group[m + 1][0]]).replace("Ġ", " ") == ", " for m in range(3)):
-            out.append((a - 1, tuple(int("".join(text[x:y])) for x, y in group)))
+            out.append((a - 1, tuple(int("".join(text[x:y])) for x, y in group), group[3][1]))
     return out
 
 
@@ -253,22 +257,25 @@ def cell_targets(scene, grid_thw, merge: int):
     return colour.reshape(-1), kind.reshape(-1), box.reshape(-1, 4), owner.reshape(-1)
 
 
-def attention_loss(attn, input_ids, image_token: int, openings, targets):
-    """Mean -log(attention mass on the opened box's shape tokens) of head 0 at each box opening."""
+def attention_loss(attn, input_ids, image_token: int, openings, targets, span: bool = False):
+    """Mean -log(attention mass on the box's shape tokens) of head 0 at each box opening, or with `span`
+    at every token from the opening to the box's last digit (each of them predicts a digit or a separator
+    of that box)."""
     import torch
 
     terms = []
-    for r, pos, _, shape in openings:
+    for r, pos, _, shape, end in openings:
         if shape < 0:
             continue
         cells = torch.from_numpy(targets[r][3] == shape).to(attn.device)
         img = (input_ids[r] == image_token).nonzero().flatten()
         if cells.sum() == 0 or len(img) != len(cells):
             continue
-        terms.append(-torch.log(attn[r, 0, pos, img[cells]].sum().float() + 1e-6))
+        rows = slice(pos, end) if span else slice(pos, pos + 1)
+        terms.append(-torch.log(attn[r, 0, rows][:, img[cells]].sum(-1).float() + 1e-6))
     if not terms:
         return attn.sum() * 0.0, None
-    nll = torch.stack(terms)
+    nll = torch.cat(terms)
     return nll.mean(), float(torch.exp(-nll.detach()).mean())
 
 
@@ -561,8 +568,10 @@ def main(argv=None) -> int:
     model.model.visual.merger.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
     if args.attn_weight:
         model.config.text_config._attn_implementation = "eager"  # the weights of the supervised head must exist
-        model.model.language_model.layers[args.attn_layer].self_attn.register_forward_hook(
-            lambda m, i, o: captured.__setitem__("attn", o[1]))
+        attn_layers = [int(v) for v in str(args.attn_layer).split(",")]
+        for n in attn_layers:
+            model.model.language_model.layers[n].self_attn.register_forward_hook(
+                lambda m, i, o, n=n: captured.__setitem__(f"attn{n}", o[1]))
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     start = 0
     if src != init:
@@ -618,9 +627,11 @@ def main(argv=None) -> int:
             aux_loss, aux_stats = aux.loss(captured["tokens"], targets)
             loss = loss + args.aux_weight * aux_loss
         if args.attn_weight:
-            a_loss, mass = attention_loss(captured["attn"], batch["input_ids"], batcher.image_token, openings, targets)
-            aux_stats["attn_mass"] = mass if mass is not None else 0.0
-            loss = loss + args.attn_weight * a_loss
+            for n in attn_layers:
+                a_loss, mass = attention_loss(captured[f"attn{n}"], batch["input_ids"], batcher.image_token, openings,
+                                              targets, span=args.attn_span)
+                aux_stats["attn_mass" if n == attn_layers[0] else f"attn_mass{n}"] = mass if mass is not None else 0.0
+                loss = loss + args.attn_weight * a_loss
         if lm_aux is not None:
             lm_aux_loss, st = lm_aux.loss(res.hidden_states[args.lm_aux_layer], openings)
             aux_stats.update(st)
