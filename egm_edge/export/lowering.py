@@ -40,15 +40,23 @@ QDQ_FUSION = ("QDQSelectorActionTransformer",)
 
 
 @torch.library.custom_op("egm_edge::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, k: int, n: int, block: int) -> torch.Tensor:
-    """x @ W^T for W stored as MatMulNBits does: uint8 [n, k/block, block/2], low nibble first, zero point 8."""
-    u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k).to(x.dtype) - 8
-    w = u * scales.reshape(n, -1).to(x.dtype).repeat_interleave(block, dim=1)
-    return x @ w.T
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, k: int, n: int, block: int, bits: int = 4) -> torch.Tensor:
+    """x @ W^T for W stored as MatMulNBits does: 4 bits uint8 [n, k/block, block/2], low nibble first, zero
+    point 8; 8 bits uint8 [n, k/block, block], zero point 128."""
+    return x @ nbits_weight(packed, scales, k, n, block, bits).to(x.dtype).T
+
+
+def nbits_weight(packed: torch.Tensor, scales: torch.Tensor, k: int, n: int, block: int, bits: int = 4) -> torch.Tensor:
+    """The float32 [n, k] weight a MatMulNBits initializer pair holds."""
+    if bits == 8:
+        u = packed.reshape(n, k).to(torch.float32) - 128
+    else:
+        u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k).to(torch.float32) - 8
+    return u * scales.reshape(n, -1).to(torch.float32).repeat_interleave(block, dim=1)
 
 
 @matmul_nbits.register_fake
-def _(x, packed, scales, k, n, block):
+def _(x, packed, scales, k, n, block, bits=4):
     return x.new_empty(*x.shape[:-1], n)
 
 
@@ -115,8 +123,8 @@ def translation_table(int4_accuracy_level: int = 0) -> dict:
     _register_matmul_nbits_schema()
     msft = onnxscript.values.Opset("com.microsoft", 1)
 
-    def t_matmul_nbits(x, packed, scales, k: int, n: int, block: int):
-        return msft.MatMulNBits(x, packed, scales, K=k, N=n, bits=4, block_size=block, accuracy_level=int4_accuracy_level)
+    def t_matmul_nbits(x, packed, scales, k: int, n: int, block: int, bits: int = 4):
+        return msft.MatMulNBits(x, packed, scales, K=k, N=n, bits=bits, block_size=block, accuracy_level=int4_accuracy_level)
 
     def t_fake_quant(x, scale, kind: str):
         dtype = onnx.TensorProto.FLOAT8E4M3FN if kind == "fp8" else onnx.TensorProto.INT8
@@ -149,6 +157,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, fmt: LinearFormat, in_features: int, out_features: int, tensors: dict, bias=None, block: int = INT4_BLOCK):
         super().__init__()
         self.fmt, self.k, self.n, self.block = fmt, in_features, out_features, block
+        self.bits = 8 if fmt.weights == "int8" and "packed" in tensors else 4
         for name, t in tensors.items():
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
@@ -160,8 +169,8 @@ class QuantizedLinear(nn.Module):
             x = torch.ops.egm_edge.fake_quant(x, self.input_scale, self.fmt.activations)
         if "scales_t" in self._buffers:
             y = x @ torch.ops.egm_edge.dequantize_blocked(self.weight_t, self.scales_t, self.block)
-        elif self.fmt.weights == "int4":
-            y = torch.ops.egm_edge.matmul_nbits(x, self.packed, self.scales, self.k, self.n, self.block)
+        elif "packed" in self._buffers:
+            y = torch.ops.egm_edge.matmul_nbits(x, self.packed, self.scales, self.k, self.n, self.block, self.bits)
         else:
             y = x @ torch.ops.egm_edge.dequantize(self.weight_t, self.weight_scale)
         return y if self.bias is None else y + self.bias
@@ -213,6 +222,42 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, bac
     if ex.get("pre_quant_scale") is not None:
         t["pre_quant_scale"] = ex["pre_quant_scale"].float().reshape(-1)
     return QuantizedLinear(fmt, k, n, t, linear.bias, block).eval()
+
+
+# Weight-only round-to-nearest for the lm_head (export option; the checkpoint keeps it float): at EGM-2B the
+# float32 lm_head (151936 x 2048, tied to the embedding) is 1.24 GB read per decoded token, more than the
+# whole int4 body. The embedding Gather keeps the float table (one row read per token).
+LM_HEAD_MODES = {"float": None, "int8": (8, 128), "int4": (4, 32)}
+
+
+def rtn_linear(linear: nn.Linear, mode: str) -> QuantizedLinear:
+    """`linear` quantized weight-only, symmetric round-to-nearest per block of inputs, as MatMulNBits stores it."""
+    if mode not in LM_HEAD_MODES or LM_HEAD_MODES[mode] is None:
+        raise UnsupportedError(f"Unknown lm_head mode {mode!r}. Choose from: {', '.join(LM_HEAD_MODES)}.")
+    bits, block = LM_HEAD_MODES[mode]
+    n, k = linear.out_features, linear.in_features
+    if k % block:
+        raise UnsupportedError(f"lm_head {mode} needs the hidden size ({k}) to divide by its block of {block}.")
+    w = linear.weight.detach().float().reshape(n, k // block, block)
+    top = 2 ** (bits - 1) - 1
+    scales = (w.abs().amax(-1, keepdim=True) / top).clamp_min(1e-12)
+    q = torch.round(w / scales).clamp(-top - 1, top).to(torch.int16) + (top + 1)
+    u = q.to(torch.uint8)
+    packed = u if bits == 8 else (u[..., 0::2] | (u[..., 1::2] << 4))
+    fmt = LinearFormat("int8" if bits == 8 else "int4", None)
+    t = {"packed": packed.contiguous(), "scales": scales.reshape(-1).contiguous()}
+    return QuantizedLinear(fmt, k, n, t, linear.bias, block).eval()
+
+
+def dequantized_linear(q: QuantizedLinear) -> nn.Linear:
+    """A plain float Linear computing what `q` computes (the reference for a lowered lm_head)."""
+    w = nbits_weight(q.packed, q.scales, q.k, q.n, q.block, q.bits)
+    out = nn.Linear(q.k, q.n, bias=q.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if q.bias is not None:
+            out.bias.copy_(q.bias)
+    return out.eval()
 
 
 def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxruntime") -> dict[str, QuantizedLinear]:
@@ -273,6 +318,8 @@ def summary(replacements: dict[str, QuantizedLinear]) -> dict[str, int]:
     out: dict[str, int] = {}
     for q in replacements.values():
         name = "int4/blocked-DQ" if "scales_t" in q._buffers else names[q.fmt.weights]
+        if q.fmt.weights == "int8" and "packed" in q._buffers:
+            name = "int8/MatMulNBits"
         key = name + ("" if q.fmt.activations else " weight-only")
         out[key] = out.get(key, 0) + 1
     return out

@@ -34,12 +34,15 @@ def _fp32_estimate(info) -> int:
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "onnxruntime", int4_accuracy_level: int = 0,
-           force: bool = False, decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
+           lm_head: str = "float", force: bool = False, decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
     """Export a Qwen3-VL checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
 
     `lowering` is the engine the graphs are for: "onnxruntime" (INT4 as MatMulNBits, CPU bundles) or "tensorrt"
     (blocked INT4 DequantizeLinear + MatMul); other precisions lower the same way for both.
     `int4_accuracy_level` 4 lets MatMulNBits compute in int8 (faster on CPU, looser validation threshold).
+    `lm_head` "int8" or "int4" stores the lm_head weight-only round-to-nearest as MatMulNBits ("onnxruntime"
+    lowering only): far fewer bytes read per decoded token, a (small) accuracy change of its own; the
+    validation reference then uses the same rounded lm_head, so it still checks the export itself.
     `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
     """
     from egm_edge.artifacts import check_output_dir, staged_output
@@ -52,14 +55,18 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     info = inspect_checkpoint(checkpoint_dir)
     from egm_edge.export.validate import THRESHOLDS, validation_key
 
-    from egm_edge.export.lowering import INT4_ACCURACY_LEVELS, LOWERINGS
+    from egm_edge.export.lowering import INT4_ACCURACY_LEVELS, LM_HEAD_MODES, LOWERINGS
 
     backend = lowering
     if backend not in LOWERINGS:
         raise UnsupportedError(f"Unknown export lowering {backend!r}. Choose from: {', '.join(LOWERINGS)}.")
     if int4_accuracy_level not in INT4_ACCURACY_LEVELS:
         raise UnsupportedError(f"int4_accuracy_level={int4_accuracy_level!r} is not one MatMulNBits offers here; choose 0 (fp32 compute) or 4 (int8 compute).")
-    check = validation_key(info.precision, backend, int4_accuracy_level)
+    if lm_head not in LM_HEAD_MODES:
+        raise UnsupportedError(f"Unknown lm_head mode {lm_head!r}. Choose from: {', '.join(LM_HEAD_MODES)}.")
+    if lm_head != "float" and backend != "onnxruntime":
+        raise UnsupportedError(f"--lm-head {lm_head} lowers to MatMulNBits, an ONNX Runtime op; TensorRT exports keep a float lm_head.")
+    check = validation_key(info.precision, backend, int4_accuracy_level, lm_head)
     if info.precision not in THRESHOLDS:
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
                                f"export one of: {', '.join(THRESHOLDS)}.")
@@ -73,7 +80,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
         vcfg, dcfg = vision_grid_config(model), decoder_config(model)
-        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend, int4_accuracy_level)
+        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend, int4_accuracy_level, lm_head)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
@@ -88,13 +95,16 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         report = {**compare_with_onnxruntime(tmp, refs, vcfg, dcfg, check, backend), "seed": seed}
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        _write_manifest(info, tmp, graphs, layers, backend, int4_accuracy_level, vcfg, dcfg, versions, timings, report, OPSET)
+        _write_manifest(info, tmp, graphs, layers, backend, int4_accuracy_level, lm_head, vcfg, dcfg, versions, timings, report, OPSET)
     say(f"wrote {out_dir}")
     return out_dir
 
 
-def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str, accuracy_level: int) -> tuple[dict, dict]:
-    """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowered-layer counts)."""
+def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str, accuracy_level: int,
+                   lm_head: str = "float") -> tuple[dict, dict]:
+    """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowered-layer counts).
+    A quantized `lm_head` also replaces the model's own lm_head (untied) by its rounded float equivalent,
+    so the validation that follows compares like with like."""
     from egm_edge.export.graphs import (
         DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
     )
@@ -109,6 +119,15 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
             raise CheckpointError(f"Checkpoint {info.path} says {info.precision} but holds no quantized Linear weights; re-run egm-edge quantize.")
         translations, layers, post = low.translation_table(accuracy_level), low.summary(replacements), low.pack_int4_weights
         say(f"lowering {sum(layers.values())} quantized Linear layers for {backend}: {layers}")
+    if lm_head != "float":
+        from egm_edge.export import lowering as low
+
+        head = low.rtn_linear(model.lm_head, lm_head)
+        model.lm_head = low.dequantized_linear(head)
+        replacements = {**replacements, "lm_head": head}
+        translations, post = low.translation_table(accuracy_level), low.pack_int4_weights
+        layers = {**layers, f"lm_head {lm_head}/MatMulNBits weight-only": 1}
+        say(f"lm_head: {lm_head} weight-only round-to-nearest (block {low.LM_HEAD_MODES[lm_head][1]})")
     graphs = {}
     with _swapped(model, replacements):
         for name, build, spec, io in (
@@ -139,7 +158,7 @@ def _swapped(model, replacements: dict):
     return swapped(model, replacements)
 
 
-def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, int4_accuracy_level: int, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, int4_accuracy_level: int, lm_head: str, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
     from egm_edge.artifacts import file_hashes, package_versions, write_manifest
     from egm_edge.export.validate import disabled_optimizers
 
@@ -158,6 +177,7 @@ def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, i
         lowering=backend,
         lowered_layers=layers,
         int4_accuracy_level=int4_accuracy_level if layers and backend == "onnxruntime" else None,
+        lm_head=lm_head,
         onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision, backend))},
         runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
         versions={**package_versions(), **versions},

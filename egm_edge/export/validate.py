@@ -49,9 +49,10 @@ THRESHOLDS = {
 }
 
 
-def validation_key(precision: str, lowering: str = "onnxruntime", int4_accuracy_level: int = 0) -> str:
+def validation_key(precision: str, lowering: str = "onnxruntime", int4_accuracy_level: int = 0, lm_head: str = "float") -> str:
     """The THRESHOLDS entry an export is checked against."""
-    if precision == "int4_awq" and lowering == "onnxruntime" and int4_accuracy_level == 4:
+    nbits = precision == "int4_awq" or lm_head != "float"  # MatMulNBits somewhere in the decoder
+    if nbits and lowering == "onnxruntime" and int4_accuracy_level == 4:
         return "int4_awq/int8_compute"
     return precision
 

@@ -190,3 +190,45 @@ def test_int4_cpu_bundle_runs_like_the_dequantized_reference(quant_base, tmp_pat
         # Same tokens; this word-level test tokenizer has no decoder, so the two sides space special tokens differently.
         assert "".join(got.text.split()) == "".join(ref.text.split()) and got.box == ref.box
         assert (got.think_tokens, got.answer_tokens) == (ref.think_tokens, ref.answer_tokens)
+
+
+@pytest.mark.parametrize("mode,bits,block", [("int4", 4, 32), ("int8", 8, 128)])
+def test_rtn_lm_head_is_within_half_a_step_of_the_float_weight(mode, bits, block):
+    from egm_edge.export import lowering
+
+    gen = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(256, 96, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=gen) * 0.05)
+    q = lowering.rtn_linear(lin, mode)
+    assert q.bits == bits and q.block == block
+    w = lowering.nbits_weight(q.packed, q.scales, 256, 96, block, bits)
+    step = q.scales.reshape(96, -1).repeat_interleave(block, dim=1)
+    assert ((w - lin.weight).abs() <= step / 2 + 1e-7).all()
+    x = torch.randn(3, 256, generator=gen)
+    torch.testing.assert_close(q(x), lowering.dequantized_linear(q)(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnsupportedError, match="lm_head mode"):
+        lowering.rtn_linear(lin, "int2")
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_lm_head_export_drops_the_float_head_and_validates(quant_base, tmp_path, mode):
+    """A full-precision checkpoint with --lm-head int4/int8: the decoder's vocabulary-sized float matrix is read
+    by a Gather only (the embedding), the head is one MatMulNBits, and ONNX Runtime matches the rounded reference."""
+    import onnx
+
+    from egm_edge.export import export
+
+    out = export(quant_base, tmp_path / f"ir-{mode}", lm_head=mode, int4_accuracy_level=4, decode_steps=3)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["validation"]["passed"] and m["lm_head"] == mode
+    assert m["lowered_layers"] == {f"lm_head {mode}/MatMulNBits weight-only": 1}
+    graph = onnx.load(str(out / "decoder.onnx")).graph
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(heads) == 1 and {a.name: a.i for a in heads[0].attribute}["bits"] == (4 if mode == "int4" else 8)
+    vocab = m["runtime"]["decoder"]["vocab_size"]
+    tables = {i.name for i in graph.initializer if vocab in i.dims and len(i.dims) == 2}
+    users = {n.op_type for n in graph.node for name in n.input if name in tables}
+    assert users == {"Gather"}, users
+    with pytest.raises(UnsupportedError, match="TensorRT"):
+        export(quant_base, tmp_path / "trt", lm_head=mode, lowering="tensorrt")
