@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="weight of the dense image-token loss: linear heads (used in training only, never saved) "
                         "read each image token's shape colour, kind and full box off the vision tower's output, "
                         "so every image supervises ~70 tokens instead of the few box digits of one answer")
+    p.add_argument("--aux-places", type=int, choices=[1, 2], default=1,
+                   help="digit places the box read-outs classify: 1 = hundreds, 2 = hundreds and tens (the second "
+                        "digit of a coordinate is where the language model's precision runs out)")
     p.add_argument("--lm-aux-weight", type=float, default=0.0,
                    help="weight of a box read-out on the language model: at each token that opens a box ('[') a "
                         "linear head (training only) regresses that box from the hidden state after --lm-aux-layer, "
@@ -281,23 +284,28 @@ def attention_loss(attn, input_ids, image_token: int, openings, targets, span: b
 
 def box_readout_loss(box_head, digit_head, x, box) -> tuple:
     """Box read-out of features `x`: smooth-L1 on the 0..1 box (x10) plus cross-entropy on each coordinate's
-    hundreds digit (`digit_head`: 4 x 10 logits); returns the loss and the mean absolute error in 0..1000."""
+    hundreds digit (`digit_head`: 4 x 10 logits), and its tens digit too when the head has 80 outputs;
+    returns the loss and the mean absolute error in 0..1000."""
+    import torch
     import torch.nn.functional as F
 
     pred = box_head(x)
-    digit = (box * 1000).long().div(100, rounding_mode="floor").clamp(0, 9)
-    loss = F.smooth_l1_loss(pred, box, beta=0.05) * 10 + F.cross_entropy(digit_head(x).view(-1, 10), digit.view(-1))
+    v = (box * 1000).long().clamp(0, 999)
+    digit = v.div(100, rounding_mode="floor")
+    if digit_head.out_features == 80:
+        digit = torch.cat([digit, v.div(10, rounding_mode="floor") % 10], dim=-1)
+    loss = F.smooth_l1_loss(pred, box, beta=0.05) * 10 + F.cross_entropy(digit_head(x).view(-1, 10), digit.reshape(-1))
     return loss, (pred - box).abs().mean().item() * 1000
 
 
 class LMAuxHead:
     """Linear box read-out of the language model's hidden state at box openings (training only)."""
 
-    def __init__(self, dim: int, device):
+    def __init__(self, dim: int, device, places: int = 1):
         import torch
 
         self.box = torch.nn.Linear(dim, 4).to(device)
-        self.digit = torch.nn.Linear(dim, 40).to(device)
+        self.digit = torch.nn.Linear(dim, 40 * places).to(device)
 
     def parameters(self):
         return list(self.box.parameters()) + list(self.digit.parameters())
@@ -317,7 +325,7 @@ class LMAuxHead:
 class AuxHeads:
     """Linear read-outs of the image tokens for the dense loss (training only; never saved)."""
 
-    def __init__(self, dim: int, device):
+    def __init__(self, dim: int, device, places: int = 1):
         import torch
 
         from egm_edge.synth.world import COLOURS, KINDS
@@ -325,7 +333,7 @@ class AuxHeads:
         self.colour = torch.nn.Linear(dim, len(COLOURS) + 1).to(device)
         self.kind = torch.nn.Linear(dim, len(KINDS) + 1).to(device)
         self.box = torch.nn.Linear(dim, 4).to(device)
-        self.digit = torch.nn.Linear(dim, 40).to(device)  # hundreds digit of each coordinate
+        self.digit = torch.nn.Linear(dim, 40 * places).to(device)  # hundreds (and tens) digit of each coordinate
 
     def parameters(self):
         return [p for m in (self.colour, self.kind, self.box, self.digit) for p in m.parameters()]
@@ -558,10 +566,10 @@ def main(argv=None) -> int:
             ps = [p for n, p in model.named_parameters() if n.startswith("model.visual.") == vision and (p.ndim >= 2) == decayed]
             groups.append({"params": ps, "weight_decay": args.weight_decay if decayed else 0.0,
                            "lr_scale": args.vision_lr_scale if vision else 1.0})
-    aux = AuxHeads(TEXT["hidden_size"], device) if args.aux_weight else None
+    aux = AuxHeads(TEXT["hidden_size"], device, args.aux_places) if args.aux_weight else None
     if aux is not None:
         groups.append({"params": aux.parameters(), "weight_decay": 0.0, "lr_scale": 1.0})
-    lm_aux = LMAuxHead(TEXT["hidden_size"], device) if args.lm_aux_weight else None
+    lm_aux = LMAuxHead(TEXT["hidden_size"], device, args.aux_places) if args.lm_aux_weight else None
     if lm_aux is not None:
         groups.append({"params": lm_aux.parameters(), "weight_decay": 0.0, "lr_scale": 1.0})
     captured = {}
