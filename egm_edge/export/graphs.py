@@ -80,6 +80,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Qwen3's RMSNorm written as x / sqrt(mean(x^2) + eps) * weight: the pattern ONNX Runtime fuses into
+    (Skip)SimplifiedLayerNormalization (transformers' x * rsqrt(...) exports as Sqrt + Reciprocal, which it
+    does not fuse: five element-wise kernels per norm, 4 norms per layer, every decode step)."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    xf = x.float()
+    return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * norm.weight
+
+
 def vision_io_names() -> tuple[list[str], list[str]]:
     inputs = ["pixel_patches", "pos_embed_indices", "pos_embed_weights", "rotary_cos", "rotary_sin", "segment_ids"]
     return inputs, ["image_features", "deepstack_features"]
@@ -196,8 +205,8 @@ class DecoderGraph(nn.Module):
 
     def _attention(self, attn, x, cos, sin, bias, past_k, past_v):
         b, s, _ = x.shape
-        q = attn.q_norm(attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
+        q = _rms_norm(attn.q_norm, attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = _rms_norm(attn.k_norm, attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
         v = attn.v_proj(x).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -231,16 +240,16 @@ class DecoderGraph(nn.Module):
 
         presents = []
         for i, layer in enumerate(lm.layers):
-            a, k, v = self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, bias, past[2 * i], past[2 * i + 1])
+            a, k, v = self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, bias, past[2 * i], past[2 * i + 1])
             presents += [k, v]
             h = h + a
             mlp = layer.mlp
-            x = layer.post_attention_layernorm(h)
+            x = _rms_norm(layer.post_attention_layernorm, h)
             h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
             if i < self.n_deepstack:
                 table = torch.cat((zero, deepstack_features[i].to(h.dtype)), dim=0)
                 h = h + table[slot]
-        h = lm.norm(h)
+        h = _rms_norm(lm.norm, h)
         rows = torch.gather(h, 1, logits_index.unsqueeze(-1).expand(-1, -1, d))
         return (self.lm_head(rows).float(), *presents)
 
