@@ -56,10 +56,25 @@ def optimize_graph(src: Path, dst: Path, external: bool, disabled_optimizers=())
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
 
 
-def quantize_vision_int8(src: Path, dst: Path, external: bool) -> int:
-    """The vision graph with every MatMul on a constant 2-D weight as ONNX Runtime's DynamicQuantizeMatMul
-    (weights int8 symmetric per output column, activations quantized per call); returns how many. Its VNNI
-    kernels run the vision tower's large GEMMs ~2.5x faster than float32 MatMul on AVX-512 CPUs."""
+def _nbits_dense(packed, scales, k: int, n: int, block: int, bits: int):
+    """float32 [k, n] from a MatMulNBits weight (uint8 [n, k/block, block*bits/8], symmetric: zero point 2^(bits-1))."""
+    import numpy as np
+
+    if bits == 8:
+        u = packed.reshape(n, k).astype(np.float32) - 128
+    else:
+        u = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k).astype(np.float32) - 8
+    return (u * np.repeat(scales.reshape(n, -1).astype(np.float32), block, axis=1)).T
+
+
+def dynamic_int8_graph(src: Path, dst: Path, external: bool, include_nbits: bool = False) -> int:
+    """`src` with every Linear on a constant weight as ONNX Runtime's DynamicQuantizeMatMul (weights int8
+    symmetric per output column, activations quantized per call); returns how many. Float Linears come as
+    Gemm(x, W[out, in], bias, transB=1) or MatMul(x, W[in, out]); with `include_nbits` the MatMulNBits of
+    int4/int8 layers (no zero points) are re-quantized too. Weights shared with another node (a tied
+    embedding) stay as they are. On AVX-512 VNNI CPUs these kernels run large GEMMs ~2.5x faster than
+    float32 MatMul and ~2.7x faster than MatMulNBits (benchmarks/egm2b_cpu.py), so they pay where many rows
+    are multiplied at once: the vision tower and the prompt prefill."""
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
@@ -73,15 +88,20 @@ def quantize_vision_int8(src: Path, dst: Path, external: bool) -> int:
     nodes, count = [], 0
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        # The exporter writes Linear as Gemm(x, W[out, in], bias, transB=1), or as MatMul on W[in, out].
         gemm = node.op_type == "Gemm" and attrs.get("transB") == 1 and not attrs.get("transA") \
             and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
-        w = inits.get(node.input[1]) if (node.op_type == "MatMul" and len(node.input) == 2) or gemm else None
-        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or users[w.name] != 1:
+        nbits = include_nbits and node.op_type == "MatMulNBits" and len(node.input) == 3
+        w = inits.get(node.input[1]) if (node.op_type == "MatMul" and len(node.input) == 2) or gemm or nbits else None
+        if w is None or users[w.name] != 1 or (not nbits and (len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT)):
             nodes.append(node)
             continue
-        arr = numpy_helper.to_array(w)
-        arr = arr.T if gemm else arr  # [in, out]
+        if nbits:
+            arr = _nbits_dense(numpy_helper.to_array(w), numpy_helper.to_array(inits[node.input[2]]), attrs["K"], attrs["N"],
+                               attrs["block_size"], attrs["bits"])
+            model.graph.initializer.remove(inits[node.input[2]])
+        else:
+            arr = numpy_helper.to_array(w)
+            arr = arr.T if gemm else arr  # [in, out]
         scale = np.maximum(np.abs(arr).max(axis=0), 1e-12).astype(np.float32) / 127.0
         q = np.clip(np.round(arr / scale), -127, 127).astype(np.int8)
         model.graph.initializer.remove(w)
@@ -97,6 +117,26 @@ def quantize_vision_int8(src: Path, dst: Path, external: bool) -> int:
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst), save_as_external_data=external, location=dst.name + ".data" if external else None)
     return count
+
+
+def prefill_fidelity(decoder: Path, prefill: Path, dcfg: dict, tokens: int = 24) -> dict:
+    """Logit cosine and top-1 agreement of the prefill graph against the decoder graph on a random text prompt."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, dcfg["vocab_size"], size=(1, tokens)).astype(np.int64)
+    d, kv = dcfg["hidden_size"], (1, dcfg["num_kv_heads"], 0, dcfg["head_dim"])
+    feeds = {"input_ids": ids, "image_features": np.zeros((0, d), np.float32),
+             "deepstack_features": np.zeros((dcfg["num_deepstack"], 0, d), np.float32),
+             "position_ids": np.broadcast_to(np.arange(tokens), (3, 1, tokens)).astype(np.int64).copy(),
+             "attention_mask": np.ones((1, tokens), np.int64), "logits_index": np.arange(tokens)[None].astype(np.int64)}
+    feeds.update({f"past_key_values.{i}.{k}": np.zeros(kv, np.float32) for i in range(dcfg["num_layers"]) for k in ("key", "value")})
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0][0] for p in (decoder, prefill)]
+    a, b = (o.astype(np.float64) for o in outs)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+    return {"logits_cosine_min": round(float(cos.min()), 6), "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).mean()), 4),
+            "tokens": tokens}
 
 
 def vision_fidelity(reference: Path, candidate: Path, vision_config: dict) -> dict:
@@ -134,12 +174,16 @@ def _smoke_image():
 
 def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mode: str = "hard",
               max_answer_tokens: int = 128, max_seq_len: int = 4096, force: bool = False,
-              name: str | None = None, vision_int8: bool = False, progress: Callable[[str], None] | None = None,
+              name: str | None = None, vision_int8: bool = False, prefill_int8: bool = False, progress: Callable[[str], None] | None = None,
               extra_manifest: dict | None = None) -> Path:
     """Build a CPU bundle from an export directory; returns `out_dir`.
 
-    `vision_int8` runs the vision tower in dynamic int8 (`quantize_vision_int8`): faster image encoding,
-    a small accuracy change of its own, measured against the float32 tower and recorded in the manifest."""
+    `vision_int8` runs the vision tower in dynamic int8 (`dynamic_int8_graph`): faster image encoding,
+    a small accuracy change of its own, measured against the float32 tower and recorded in the manifest.
+    `prefill_int8` adds prefill.onnx: the decoder with every Linear in dynamic int8, which the runtime uses
+    for prompts (many tokens at once) while decode steps keep decoder.onnx; it costs an int8 copy of the
+    language model's weights (and of the embedding table), and its logit agreement with decoder.onnx is
+    recorded in the manifest."""
     from egm_edge.artifacts import file_hashes, staged_output, write_manifest
     from egm_edge.runtime.budget import BudgetSpec
     from egm_edge.runtime.bundle import GenerationConfig
@@ -164,10 +208,24 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
                 say("quantizing the vision tower to dynamic int8")
                 scratch = tmp / ".vision-int8"
                 scratch.mkdir()
-                quantize_vision_int8(src, scratch / "vision.onnx", external)
+                dynamic_int8_graph(src, scratch / "vision.onnx", external)
                 src = scratch / "vision.onnx"
             optimize_graph(src, tmp / f"{graph}.onnx", external, disabled)
             timings[f"optimize_{graph}"] = round(time.perf_counter() - t, 3)
+        prefill = None
+        if prefill_int8:
+            say("writing prefill.onnx: the decoder with dynamic int8 Linear layers, for prompts")
+            t = time.perf_counter()
+            external = bool((em.get("graphs", {}).get("decoder") or {}).get("external_data"))
+            scratch = tmp / ".prefill-int8"
+            scratch.mkdir()
+            n = dynamic_int8_graph(export_dir / "decoder.onnx", scratch / "prefill.onnx", external, include_nbits=True)
+            optimize_graph(scratch / "prefill.onnx", tmp / "prefill.onnx", external, disabled)
+            shutil.rmtree(scratch)
+            prefill = {"precision": "int8-dynamic", "int8_layers": n,
+                       "fidelity_vs_decoder": prefill_fidelity(tmp / "decoder.onnx", tmp / "prefill.onnx", em["runtime"]["decoder"])}
+            timings["prefill_graph"] = round(time.perf_counter() - t, 3)
+            say(f"int8 prefill vs decoder: {prefill['fidelity_vs_decoder']}")
         for f in _SIDE_FILES:
             shutil.copyfile(export_dir / f, tmp / f)
         for f in ("config.json", "chat_template.jinja", "tokenizer_config.json"):
@@ -188,6 +246,7 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
             onnxruntime=ort_settings,
             source_validation=em.get("validation"),
             vision=vision,
+            **({"prefill": prefill} if prefill else {}),
             **(extra_manifest or {}),
         )
         # The smoke test needs a manifest to open the bundle; the final one (with figures) replaces it.

@@ -130,7 +130,7 @@ def _stage(name: str, stage_dir: Path, recorded: Callable[[dict], object], expec
 def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET,
                      kv_cache: str | None = None, image_wh: tuple[int, int] | None = None, work_dir=None, force: bool = False,
                      budget_mode: str = "hard", max_answer_tokens: int | None = None, max_batch_size: int = 8,
-                     vision_int8: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+                     vision_int8: bool = False, prefill_int8: bool = False, progress: Callable[[str], None] | None = None) -> Path:
     """Run quantize -> export -> build for `target` into `out_dir`; returns `out_dir` (see the module docstring)."""
     from egm_edge import __version__
     from egm_edge.artifacts import file_hashes, sha256_file
@@ -180,10 +180,11 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
 
         return build_cpu(export_dir, out_dir, think_budget=think_budget, budget_mode=budget_mode,
                          max_answer_tokens=max_answer_tokens or pf.plan.answer_tokens + 80,  # +128: longer expressions
-                         max_seq_len=pf.plan.context_tokens + 128, force=force, vision_int8=vision_int8, progress=say,
+                         max_seq_len=pf.plan.context_tokens + 128, force=force, vision_int8=vision_int8,
+                         prefill_int8=prefill_int8, progress=say,
                          extra_manifest={**extra, "plan": pf.plan.to_dict()})
-    if vision_int8:
-        raise UnsupportedError("vision_int8 is an ONNX Runtime CPU option; TensorRT builds choose the vision precision at quantize time (--vision fp8).")
+    if vision_int8 or prefill_int8:
+        raise UnsupportedError("vision_int8 and prefill_int8 are ONNX Runtime CPU options; TensorRT builds choose precisions at quantize time.")
     from egm_edge.build.tensorrt import build_tensorrt
 
     return build_tensorrt(export_dir, out_dir, pf.target, pf.plan, budget_mode=budget_mode, max_answer_tokens=max_answer_tokens,

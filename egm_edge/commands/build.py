@@ -61,6 +61,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-int8", action="store_true",
                    help="cpu target: run the vision tower in ONNX Runtime dynamic int8 (faster image encoding; its "
                         "fidelity against float32 goes into the manifest)")
+    p.add_argument("--prefill-int8", action="store_true",
+                   help="cpu target: add a prompt graph with dynamic int8 Linear layers (faster prefill; costs an int8 "
+                        "copy of the language model; its logit agreement goes into the manifest)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out (with --finalize: recompile engines)")
 
 
@@ -110,27 +113,27 @@ def run(args: argparse.Namespace) -> int:
             think_budget=DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget,
             kv_cache=args.kv_cache, image_wh=_image(args.image) if args.image else None, work_dir=args.work_dir,
             force=args.force, budget_mode=args.budget_mode, max_answer_tokens=args.max_answer_tokens,
-            max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, progress=say)
+            max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
         print(f"bundle: {out}")
         return 0
     from egm_edge.targets import load_target
 
     target = load_target(args.target)
-    if args.vision_int8 and target.kind != "cpu":
+    if (args.vision_int8 or args.prefill_int8) and target.kind != "cpu":
         from egm_edge.errors import UnsupportedError
 
-        raise UnsupportedError("--vision-int8 is an ONNX Runtime CPU option; TensorRT builds choose the vision precision at quantize time (--vision fp8).")
+        raise UnsupportedError("--vision-int8 and --prefill-int8 are ONNX Runtime CPU options; TensorRT builds choose precisions at quantize time.")
     if target.kind == "cpu":
         from egm_edge.build import build_cpu
 
         out = build_cpu(args.export, args.out, think_budget=args.think_budget, budget_mode=args.budget_mode,
                         max_answer_tokens=args.max_answer_tokens or 128, max_seq_len=args.max_seq_len, force=args.force,
-                        vision_int8=args.vision_int8, progress=say)
+                        vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
     else:
         from egm_edge.build.tensorrt import build_tensorrt
 
         out = build_tensorrt(args.export, args.out, target, _plan_for_export(args, target), budget_mode=args.budget_mode,
                              max_answer_tokens=args.max_answer_tokens, force=args.force, kv_cache=args.kv_cache,
-                             max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, progress=say)
+                             max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
     print(f"bundle: {out}")
     return 0

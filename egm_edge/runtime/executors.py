@@ -53,6 +53,11 @@ class OrtExecutor:
         disabled = list((bundle.manifest.get("onnxruntime") or {}).get("disabled_optimizers") or [])
         self.vision = ort.InferenceSession(str(bundle.file("vision.onnx")), so, providers=providers, disabled_optimizers=disabled)
         self.decoder = ort.InferenceSession(str(bundle.file("decoder.onnx")), so, providers=providers, disabled_optimizers=disabled)
+        # Optional prompt graph (build --prefill-int8): the same decoder with int8 GEMMs, used when many tokens
+        # go in at once; decode steps stay on decoder.onnx. Both read and write the same KV cache layout.
+        self.prefill = None
+        if (bundle.manifest.get("prefill") or {}).get("precision"):
+            self.prefill = ort.InferenceSession(str(bundle.file("prefill.onnx")), so, providers=providers, disabled_optimizers=disabled)
         n = bundle.decoder.num_layers
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
@@ -76,7 +81,8 @@ class OrtExecutor:
     def decode(self, feeds, past):
         all_feeds = dict(feeds)
         all_feeds.update(zip(self.past_names, past))
-        out = self.decoder.run(["logits", *self.present_names], all_feeds)
+        prompt = self.prefill is not None and feeds["input_ids"].shape[1] > 1
+        out = (self.prefill if prompt else self.decoder).run(["logits", *self.present_names], all_feeds)
         return out[0], out[1:]
 
 

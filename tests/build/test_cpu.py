@@ -27,6 +27,12 @@ def test_graphs_are_ort_optimised(tiny_bundle):
     domains = {n.domain for n in m.graph.node}
     # ONNX Runtime's CPU fusions (e.g. SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization) were saved.
     assert "com.microsoft" in domains or any("LayerNormalization" in n.op_type for n in m.graph.node)
+    # Every RMSNorm (input, post-attention, q, k per layer, and the final one) is one fused kernel, not
+    # Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul chains run at every decode step.
+    ops = [n.op_type for n in m.graph.node]
+    layers = open_bundle(tiny_bundle).decoder.num_layers
+    assert sum("SimplifiedLayerNormalization" in o for o in ops) == 4 * layers + 1, ops
+    assert "Pow" not in ops and "Reciprocal" not in ops
 
 
 def test_build_refuses_a_directory_that_is_not_an_export(tmp_path, tiny_ckpt, capsys):
@@ -80,4 +86,42 @@ def test_vision_int8_build_runs_dynamic_int8_matmuls_and_records_its_fidelity(ti
 def test_vision_int8_is_refused_for_gpu_targets(tmp_path, capsys):
     assert main(["build", "--target", "jetson-orin-nano-8gb", "--export", str(tmp_path), "--out", str(tmp_path / "b"),
                  "--vision-int8"]) == 2
-    assert "CPU option" in capsys.readouterr().err
+    assert "CPU options" in capsys.readouterr().err
+
+
+def test_prefill_int8_bundle_prefills_through_int8_and_decodes_through_the_decoder(tiny_bundle, tmp_path):
+    import numpy as np
+    import onnx
+
+    from egm_edge.build import build_cpu
+    from egm_edge.runtime.grounder import Grounder
+    from egm_edge.synth import draw, render
+
+    export_dir = json.loads((tiny_bundle / "manifest.json").read_text())["inputs"]["export"]
+    out = build_cpu(export_dir, tmp_path / "bp", max_answer_tokens=16, max_seq_len=1024, prefill_int8=True)
+    m = json.loads((out / "manifest.json").read_text())
+    layers = open_bundle(out).decoder.num_layers
+    assert m["prefill"]["int8_layers"] == 7 * layers  # q, k, v, o, gate, up, down; the tied lm_head stays float
+    assert m["prefill"]["fidelity_vs_decoder"]["logits_cosine_min"] > 0.99
+    assert not (out / ".prefill-int8").exists()
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in onnx.load(str(out / "prefill.onnx")).graph.node}
+    g = Grounder.open(out)
+    calls = []
+    for name in ("prefill", "decoder"):
+        sess = getattr(g.executor, name)
+        calls_for = calls
+
+        class Spy:
+            def __init__(self, s, tag):
+                self.s, self.tag = s, tag
+
+            def run(self, names, feeds):
+                calls_for.append((self.tag, feeds["input_ids"].shape[1]))
+                return self.s.run(names, feeds)
+
+        setattr(g.executor, name, Spy(sess, name))
+    s = draw(3, 0)
+    r = g.ground(render(s.scene), s.expr.sent, think_budget=4)
+    assert calls[0][0] == "prefill" and calls[0][1] > 1
+    assert all(tag == "decoder" and n == 1 for tag, n in calls[1:]) and len(calls) > 1
+    assert np.isfinite(r.timings["prefill"])
