@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="weight of the dense image-token loss: linear heads (used in training only, never saved) "
                         "read each image token's shape colour, kind and full box off the vision tower's output, "
                         "so every image supervises ~70 tokens instead of the few box digits of one answer")
+    p.add_argument("--attn-copy-text", action="store_true",
+                   help="a box the sequence already wrote (the answer after a full reasoning) is supervised to attend "
+                        "to that earlier box's tokens, not to the image: the answer copies the reasoning's pick")
     p.add_argument("--aux-places", type=int, choices=[1, 2], default=1,
                    help="digit places the box read-outs classify: 1 = hundreds, 2 = hundreds and tens (the second "
                         "digit of a coordinate is where the language model's precision runs out)")
@@ -260,22 +263,29 @@ def cell_targets(scene, grid_thw, merge: int):
     return colour.reshape(-1), kind.reshape(-1), box.reshape(-1, 4), owner.reshape(-1)
 
 
-def attention_loss(attn, input_ids, image_token: int, openings, targets, span: bool = False):
+def attention_loss(attn, input_ids, image_token: int, openings, targets, span: bool = False, copy_text: bool = False):
     """Mean -log(attention mass on the box's shape tokens) of head 0 at each box opening, or with `span`
     at every token from the opening to the box's last digit (each of them predicts a digit or a separator
-    of that box)."""
+    of that box). With `copy_text`, a box already written earlier in the same sequence (the answer repeating
+    the reasoning's pick) targets that earlier box's tokens instead: copy the digits, do not re-read them."""
     import torch
 
     terms = []
-    for r, pos, _, shape, end in openings:
+    for n, (r, pos, box, shape, end) in enumerate(openings):
         if shape < 0:
             continue
-        cells = torch.from_numpy(targets[r][3] == shape).to(attn.device)
-        img = (input_ids[r] == image_token).nonzero().flatten()
-        if cells.sum() == 0 or len(img) != len(cells):
-            continue
         rows = slice(pos, end) if span else slice(pos, pos + 1)
-        terms.append(-torch.log(attn[r, 0, rows][:, img[cells]].sum(-1).float() + 1e-6))
+        earlier = [(p, e) for rr, p, b, _, e in openings[:n] if copy_text and rr == r and b == box and p < pos]
+        if earlier:
+            p0, e0 = earlier[-1]
+            keys = torch.arange(p0 + 1, e0, device=attn.device)  # the earlier box's digits and separators
+        else:
+            cells = torch.from_numpy(targets[r][3] == shape).to(attn.device)
+            img = (input_ids[r] == image_token).nonzero().flatten()
+            if cells.sum() == 0 or len(img) != len(cells):
+                continue
+            keys = img[cells]
+        terms.append(-torch.log(attn[r, 0, rows][:, keys].sum(-1).float() + 1e-6))
     if not terms:
         return attn.sum() * 0.0, None
     nll = torch.cat(terms)
@@ -637,7 +647,7 @@ def main(argv=None) -> int:
         if args.attn_weight:
             for n in attn_layers:
                 a_loss, mass = attention_loss(captured[f"attn{n}"], batch["input_ids"], batcher.image_token, openings,
-                                              targets, span=args.attn_span)
+                                              targets, span=args.attn_span, copy_text=args.attn_copy_text)
                 aux_stats["attn_mass" if n == attn_layers[0] else f"attn_mass{n}"] = mass if mass is not None else 0.0
                 loss = loss + args.attn_weight * a_loss
         if lm_aux is not None:
