@@ -189,7 +189,22 @@ def time_bundle(bundle: Path, threads: int, repeats: int) -> dict:
     med = lambda k: float(np.median([r[k] for r in runs]))  # noqa: E731
     return {"vision_ms": med("vision"), "prefill_ms": med("prefill"), "decode_ms_per_token": med("ms_per_token"),
             "end_to_end_ms": med("total"), "prompt_tokens": runs[0]["prompt_tokens"], "new_tokens": len(tokens),
-            "tokens": tokens, "decoder_weight_bytes_per_token": onnx_bytes_per_token(bundle / "decoder.onnx")}
+            "tokens": tokens, "decoder_weight_bytes_per_token": onnx_bytes_per_token(bundle / "decoder.onnx"),
+            "export_check": export_check(bundle)}
+
+
+def export_check(bundle: Path) -> dict:
+    """What the export stage proved for this bundle's graphs: ONNX Runtime against the PyTorch reference of the
+    same checkpoint (greedy agreement over its decode steps, worst logit cosine), plus the build's own checks."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    cases = (m.get("source_validation") or {}).get("cases") or {}
+    out = {"greedy_agreement_min": min((c.get("greedy_agreement", 1.0) for c in cases.values()), default=None),
+           "cosine_min": min((o.get("cosine", 1.0) for c in cases.values() for o in (c.get("outputs") or {}).values()
+                              if isinstance(o, dict)), default=None)}
+    for key in ("vision", "prefill"):
+        if isinstance(m.get(key), dict) and len(m[key]) > 1:
+            out[key] = m[key]
+    return out
 
 
 def onnx_bytes_per_token(path: Path) -> int:
@@ -348,7 +363,8 @@ def report(rows: dict, bw: float, stages: list[dict], out: Path, args) -> dict:
             r["first_divergence"] = first
     base = rows.get("hf-bf16")
     print(f"\nread bandwidth {bw:.1f} GB/s; image 640x480; {NEW_TOKENS} new tokens; threads {args.threads}")
-    head = "| system | prompt tok | vision ms | prefill ms | decode ms/tok | floor ms | x floor | end-to-end ms | speed-up vs hf bf16 | greedy agreement vs fp32 bundle |"
+    head = ("| system | prompt tok | vision ms | prefill ms | decode ms/tok | floor ms | x floor | end-to-end ms | speed-up vs hf bf16 "
+            "| greedy agreement vs fp32 bundle | export check: greedy agreement vs PyTorch reference |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     fmt = lambda v, f="{:.0f}": "-" if v is None else f.format(v)  # noqa: E731
@@ -356,7 +372,8 @@ def report(rows: dict, bw: float, stages: list[dict], out: Path, args) -> dict:
         speed = base["end_to_end_ms"] / r["end_to_end_ms"] if base and r.get("end_to_end_ms") else None
         print(f"| {LABELS[name]} | {r['prompt_tokens']} | {fmt(r['vision_ms'])} | {fmt(r['prefill_ms'])} | "
               f"{r['decode_ms_per_token']:.1f} | {r['floor_ms_per_token']:.1f} | {r['decode_over_floor']:.2f} | "
-              f"{fmt(r.get('end_to_end_ms'))} | {fmt(speed, '{:.2f}x')} | {fmt(r.get('greedy_agreement_vs_egm_fp32'), '{:.2f}')} |")
+              f"{fmt(r.get('end_to_end_ms'))} | {fmt(speed, '{:.2f}x')} | {fmt(r.get('greedy_agreement_vs_egm_fp32'), '{:.2f}')} | "
+              f"{fmt((r.get('export_check') or {}).get('greedy_agreement_min'), '{:.2f}')} |")
     print("\n| stage | wall s | peak RSS GB |\n|---|---|---|")
     for s in stages:
         print(f"| {s['stage']} | {s['wall_s']} | {s['peak_rss_gb']} |")
