@@ -5,7 +5,10 @@ Layout (written by `egm-edge build`, DESIGN.md "Pipeline"):
     bundle/
       manifest.json            stage "build", target, precision, sources, versions; written last
       vision.onnx              patches + host grid tensors -> image features, deepstack features
+                               (dynamic int8 with build --vision-int8, manifest["vision"])
       decoder.onnx             one graph for prefill and decode with explicit KV cache
+      prefill.onnx             optional (build --prefill-int8, manifest["prefill"]): the same graph with
+                               dynamic-int8 Linears, which the CPU executor uses for prompts
       tokenizer.json           the model's tokenizer (every special id is read from it)
       preprocessor_config.json the HF image-processor values (min/max pixels, patch, merge)
       generation_config.json   stop tokens, think tags, default budget and mode, caps
