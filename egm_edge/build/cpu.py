@@ -119,6 +119,18 @@ def dynamic_int8_graph(src: Path, dst: Path, external: bool, include_nbits: bool
     return count
 
 
+def _optimized_int8(src: Path, out: Path, name: str, external: bool, disabled, include_nbits: bool = False) -> int:
+    """`dynamic_int8_graph(src)` optimised into out/name (via a scratch folder removed at once); returns the count."""
+    scratch = out / f".{name}.int8"
+    scratch.mkdir()
+    try:
+        n = dynamic_int8_graph(src, scratch / name, external, include_nbits=include_nbits)
+        optimize_graph(scratch / name, out / name, external, disabled)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return n
+
+
 def prefill_fidelity(decoder: Path, prefill: Path, dcfg: dict, tokens: int = 24) -> dict:
     """Logit cosine and top-1 agreement of the prefill graph against the decoder graph on a random text prompt."""
     import numpy as np
@@ -203,25 +215,23 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
             external = bool((em.get("graphs", {}).get(graph) or {}).get("external_data"))
             say(f"optimising {graph}.onnx for ONNX Runtime (CPU)")
             t = time.perf_counter()
-            src = export_dir / f"{graph}.onnx"
             if graph == "vision" and vision_int8:
                 say("quantizing the vision tower to dynamic int8")
-                scratch = tmp / ".vision-int8"
-                scratch.mkdir()
-                dynamic_int8_graph(src, scratch / "vision.onnx", external)
-                src = scratch / "vision.onnx"
-            optimize_graph(src, tmp / f"{graph}.onnx", external, disabled)
+                _optimized_int8(export_dir / "vision.onnx", tmp, "vision.onnx", external, disabled)
+            else:
+                optimize_graph(export_dir / f"{graph}.onnx", tmp / f"{graph}.onnx", external, disabled)
             timings[f"optimize_{graph}"] = round(time.perf_counter() - t, 3)
+        vision = {"precision": "float32"}
+        if vision_int8:
+            vision = {"precision": "int8-dynamic",
+                      "fidelity_vs_float32": vision_fidelity(export_dir / "vision.onnx", tmp / "vision.onnx", em["runtime"]["vision"])}
+            say(f"int8 vision tower vs float32: {vision['fidelity_vs_float32']}")
         prefill = None
         if prefill_int8:
             say("writing prefill.onnx: the decoder with dynamic int8 Linear layers, for prompts")
             t = time.perf_counter()
             external = bool((em.get("graphs", {}).get("decoder") or {}).get("external_data"))
-            scratch = tmp / ".prefill-int8"
-            scratch.mkdir()
-            n = dynamic_int8_graph(export_dir / "decoder.onnx", scratch / "prefill.onnx", external, include_nbits=True)
-            optimize_graph(scratch / "prefill.onnx", tmp / "prefill.onnx", external, disabled)
-            shutil.rmtree(scratch)
+            n = _optimized_int8(export_dir / "decoder.onnx", tmp, "prefill.onnx", external, disabled, include_nbits=True)
             prefill = {"precision": "int8-dynamic", "int8_layers": n,
                        "fidelity_vs_decoder": prefill_fidelity(tmp / "decoder.onnx", tmp / "prefill.onnx", em["runtime"]["decoder"])}
             timings["prefill_graph"] = round(time.perf_counter() - t, 3)
@@ -234,7 +244,6 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
         import json
 
         (tmp / "generation_config.json").write_text(json.dumps(gen.to_dict(), indent=2))
-        vision = {"precision": "int8-dynamic" if vision_int8 else "float32"}
         manifest = dict(
             target="cpu",
             name=name or out_dir.name,
@@ -251,10 +260,6 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
         )
         # The smoke test needs a manifest to open the bundle; the final one (with figures) replaces it.
         write_manifest(tmp, "build", **manifest)
-        if vision_int8:
-            vision["fidelity_vs_float32"] = vision_fidelity(export_dir / "vision.onnx", tmp / "vision.onnx", em["runtime"]["vision"])
-            shutil.rmtree(tmp / ".vision-int8")
-            say(f"int8 vision tower vs float32: {vision['fidelity_vs_float32']}")
         say("checking that the bundle loads and grounds one image")
         t = time.perf_counter()
         smoke = _smoke_test(tmp)

@@ -134,6 +134,6 @@ def run(args: argparse.Namespace) -> int:
 
         out = build_tensorrt(args.export, args.out, target, _plan_for_export(args, target), budget_mode=args.budget_mode,
                              max_answer_tokens=args.max_answer_tokens, force=args.force, kv_cache=args.kv_cache,
-                             max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
+                             max_batch_size=args.max_batch_size, progress=say)
     print(f"bundle: {out}")
     return 0
