@@ -32,6 +32,9 @@ class TimedExecutor:
     def encode_image(self, *a):
         return self.inner.encode_image(*a)
 
+    def new_cache(self, capacity):
+        return self.inner.new_cache(capacity)
+
     def decode(self, feeds, past):
         t = time.perf_counter()
         out = self.inner.decode(feeds, past)
@@ -51,6 +54,11 @@ class InstantExecutor:
 
     def encode_image(self, *a):
         return self.real.encode_image(*a)
+
+    def new_cache(self, capacity):
+        from egm_edge.runtime.executors import empty_cache
+
+        return empty_cache(self.real.bundle)
 
     def decode(self, feeds, past):
         t = time.perf_counter()

@@ -74,6 +74,15 @@ def tiny_bundle(tmp_path_factory, tiny_ckpt):
 
 
 @pytest.fixture(scope="session")
+def tiny_export_trt(tmp_path_factory, tiny_ckpt):
+    """The tiny checkpoint exported with the TensorRT lowering (plain ONNX ops only)."""
+    pytest.importorskip("onnx")
+    from egm_edge.export.pipeline import export
+
+    return export(tiny_ckpt, tmp_path_factory.mktemp("rtb-trt") / "export", lowering="tensorrt", decode_steps=2)
+
+
+@pytest.fixture(scope="session")
 def scene(tmp_path_factory):
     path = tmp_path_factory.mktemp("scene") / "scene.png"
     img = Image.new("RGB", (300, 200), (240, 240, 240))

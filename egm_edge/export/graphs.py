@@ -163,8 +163,11 @@ class VisionGraph(nn.Module):
 class DecoderGraph(nn.Module):
     """Qwen3-VL language model with explicit KV cache, image placement and deepstack injection."""
 
-    def __init__(self, hf_model: nn.Module, image_token_id: int):
+    def __init__(self, hf_model: nn.Module, image_token_id: int, fused_attention: bool = False):
         super().__init__()
+        # fused_attention: each layer's attention core as GroupQueryAttention (egm_edge.export.attention), an
+        # ONNX Runtime op whose cache may be updated in place; otherwise plain ONNX ops (TensorRT, any runtime).
+        self.fused_attention = bool(fused_attention)
         self.model = nn.Module()
         self.model.language_model = hf_model.model.language_model
         self.lm_head = hf_model.lm_head
@@ -199,9 +202,21 @@ class DecoderGraph(nn.Module):
         pos = torch.index_select(pos, 2, self.rope_axis)  # [B, S, half]
         freqs = pos * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
-        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
+        head_axis = 2 if self.fused_attention else 1  # [B, S, 1, hd] for [B, S, H, hd] heads, else [B, 1, S, hd]
+        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(head_axis)
+        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(head_axis)
         return cos, sin
+
+    def _fused_attention(self, attn, x, cos, sin, mask_info, past_k, past_v):
+        b, s, _ = x.shape
+        q = _rms_norm(attn.q_norm, attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim))
+        k = _rms_norm(attn.k_norm, attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim))
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out, k, v = torch.ops.egm_edge.group_query_attention(
+            q.reshape(b, s, -1), k.reshape(b, s, -1), attn.v_proj(x), past_k, past_v, *mask_info,
+            self.n_heads, self.n_kv, float(self.head_dim**-0.5))
+        return attn.o_proj(out), k, v
 
     def _attention(self, attn, x, cos, sin, bias, past_k, past_v):
         b, s, _ = x.shape
@@ -232,15 +247,20 @@ class DecoderGraph(nn.Module):
         h = torch.where(is_image.unsqueeze(-1), torch.cat((zero, image_features.to(h.dtype)), dim=0)[slot], h)
 
         cos, sin = self._rope(position_ids, h.dtype)
-        p = attention_mask.shape[1] - s
-        key_pos = torch.arange(attention_mask.shape[1], device=h.device)
-        query_pos = torch.arange(s, device=h.device) + p
-        allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
-        bias = torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
+        if self.fused_attention:
+            from egm_edge.export.attention import mask_inputs
+
+            attend, mask_info = self._fused_attention, mask_inputs(attention_mask, s, h.dtype)
+        else:
+            p = attention_mask.shape[1] - s
+            key_pos = torch.arange(attention_mask.shape[1], device=h.device)
+            query_pos = torch.arange(s, device=h.device) + p
+            allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+            attend, mask_info = self._attention, torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
 
         presents = []
         for i, layer in enumerate(lm.layers):
-            a, k, v = self._attention(layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, bias, past[2 * i], past[2 * i + 1])
+            a, k, v = attend(layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, mask_info, past[2 * i], past[2 * i + 1])
             presents += [k, v]
             h = h + a
             mlp = layer.mlp

@@ -128,11 +128,19 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
         translations, post = low.translation_table(accuracy_level), low.pack_int4_weights
         layers = {**layers, f"lm_head {lm_head}/MatMulNBits weight-only": 1}
         say(f"lm_head: {lm_head} weight-only round-to-nearest (block {low.LM_HEAD_MODES[lm_head][1]})")
+    fused = backend == "onnxruntime"
+    if fused:
+        from egm_edge.export import attention
+
+        translations = {**(translations or {}), **attention.translation_table()}
+        dcfg["kv_cache"] = attention.KV_CACHE_IN_PLACE
+    else:
+        dcfg["kv_cache"] = "growing"  # egm_edge.export.attention.KV_CACHE_GROWING
     graphs = {}
     with _swapped(model, replacements):
         for name, build, spec, io in (
             ("vision", lambda: VisionGraph(model), lambda: vision_export_spec(vcfg), vision_io_names()),
-            ("decoder", lambda: DecoderGraph(model, dcfg["image_token_id"]), lambda: decoder_export_spec(dcfg), decoder_io_names(dcfg["num_layers"])),
+            ("decoder", lambda: DecoderGraph(model, dcfg["image_token_id"], fused_attention=fused), lambda: decoder_export_spec(dcfg), decoder_io_names(dcfg["num_layers"])),
         ):
             module = build().eval()
             size = weight_bytes(module)

@@ -40,10 +40,14 @@ class DecoderShape:
     vocab_size: int
     num_deepstack: int
     image_token_id: int
+    # "in_place": past and present may be one buffer (GroupQueryAttention graphs, see
+    # egm_edge.export.attention); "growing" (older or TensorRT-lowered exports): present = past + new rows.
+    kv_cache: str = "growing"
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderShape":
-        return cls(**{f.name: int(d[f.name]) for f in fields(cls)})
+        values = {f.name: int(d[f.name]) for f in fields(cls) if f.name != "kv_cache"}
+        return cls(**values, kv_cache=str(d.get("kv_cache") or "growing"))
 
 
 @dataclass(frozen=True)

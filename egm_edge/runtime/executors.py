@@ -28,8 +28,40 @@ class Executor(Protocol):
     def encode_image(self, pixel_patches: np.ndarray, grid_inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """-> (image_features [M, E], deepstack_features [K, M, E])."""
 
-    def decode(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """-> (logits [B, L, V], present key/values in layer order, key then value)."""
+    def new_cache(self, capacity: int):
+        """An empty KV cache for one sequence of up to `capacity` tokens, to pass as `past` to the first decode."""
+
+    def decode(self, feeds: dict[str, np.ndarray], past) -> tuple[np.ndarray, object]:
+        """-> (logits [B, L, V], the cache to pass as `past` next: present key/values in layer order, key then
+        value, or the executor's in-place cache object)."""
+
+
+def empty_cache(bundle: Bundle) -> list[np.ndarray]:
+    d = bundle.decoder
+    return [np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32) for _ in range(2 * d.num_layers)]
+
+
+class KVBuffers:
+    """An in-place KV cache: one [1, kv_heads, capacity, head_dim] array per past tensor (rows 0..length-1 hold
+    the sequence so far), each wrapped once as the OrtValue that a step binds as both its past and its present,
+    so GroupQueryAttention appends the new rows where they belong and a step copies no cache."""
+
+    def __init__(self, shape: tuple[int, int, int], n: int, capacity: int):
+        import onnxruntime as ort
+
+        kv, hd = shape[0], shape[2]
+        self.arrays = [np.zeros((1, kv, capacity, hd), np.float32) for _ in range(n)]
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views of the arrays, no copy
+        self.capacity, self.length = capacity, 0
+
+    def grown(self, needed: int) -> "KVBuffers":
+        """A larger cache with the same rows (when a sequence outgrows its planned capacity)."""
+        kv, _, hd = self.arrays[0].shape[1:]
+        bigger = KVBuffers((kv, 0, hd), len(self.arrays), max(needed, 2 * self.capacity))
+        for old, new in zip(self.arrays, bigger.arrays):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        bigger.length = self.length
+        return bigger
 
 
 class OrtExecutor:
@@ -58,6 +90,10 @@ class OrtExecutor:
         self.prefill = None
         if (bundle.manifest.get("prefill") or {}).get("precision"):
             self.prefill = ort.InferenceSession(str(bundle.file("prefill.onnx")), so, providers=providers, disabled_optimizers=disabled)
+        self.bundle = bundle
+        # GroupQueryAttention graphs take one buffer as past and present (egm_edge.export.attention);
+        # EGM_EDGE_KV_IN_PLACE=0 runs them with a growing cache instead (for comparison).
+        self.in_place = bundle.decoder.kv_cache == "in_place" and os.environ.get("EGM_EDGE_KV_IN_PLACE", "1") != "0"
         n = bundle.decoder.num_layers
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
@@ -78,12 +114,39 @@ class OrtExecutor:
         feats, deep = self.vision.run(["image_features", "deepstack_features"], feeds)
         return feats, deep
 
+    def new_cache(self, capacity: int):
+        if not self.in_place:
+            return empty_cache(self.bundle)
+        d = self.bundle.decoder
+        return KVBuffers((d.num_kv_heads, 0, d.head_dim), 2 * d.num_layers, max(1, int(capacity)))
+
     def decode(self, feeds, past):
+        prompt = self.prefill is not None and feeds["input_ids"].shape[1] > 1
+        session = self.prefill if prompt else self.decoder
+        if isinstance(past, KVBuffers):
+            return self._decode_in_place(session, feeds, past)
         all_feeds = dict(feeds)
         all_feeds.update(zip(self.past_names, past))
-        prompt = self.prefill is not None and feeds["input_ids"].shape[1] > 1
-        out = (self.prefill if prompt else self.decoder).run(["logits", *self.present_names], all_feeds)
+        out = session.run(["logits", *self.present_names], all_feeds)
         return out[0], out[1:]
+
+    def _decode_in_place(self, session, feeds, cache: KVBuffers):
+        total = feeds["attention_mask"].shape[1]
+        if feeds["input_ids"].shape[0] != 1 or total - feeds["input_ids"].shape[1] != cache.length:
+            raise ValueError(f"an in-place KV cache holds one sequence of {cache.length} tokens; this step says "
+                             f"{total - feeds['input_ids'].shape[1]} past tokens for batch {feeds['input_ids'].shape[0]}")
+        if total > cache.capacity:
+            cache = cache.grown(total)
+        io = session.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.bind_output("logits")
+        for past_name, present_name, value in zip(self.past_names, self.present_names, cache.values):
+            io.bind_ortvalue_input(past_name, value)
+            io.bind_ortvalue_output(present_name, value)
+        session.run_with_iobinding(io)
+        cache.length = total
+        return io.get_outputs()[0].numpy(), cache
 
 
 def make_executor(bundle: Bundle, executor: str = "auto", threads: int | None = None) -> Executor:

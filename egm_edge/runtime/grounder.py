@@ -165,8 +165,7 @@ class Grounder:
         (feats, deep), cached = self._encode(prep)
         t2 = time.perf_counter()
 
-        d = self.bundle.decoder
-        past = [np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32) for _ in range(2 * d.num_layers)]
+        past = self.executor.new_cache(n_prompt + room)
         positions, deltas = rope_index(prompt_ids, [prep.grid_thw], self.image_token_id, self.bundle.vision.spatial_merge_size)
         logits, past = self.executor.decode(
             {

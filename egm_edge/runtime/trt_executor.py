@@ -189,12 +189,18 @@ class TrtExecutor:
         self.vision = _Engine(trt, runtime, d / "vision.engine", rt)
         self.decoder = _Engine(trt, runtime, d / "decoder.engine", rt)
         self.engine_dir = d
+        self.bundle = bundle
         n = bundle.decoder.num_layers
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         missing = [p for p in self.past_names if p not in self.decoder.inputs]
         if missing:
             raise CheckpointError(f"decoder.engine lacks inputs {missing[:2]}... for {n} layers; the bundle is inconsistent, rebuild it.")
+
+    def new_cache(self, capacity: int):
+        from egm_edge.runtime.executors import empty_cache
+
+        return empty_cache(self.bundle)
 
     def encode_image(self, pixel_patches, grid_inputs):
         feeds = {"pixel_patches": pixel_patches}

@@ -105,13 +105,13 @@ def _device(sm: str):
 
 
 @pytest.fixture()
-def bundle(tiny_bundle, tmp_path):
+def bundle(tiny_export_trt, tmp_path):
     from egm_edge.build.tensorrt import build_tensorrt
     from egm_edge.models import spec_from_config
     from egm_edge.plan import plan
     from egm_edge.targets import load_target
 
-    export = json.loads((tiny_bundle / "manifest.json").read_text())["inputs"]["export"]
+    export = tiny_export_trt
     target = load_target("jetson-orin-nx-16gb")
     return build_tensorrt(export, tmp_path / "b", target, plan(spec_from_config(export), target, "fp16", 32))
 

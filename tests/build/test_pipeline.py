@@ -91,17 +91,15 @@ def test_full_precision_follows_the_target():
         assert full_precision(target) in target.precisions and full_precision(target) in ("fp16", "bf16")
 
 
-def test_stages_are_reused_when_their_inputs_match(tiny_bundle, tiny_ckpt, tmp_path, monkeypatch):
+def test_stages_are_reused_when_their_inputs_match(tiny_export_trt, tiny_ckpt, tmp_path, monkeypatch):
     """The export stage runs once; a rebuild reuses it; a changed checkpoint gets a new one."""
-    from trt_helpers import export_of
-
     from egm_edge.build import pipeline
 
     calls = []
 
     def fake_export(checkpoint, out_dir, force=False, progress=None, **kw):  # the session's real export of tiny_ckpt
         calls.append(checkpoint)
-        shutil.copytree(export_of(tiny_bundle), out_dir)
+        shutil.copytree(tiny_export_trt, out_dir)
         return out_dir
 
     monkeypatch.setattr(pipeline, "_export_fn", lambda: fake_export)
@@ -124,10 +122,8 @@ def test_stages_are_reused_when_their_inputs_match(tiny_bundle, tiny_ckpt, tmp_p
     assert len(calls) == 2 and m2["pipeline"]["stages"]["export"]["dir"] != m["pipeline"]["stages"]["export"]["dir"]
 
 
-def test_build_cli_keeps_the_cpu_export_path(tiny_bundle, tmp_path, capsys):
-    from trt_helpers import export_of
-
-    rc = main(["build", "--target", "jetson-orin-nx-16gb", "--export", str(export_of(tiny_bundle)), "--out", str(tmp_path / "b"),
+def test_build_cli_keeps_the_cpu_export_path(tiny_export_trt, tmp_path, capsys):
+    rc = main(["build", "--target", "jetson-orin-nx-16gb", "--export", str(tiny_export_trt), "--out", str(tmp_path / "b"),
                "--think-budget", "64"])
     assert rc == 0 and (tmp_path / "b" / "build_plan.json").is_file()
     assert json.loads((tmp_path / "b" / "build_plan.json").read_text())["tokens"]["think_budget"] == 64

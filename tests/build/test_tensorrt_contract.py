@@ -18,10 +18,8 @@ onnx = pytest.importorskip("onnx")
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tiny_bundle):
-    from trt_helpers import export_of
-
-    return export_of(tiny_bundle)
+def tiny_export(tiny_export_trt):
+    return tiny_export_trt
 
 
 def test_op_table_is_data_with_its_source():
@@ -216,7 +214,7 @@ def importlib_util_find(name):
     return importlib.util.find_spec(name)
 
 
-def test_cpu_graphs_targets_and_foreign_precisions_are_refused(tiny_bundle, tiny_ckpt, tmp_path):
+def test_cpu_graphs_targets_and_foreign_precisions_are_refused(tiny_bundle, tiny_export_trt, tiny_ckpt, tmp_path):
     from trt_helpers import export_of, tiny_plan
 
     from egm_edge.build.tensorrt import build_tensorrt
@@ -226,7 +224,9 @@ def test_cpu_graphs_targets_and_foreign_precisions_are_refused(tiny_bundle, tiny
     with pytest.raises(CheckpointError):  # a cpu bundle is not an export
         build_tensorrt(tiny_bundle, tmp_path / "b", t, tiny_plan(tiny_ckpt, t, "fp16"))
     with pytest.raises(UnsupportedError, match="holds full weights but the plan is for int8_sq"):
-        build_tensorrt(export_of(tiny_bundle), tmp_path / "b", t, tiny_plan(tiny_ckpt, t, "int8_sq"))
+        build_tensorrt(tiny_export_trt, tmp_path / "b", t, tiny_plan(tiny_ckpt, t, "int8_sq"))
+    with pytest.raises(UnsupportedError, match="GroupQueryAttention.*TensorRT lowering"):  # the CPU bundle's own export
+        build_tensorrt(export_of(tiny_bundle), tmp_path / "b", t, tiny_plan(tiny_ckpt, t, "fp16"))
     with pytest.raises(UnsupportedError, match="cpu target"):
         build_tensorrt(tiny_bundle, tmp_path / "b", load_target("cpu"), tiny_plan(tiny_ckpt, "cpu", "fp32"))
     assert not (tmp_path / "b").exists()

@@ -49,3 +49,11 @@ def exported(tmp_path_factory, small_checkpoint):
     from egm_edge.export.pipeline import export
 
     return export(small_checkpoint, tmp_path_factory.mktemp("export") / "ir", decode_steps=4)
+
+
+@pytest.fixture(scope="session")
+def exported_trt(tmp_path_factory, small_checkpoint):
+    """The same checkpoint exported for TensorRT: plain ONNX attention, a growing KV cache."""
+    from egm_edge.export.pipeline import export
+
+    return export(small_checkpoint, tmp_path_factory.mktemp("export-trt") / "ir", lowering="tensorrt", decode_steps=4)

@@ -121,7 +121,9 @@ def test_greedy_tokens_of_onnxruntime_equal_transformers(exported, small_checkpo
     assert tokens == hf_tokens
 
 
-def test_padded_batch_of_two_images_matches_transformers(exported, small_checkpoint):
+@pytest.mark.parametrize("lowering", ["onnxruntime", "tensorrt"])
+def test_padded_batch_of_two_images_matches_transformers(lowering, request, small_checkpoint):
+    exported = request.getfixturevalue("exported" if lowering == "onnxruntime" else "exported_trt")
     torch = pytest.importorskip("torch")
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -228,12 +230,28 @@ def test_cli_reports_a_bad_checkpoint_in_one_sentence(tmp_path):
     assert r.stderr.startswith("egm-edge export: error: Checkpoint directory") and "Traceback" not in r.stderr
 
 
-def test_fp32_graphs_pass_the_tensorrt_parser_contract(exported):
+def test_fp32_graphs_pass_the_tensorrt_parser_contract(exported_trt):
     from egm_edge.build.trt_contract import check_graph
 
     for name in ("vision.onnx", "decoder.onnx"):
-        report = check_graph(exported / name)
+        report = check_graph(exported_trt / name)
         assert report.ok, report.problems
+
+
+def test_attention_is_fused_for_onnxruntime_and_plain_for_tensorrt(exported, exported_trt):
+    import onnx
+
+    def ops(d):
+        return [n.op_type for n in onnx.load(str(d / "decoder.onnx"), load_external_data=False).graph.node]
+
+    n_layers = json.loads((exported / "manifest.json").read_text())["runtime"]["decoder"]["num_layers"]
+    assert ops(exported).count("GroupQueryAttention") == n_layers and "Softmax" not in ops(exported)
+    assert "GroupQueryAttention" not in ops(exported_trt) and "Softmax" in ops(exported_trt)
+    kv = [json.loads((d / "manifest.json").read_text())["runtime"]["decoder"]["kv_cache"] for d in (exported, exported_trt)]
+    assert kv == ["in_place", "growing"]
+    # The check that ships with the export: ONNX Runtime on each graph agreed with PyTorch.
+    for d in (exported, exported_trt):
+        assert json.loads((d / "manifest.json").read_text())["validation"]["passed"]
 
 
 def test_too_old_toolchain_is_named(monkeypatch):

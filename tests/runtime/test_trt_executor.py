@@ -134,7 +134,7 @@ def _fake_tensorrt(created):
 
 
 @pytest.fixture()
-def fake_gpu_bundle(tiny_bundle, tmp_path, monkeypatch):
+def fake_gpu_bundle(tiny_export_trt, tmp_path, monkeypatch):
     """A jetson bundle of the session's tiny export with fake 'engines' that point at its graphs."""
     from egm_edge.build.tensorrt import build_tensorrt
     from egm_edge.models import spec_from_config
@@ -142,7 +142,7 @@ def fake_gpu_bundle(tiny_bundle, tmp_path, monkeypatch):
     from egm_edge.runtime import trt_executor
     from egm_edge.targets import load_target
 
-    export = json.loads((tiny_bundle / "manifest.json").read_text())["inputs"]["export"]
+    export = tiny_export_trt
     target = load_target("jetson-orin-nano-8gb")
     bundle = build_tensorrt(export, tmp_path / "b", target, plan(spec_from_config(export), target, "fp16", 16))
     rt, created = _FakeCudart(), []
