@@ -87,6 +87,8 @@ def run_demo(out_dir="egm-edge-demo", *, model=None, n: int = 24, include_fp8: b
         say(f"      {recipe}: {rep.verdict.upper()} ({rep.out_dir / 'report.md'})")
         for f in rep.failures:
             say(f"        {f}")
+        for h in rep.data.get("held") or []:
+            say(f"        held (within noise): {h}")
 
     shown = next(r for r in ("int4_awq", "full") if (out / "sweep" / "bundles" / r / "manifest.json").is_file())
     say(f"[4/4] ground a few images with the {shown} CPU bundle")

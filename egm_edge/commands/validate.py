@@ -30,6 +30,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-by", default="split", metavar="FIELD", help="sample field to group by (default: split)")
     p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS", help="allowed Acc@0.5 drop in points on any split (default 1.0)")
     p.add_argument("--max-miou-drop", type=float, default=1.0, metavar="POINTS", help="allowed mean-IoU drop in points on any split (default 1.0)")
+    p.add_argument("--gate", choices=["significant", "point"], default="significant",
+                   help="significant (default): an over-limit drop fails only when its paired bootstrap 95%% CI lies wholly "
+                        "below zero, other over-limit drops are reported as held; point: every over-limit drop fails")
     p.add_argument("--think-budget", type=_budget, default=_DEFAULT, metavar="N|none",
                    help="reasoning budget for both sides (default: the candidate bundle's, else unlimited)")
     p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap after '</think>' (default: the candidate bundle's, else 128)")
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         max_miou_drop=args.max_miou_drop, think_budget=_budget_arg(args.think_budget), limit=args.limit, concurrency=args.concurrency,
         seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
         max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-        timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"),
+        timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"), gate=args.gate,
     )
     print(report.summary())
     return report.exit_code

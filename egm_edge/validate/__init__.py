@@ -2,8 +2,9 @@
 
 Public API:
 - `validate(candidate, reference, data, *, out_dir, split_by="split", max_acc_drop=1.0,
-  max_miou_drop=1.0, think_budget=None, limit=None, concurrency=4, seed=0, ...) -> Report`
-  (`.verdict` pass | fail | incomplete, `.failures`, `.exit_code`, `.data` = report.json);
+  max_miou_drop=1.0, think_budget=None, limit=None, concurrency=4, seed=0, gate="significant", ...) -> Report`
+  (`.verdict` pass | fail | incomplete, `.failures`, `.exit_code`, `.data` = report.json with `held`:
+  over-limit drops whose paired 95% CI reaches zero, which the default gate reports without failing);
 - `open_predictor(spec)`: a bundle dir, a checkpoint dir or an OpenAI-compatible http(s) URL;
 - `DecodeSettings`, `EndpointPredictor`, `EndpointError`.
 Importing this package is cheap: models load on their first prediction.

@@ -195,16 +195,20 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
              image_root=None, strict: bool = True, model_name: str | None = None, budget_mode: str | None = None,
              max_answer_tokens: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
              worst_k: int = 8, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.5,
-             api_key: str | None = None) -> Report:
+             api_key: str | None = None, gate: str = "significant") -> Report:
     """Validate `candidate` against `reference` on `data` into `out_dir`; see the module docstring.
 
     candidate/reference: a bundle dir, a checkpoint dir, an http(s) URL, or a predictor object.
     think_budget: tokens, None (the candidate bundle's default, else unlimited) or "none" (unlimited).
     max_acc_drop / max_miou_drop: allowed drops in points (percent) on any split and overall.
+    gate: "significant" fails an over-limit drop only when its paired bootstrap 95% CI excludes no change
+    (other over-limit drops are reported as held); "point" fails every over-limit drop.
     """
     from egm_edge.validate import report as rep
     from egm_edge.validate import stats
 
+    if gate not in stats.GATE_RULES:
+        raise InputError(f"Unknown gate rule {gate!r}; choose from {', '.join(stats.GATE_RULES)}.")
     for name, v in (("max_acc_drop", max_acc_drop), ("max_miou_drop", max_miou_drop)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
             raise InputError(f"{name} must be a non-negative number of points, got {v!r}.")
@@ -246,7 +250,7 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
             "candidate": stats.side_metrics([rows["candidate"][i] for i in gids if i in rows["candidate"]]),
             "delta": stats.paired(rows["candidate"], rows["reference"], gids, seed),
         }
-    failures = stats.gate(per_group, max_acc_drop, max_miou_drop)
+    failures, held = stats.gate(per_group, max_acc_drop, max_miou_drop, gate)
     errors = {s: per_group["overall"][s]["errors"] for s in SIDES}
     verdict = "fail" if failures else "incomplete" if any(errors.values()) else "pass"
     data_info.update(n_samples=len(ids), split_by=split_by, limit=limit,
@@ -254,8 +258,9 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     body = {
         "verdict": verdict,
         "failures": failures,
+        "held": held,
         "errors": errors,
-        "thresholds": {"max_acc_drop_points": max_acc_drop, "max_miou_drop_points": max_miou_drop},
+        "thresholds": {"max_acc_drop_points": max_acc_drop, "max_miou_drop_points": max_miou_drop, "rule": gate},
         "candidate": cand.describe(),
         "reference": ref.describe(),
         "tokenizer_check": tok_note,

@@ -94,11 +94,15 @@ def markdown(data: dict) -> str:
         + (f"; skipped while loading: {data['data']['skipped']}" if data["data"]["skipped"] else ""),
         f"- decode: think budget {budget}, max {s['max_answer_tokens']} answer tokens, max {s['max_new_tokens']} new tokens, greedy",
         f"- gate: a drop of more than {_points(data['thresholds']['max_acc_drop_points'])} of Acc@0.5 or "
-        f"{_points(data['thresholds']['max_miou_drop_points'])} of mean IoU on any split or overall fails",
+        f"{_points(data['thresholds']['max_miou_drop_points'])} of mean IoU on any split or overall fails"
+        + ("" if data["thresholds"].get("rule", "point") == "point" else
+           " when its paired 95% CI lies wholly below zero (rule `significant`; `--gate point` fails every such drop)"),
         "",
     ]
     if data["failures"]:
         lines += ["## Gate failures", ""] + [f"- {f}" for f in data["failures"]] + [""]
+    if data.get("held"):
+        lines += ["## Drops over a limit but within sampling noise (not failing)", ""] + [f"- {f}" for f in data["held"]] + [""]
     if data["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
     lines += ["## Accuracy (points; deltas are candidate minus reference over paired samples)", ""] + _table(data["groups"]) + [""]
@@ -170,6 +174,7 @@ def summary_text(report) -> str:
         f"hit->miss {len(dl['hit_to_miss'])}, miss->hit {len(dl['miss_to_hit'])}",
     ]
     lines += [f"FAIL {f}" for f in report.failures]
+    lines += [f"held {f}" for f in d.get("held") or []]
     lines += [f"note: {n}" for n in d["notes"]]
     lines.append(f"verdict: {report.verdict.upper()}; report: {Path(report.out_dir) / 'report.md'}")
     return "\n".join(lines)

@@ -56,11 +56,29 @@ def test_thresholds_are_in_points(dataset, tmp_path):
     path, recs = dataset
     cand = exact(recs)
     cand[recs[0]["sent"]] = None  # one parse failure of 12: 8.33 points
-    rep = run(Scripted(cand), Scripted(exact(recs), name="ref"), path, tmp_path / "o1", max_acc_drop=20, max_miou_drop=20)
+    rep = run(Scripted(cand), Scripted(exact(recs), name="ref"), path, tmp_path / "o1", max_acc_drop=20, max_miou_drop=20, gate="point")
     assert rep.verdict == "pass"
     assert rep.data["groups"]["overall"]["candidate"]["parse_failure_rate"] == round(1 / 12, 4)
-    rep = run(Scripted(cand), Scripted(exact(recs), name="ref"), path, tmp_path / "o2", max_acc_drop=10, max_miou_drop=20)
+    rep = run(Scripted(cand), Scripted(exact(recs), name="ref"), path, tmp_path / "o2", max_acc_drop=10, max_miou_drop=20, gate="point")
     assert rep.verdict == "fail" and any("split a" in f for f in rep.failures)
+
+
+def test_the_default_gate_holds_a_drop_within_noise_and_fails_a_real_one(dataset, tmp_path):
+    path, recs = dataset
+    one_flip = exact(recs)
+    one_flip[recs[0]["sent"]] = None  # 1 of 6 in split a: 16.67 points, but its paired CI reaches zero
+    rep = run(Scripted(one_flip), Scripted(exact(recs), name="ref"), path, tmp_path / "o1", max_acc_drop=10, max_miou_drop=10)
+    assert rep.verdict == "pass" and rep.failures == [] and rep.data["thresholds"]["rule"] == "significant"
+    assert any(h.startswith("split a: Acc@0.5 dropped 16.67 points") and "within sampling noise" in h for h in rep.data["held"])
+    assert "within sampling noise (not failing)" in (tmp_path / "o1" / "report.md").read_text()
+    all_b = exact(recs)
+    for r in recs:
+        if r["split"] == "b":
+            all_b[r["sent"]] = None
+    rep = run(Scripted(all_b), Scripted(exact(recs), name="ref"), path, tmp_path / "o2", max_acc_drop=10, max_miou_drop=10)
+    assert rep.verdict == "fail" and any(f.startswith("split b: Acc@0.5 dropped 100.00 points") for f in rep.failures)
+    with pytest.raises(InputError, match="gate rule"):
+        run(Scripted(all_b), Scripted(exact(recs), name="ref"), path, tmp_path / "o3", gate="loose")
 
 
 def test_errors_are_counted_not_scored_and_a_rerun_retries_only_them(dataset, tmp_path):
