@@ -52,6 +52,13 @@ hidden states after layer k. Decode steps pass empty features ([0, E] and
 | logits                      | [B, L, V]              | float32 | next-token logits at the requested rows   |
 | present.{i}.key             | [B, kv_heads, P+S, head_dim] | float32 | past + new keys (RoPE applied)      |
 | present.{i}.value           | [B, kv_heads, P+S, head_dim] | float32 |                                     |
+
+With the ONNX Runtime lowering (`DecoderGraph(fused_attention=True)`, CPU bundles) each
+layer's attention core is one `com.microsoft::GroupQueryAttention` (egm_edge.export.attention)
+and MatMulNBits layers that share an input are stacked into one (q/k/v, gate/up). The
+table above still holds; in addition a layer's past and present may be bound to one
+buffer of any capacity >= P+S (the manifest's `runtime.decoder.kv_cache` is then
+"in_place"), which the runtime does so that a decode step copies no cache.
 """
 
 from __future__ import annotations
@@ -196,6 +203,15 @@ class DecoderGraph(nn.Module):
         axis[2 : section[2] * 3 : 3] = 2
         self.register_buffer("rope_axis", axis, persistent=False)
         self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
+        # With the ONNX Runtime lowering, MatMulNBits layers that share an input become one (q/k/v; gate/up).
+        self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
+        if self.fused_attention:
+            from egm_edge.export.lowering import fused_linear
+
+            for layer in lm.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.qkv.append(fused_linear([a.q_proj, a.k_proj, a.v_proj]) or nn.Identity())
+                self.gate_up.append(fused_linear([m.gate_proj, m.up_proj]) or nn.Identity())
 
     def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         pos = position_ids.permute(1, 2, 0).float()  # [B, S, 3]
@@ -207,18 +223,30 @@ class DecoderGraph(nn.Module):
         sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(head_axis)
         return cos, sin
 
-    def _fused_attention(self, attn, x, cos, sin, mask_info, past_k, past_v):
+    def _fused_attention(self, i, attn, x, cos, sin, mask_info, past_k, past_v):
         b, s, _ = x.shape
-        q = _rms_norm(attn.q_norm, attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim))
-        k = _rms_norm(attn.k_norm, attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim))
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        if isinstance(self.qkv[i], nn.Identity):
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        else:
+            q, k, v = self.qkv[i](x).split([nq, nkv, nkv], dim=-1)
+        q = _rms_norm(attn.q_norm, q.reshape(b, s, self.n_heads, self.head_dim))
+        k = _rms_norm(attn.k_norm, k.reshape(b, s, self.n_kv, self.head_dim))
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out, k, v = torch.ops.egm_edge.group_query_attention(
-            q.reshape(b, s, -1), k.reshape(b, s, -1), attn.v_proj(x), past_k, past_v, *mask_info,
+            q.reshape(b, s, -1), k.reshape(b, s, -1), v, past_k, past_v, *mask_info,
             self.n_heads, self.n_kv, float(self.head_dim**-0.5))
         return attn.o_proj(out), k, v
 
-    def _attention(self, attn, x, cos, sin, bias, past_k, past_v):
+    def _mlp(self, i, mlp, x):
+        if len(self.gate_up) and not isinstance(self.gate_up[i], nn.Identity):
+            gate, up = self.gate_up[i](x).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return mlp.down_proj(self.act(gate) * up)
+
+    def _attention(self, i, attn, x, cos, sin, bias, past_k, past_v):
         b, s, _ = x.shape
         q = _rms_norm(attn.q_norm, attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
         k = _rms_norm(attn.k_norm, attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
@@ -260,12 +288,10 @@ class DecoderGraph(nn.Module):
 
         presents = []
         for i, layer in enumerate(lm.layers):
-            a, k, v = attend(layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, mask_info, past[2 * i], past[2 * i + 1])
+            a, k, v = attend(i, layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, mask_info, past[2 * i], past[2 * i + 1])
             presents += [k, v]
             h = h + a
-            mlp = layer.mlp
-            x = _rms_norm(layer.post_attention_layernorm, h)
-            h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = h + self._mlp(i, layer.mlp, _rms_norm(layer.post_attention_layernorm, h))
             if i < self.n_deepstack:
                 table = torch.cat((zero, deepstack_features[i].to(h.dtype)), dim=0)
                 h = h + table[slot]

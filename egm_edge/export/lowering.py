@@ -260,6 +260,28 @@ def dequantized_linear(q: QuantizedLinear) -> nn.Linear:
     return out.eval()
 
 
+def fused_linear(linears: list[nn.Module]) -> QuantizedLinear | None:
+    """One MatMulNBits for Linears that read the same input (q/k/v, gate/up): their output rows stacked, so a
+    decode step makes one larger GEMV instead of several small ones (each row's result is unchanged, also
+    with int8 compute, whose activation blocks run along the shared input). None when they cannot be:
+    not all MatMulNBits of one width, block and bit count, or different AWQ pre_quant_scales."""
+    if not linears or not all(isinstance(m, QuantizedLinear) and "packed" in m._buffers for m in linears):
+        return None
+    a = linears[0]
+    if any(m.k != a.k or m.block != a.block or m.bits != a.bits or m.fmt != a.fmt for m in linears):
+        return None
+    pqs = [m._buffers.get("pre_quant_scale") for m in linears]
+    if any((p is None) != (pqs[0] is None) or (p is not None and not torch.equal(p, pqs[0])) for p in pqs):
+        return None
+    if any((m.bias is None) != (a.bias is None) for m in linears):
+        return None
+    t = {"packed": torch.cat([m.packed for m in linears]), "scales": torch.cat([m.scales for m in linears])}
+    if pqs[0] is not None:
+        t["pre_quant_scale"] = pqs[0]
+    bias = None if a.bias is None else torch.cat([m.bias.detach() for m in linears])
+    return QuantizedLinear(a.fmt, a.k, sum(m.n for m in linears), t, bias, a.block).eval()
+
+
 def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxruntime") -> dict[str, QuantizedLinear]:
     """{module path: QuantizedLinear} for every quantized Linear of the checkpoint (empty for a full one)."""
     if backend not in LOWERINGS:

@@ -132,7 +132,14 @@ def test_int4_awq_export_holds_only_packed_weights_and_validates(quant_base, tmp
     assert m["lowered_layers"] == {"int4/MatMulNBits weight-only": 14}  # 7 Linears x 2 layers
     assert all(c["greedy_agreement"] == 1.0 for c in m["validation"]["cases"].values())
     graph = onnx.load(str(out / "decoder.onnx")).graph
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 14
+    # q/k/v and gate/up read the same input: one MatMulNBits each (4 per layer), their rows stacked.
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 8
+    widths = sorted({next(a.i for a in n.attribute if a.name == "N") for n in nbits})
+    d = m["runtime"]["decoder"]
+    cfg = json.loads((quant_base / "config.json").read_text())["text_config"]
+    qkv = (cfg["num_attention_heads"] + 2 * d["num_kv_heads"]) * d["head_dim"]
+    assert widths == sorted({qkv, d["hidden_size"], 2 * cfg["intermediate_size"]}), widths
     vocab = m["runtime"]["decoder"]["vocab_size"]  # embeddings and lm_head stay unquantized by design
     big_floats = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and vocab not in i.dims]
     assert not big_floats, big_floats
