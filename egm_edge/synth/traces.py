@@ -2,8 +2,11 @@
 
 Contract: `reasoning(scene, e)` is a short chain of thought that lists the
 candidate shapes with their boxes (0..1000 of the original image, EGM's
-round(v*1000/W)) in an order that makes the pick a position, then names the pick
-("... The largest is the second one."). `answer(scene, e)` is exactly what
+round(v*1000/W)) in an order that makes the pick a position (ordinal: along the
+side; relational: the anchor first, then the group along the relation's direction;
+superlative: by area), then names the pick ("... The largest is the first one.").
+Each listing step is a simpler question than the expression (the next shape along
+an axis, the next largest), which is what the reasoning buys over answering at once. `answer(scene, e)` is exactly what
 Qwen3-VL/EGM emits after the reasoning (`grounding.format_answer`).
 `assistant_ids(tok, reasoning, answer, cut=..., qwen_stop=...)` assembles the
 assistant token ids as the runtime's budget policy produces them: reasoning ids
@@ -19,6 +22,9 @@ from egm_edge.runtime.budget import HARD_CLOSE_TEXT
 from egm_edge.synth.expressions import ORDINALS, Expression, axis_key, members
 from egm_edge.synth.world import Scene
 
+# Listing a relational group along the relation's direction puts the target first: it is
+# the only member on that side of the anchor, every other member is clearly on the other.
+_RELATION_SIDE = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
 _SIDE_ORDER = {"left": "left to right", "right": "right to left", "top": "top to bottom", "bottom": "bottom to top"}
 
 
@@ -48,6 +54,11 @@ def candidates(scene: Scene, e: Expression) -> list[int]:
     group = members(scene, e.group)
     if e.type == "ordinal":
         return sorted(group, key=axis_key(scene, e.side))
+    if e.type == "relational":
+        return sorted(group, key=axis_key(scene, _RELATION_SIDE[e.relation]))
+    if e.type == "superlative":
+        sign = -1 if e.superlative == "largest" else 1
+        return sorted(group, key=lambda i: (sign * scene.shapes[i].area, scene.shapes[i].cx))
     return sorted(group, key=lambda i: (scene.shapes[i].cx, scene.shapes[i].cy))
 
 
@@ -59,12 +70,15 @@ def reasoning(scene: Scene, e: Expression) -> str:
         return f"The {e.group.noun()} is at {fmt_box(box_norm(scene, e.target))}."
     if e.type == "relational":
         (a,) = members(scene, e.anchor)
+        how = f" from {_SIDE_ORDER[_RELATION_SIDE[e.relation]]}" if len(order) > 1 else ""
         return (
-            f"{_group_sentence(scene, e, order)} The {e.anchor.noun()} is at {fmt_box(box_norm(scene, a))}. "
+            f"The {e.anchor.noun()} is at {fmt_box(box_norm(scene, a))}. {_group_sentence(scene, e, order, how)} "
             f"The {e.group.noun()} {e.relation} it is the {pos} one."
         )
     if e.type == "superlative":
-        return f"{_group_sentence(scene, e, order)} The {e.superlative} is the {pos} one."
+        other = "smallest" if e.superlative == "largest" else "largest"
+        how = f" from {e.superlative} to {other}"
+        return f"{_group_sentence(scene, e, order, how)} The {e.superlative} is the {pos} one."
     how = f" from {_SIDE_ORDER[e.side]}"
     pick = f"{e.side}most" if e.rank == 0 else f"{ORDINALS[e.rank]} from the {e.side}"
     return f"{_group_sentence(scene, e, order, how)} The {pick} is the {pos} one."
