@@ -54,7 +54,7 @@ hidden states after layer k. Decode steps pass empty features ([0, E] and
 | present.{i}.value           | [B, kv_heads, P+S, head_dim] | float32 |                                     |
 
 With the ONNX Runtime lowering (`DecoderGraph(fused_attention=True)`, CPU bundles) each
-layer's attention core is one `com.microsoft::GroupQueryAttention` (egm_edge.export.attention)
+layer's attention core is one `com.microsoft::GroupQueryAttention` (egm_edge.export.fused)
 and MatMulNBits layers that share an input are stacked into one (q/k/v, gate/up). The
 table above still holds; in addition a layer's past and present may be bound to one
 buffer of any capacity >= P+S (the manifest's `runtime.decoder.kv_cache` is then
@@ -172,7 +172,7 @@ class DecoderGraph(nn.Module):
 
     def __init__(self, hf_model: nn.Module, image_token_id: int, fused_attention: bool = False):
         super().__init__()
-        # fused_attention: each layer's attention core as GroupQueryAttention (egm_edge.export.attention), an
+        # fused_attention: each layer's attention core as GroupQueryAttention (egm_edge.export.fused), an
         # ONNX Runtime op whose cache may be updated in place; otherwise plain ONNX ops (TensorRT, any runtime).
         self.fused_attention = bool(fused_attention)
         self.model = nn.Module()
@@ -205,8 +205,16 @@ class DecoderGraph(nn.Module):
         self.register_buffer("inv_freq", rope.inv_freq.detach().float().clone(), persistent=False)
         # With the ONNX Runtime lowering, MatMulNBits layers that share an input become one (q/k/v; gate/up).
         self.qkv, self.gate_up = nn.ModuleList(), nn.ModuleList()
+        self.mrope_section = section
         if self.fused_attention:
+            from egm_edge.export.fused import rope_table_positions
             from egm_edge.export.lowering import fused_linear
+
+            self.rope_positions = rope_table_positions(getattr(cfg, "max_position_embeddings", None))
+            # float32 products, as transformers computes them (the tables then match its cos/sin exactly)
+            freqs = torch.arange(self.rope_positions, dtype=torch.float32)[:, None] * self.inv_freq[None]
+            self.register_buffer("rope_cos", (freqs.cos() * self.rope_scaling).float())
+            self.register_buffer("rope_sin", (freqs.sin() * self.rope_scaling).float())
 
             for layer in lm.layers:
                 a, m = layer.self_attn, layer.mlp
@@ -218,25 +226,23 @@ class DecoderGraph(nn.Module):
         pos = torch.index_select(pos, 2, self.rope_axis)  # [B, S, half]
         freqs = pos * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        head_axis = 2 if self.fused_attention else 1  # [B, S, 1, hd] for [B, S, H, hd] heads, else [B, 1, S, hd]
-        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(head_axis)
-        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(head_axis)
+        cos = (emb.cos() * self.rope_scaling).to(dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
         return cos, sin
 
-    def _fused_attention(self, i, attn, x, cos, sin, mask_info, past_k, past_v):
+    def _fused_attention(self, i, attn, x, position_ids, mask_info, past_k, past_v):
         b, s, _ = x.shape
         nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if isinstance(self.qkv[i], nn.Identity):
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         else:
             q, k, v = self.qkv[i](x).split([nq, nkv, nkv], dim=-1)
-        q = _rms_norm(attn.q_norm, q.reshape(b, s, self.n_heads, self.head_dim))
-        k = _rms_norm(attn.k_norm, k.reshape(b, s, self.n_kv, self.head_dim))
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = _rms_norm(attn.q_norm, q.reshape(b, s, self.n_heads, self.head_dim)).reshape(b, s, nq)
+        k = _rms_norm(attn.k_norm, k.reshape(b, s, self.n_kv, self.head_dim)).reshape(b, s, nkv)
+        q = torch.ops.egm_edge.mrope(q, position_ids, self.rope_cos, self.rope_sin, self.n_heads, self.mrope_section)
+        k = torch.ops.egm_edge.mrope(k, position_ids, self.rope_cos, self.rope_sin, self.n_kv, self.mrope_section)
         out, k, v = torch.ops.egm_edge.group_query_attention(
-            q.reshape(b, s, -1), k.reshape(b, s, -1), v, past_k, past_v, *mask_info,
-            self.n_heads, self.n_kv, float(self.head_dim**-0.5))
+            q, k, v, past_k, past_v, *mask_info, self.n_heads, self.n_kv, float(self.head_dim**-0.5))
         return attn.o_proj(out), k, v
 
     def _mlp(self, i, mlp, x):
@@ -274,21 +280,18 @@ class DecoderGraph(nn.Module):
         zero = image_features.new_zeros(1, d)
         h = torch.where(is_image.unsqueeze(-1), torch.cat((zero, image_features.to(h.dtype)), dim=0)[slot], h)
 
-        cos, sin = self._rope(position_ids, h.dtype)
         if self.fused_attention:
-            from egm_edge.export.attention import mask_inputs
-
-            attend, mask_info = self._fused_attention, mask_inputs(attention_mask, s, h.dtype)
-        else:
-            p = attention_mask.shape[1] - s
-            key_pos = torch.arange(attention_mask.shape[1], device=h.device)
-            query_pos = torch.arange(s, device=h.device) + p
-            allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
-            attend, mask_info = self._attention, torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
+            return self._forward_fused(h, slot, zero, deepstack_features, position_ids, attention_mask, logits_index, past)
+        cos, sin = self._rope(position_ids, h.dtype)
+        p = attention_mask.shape[1] - s
+        key_pos = torch.arange(attention_mask.shape[1], device=h.device)
+        query_pos = torch.arange(s, device=h.device) + p
+        allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+        bias = torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
 
         presents = []
         for i, layer in enumerate(lm.layers):
-            a, k, v = attend(i, layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, mask_info, past[2 * i], past[2 * i + 1])
+            a, k, v = self._attention(i, layer.self_attn, _rms_norm(layer.input_layernorm, h), cos, sin, bias, past[2 * i], past[2 * i + 1])
             presents += [k, v]
             h = h + a
             h = h + self._mlp(i, layer.mlp, _rms_norm(layer.post_attention_layernorm, h))
@@ -298,6 +301,33 @@ class DecoderGraph(nn.Module):
         h = _rms_norm(lm.norm, h)
         rows = torch.gather(h, 1, logits_index.unsqueeze(-1).expand(-1, -1, d))
         return (self.lm_head(rows).float(), *presents)
+
+    def _forward_fused(self, h, slot, zero, deepstack_features, position_ids, attention_mask, logits_index, past):
+        """The same computation with ONNX Runtime's fused ops (egm_edge.export.fused): M-RoPE and attention in one
+        node each, every residual add fused with the RMSNorm that follows it."""
+        from egm_edge.export.fused import mask_inputs
+
+        lm = self.model.language_model
+        b, s, d = h.shape
+        mask_info = mask_inputs(attention_mask, s, h.dtype)
+        layers = list(lm.layers)
+        x = _rms_norm(layers[0].input_layernorm, h)
+        presents = []
+        for i, layer in enumerate(layers):
+            a, k, v = self._fused_attention(i, layer.self_attn, x, position_ids, mask_info, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+            x, h = torch.ops.egm_edge.skip_rms_norm(a, h, layer.post_attention_layernorm.weight, self._eps(layer.post_attention_layernorm))
+            m = self._mlp(i, layer.mlp, x)
+            if i < self.n_deepstack:
+                m = m + torch.cat((zero, deepstack_features[i].to(h.dtype)), dim=0)[slot]
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else lm.norm
+            x, h = torch.ops.egm_edge.skip_rms_norm(m, h, following.weight, self._eps(following))
+        rows = torch.gather(x, 1, logits_index.unsqueeze(-1).expand(-1, -1, d))
+        return (self.lm_head(rows).float(), *presents)
+
+    @staticmethod
+    def _eps(norm) -> float:
+        return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
 # --- trace samples, dynamic axes and dimension names (every dynamic size >= 2: torch.export specialises 0 and 1)

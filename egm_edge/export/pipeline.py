@@ -130,12 +130,14 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
         say(f"lm_head: {lm_head} weight-only round-to-nearest (block {low.LM_HEAD_MODES[lm_head][1]})")
     fused = backend == "onnxruntime"
     if fused:
-        from egm_edge.export import attention
+        from egm_edge.export import fused as attention
 
         translations = {**(translations or {}), **attention.translation_table()}
         dcfg["kv_cache"] = attention.KV_CACHE_IN_PLACE
+        text_cfg = model.model.language_model.config
+        dcfg["rope_positions"] = attention.rope_table_positions(getattr(text_cfg, "max_position_embeddings", None))
     else:
-        dcfg["kv_cache"] = "growing"  # egm_edge.export.attention.KV_CACHE_GROWING
+        dcfg["kv_cache"] = "growing"  # egm_edge.export.fused.KV_CACHE_GROWING
     graphs = {}
     with _swapped(model, replacements):
         for name, build, spec, io in (

@@ -41,13 +41,15 @@ class DecoderShape:
     num_deepstack: int
     image_token_id: int
     # "in_place": past and present may be one buffer (GroupQueryAttention graphs, see
-    # egm_edge.export.attention); "growing" (older or TensorRT-lowered exports): present = past + new rows.
+    # egm_edge.export.fused); "growing" (older or TensorRT-lowered exports): present = past + new rows.
     kv_cache: str = "growing"
+    # Rows of the graph's M-RoPE cos/sin tables (egm_edge.export.fused); 0: computed in the graph, no limit.
+    rope_positions: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderShape":
-        values = {f.name: int(d[f.name]) for f in fields(cls) if f.name != "kv_cache"}
-        return cls(**values, kv_cache=str(d.get("kv_cache") or "growing"))
+        values = {f.name: int(d[f.name]) for f in fields(cls) if f.name not in ("kv_cache", "rope_positions")}
+        return cls(**values, kv_cache=str(d.get("kv_cache") or "growing"), rope_positions=int(d.get("rope_positions") or 0))
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class OrtExecutor:
         if (bundle.manifest.get("prefill") or {}).get("precision"):
             self.prefill = ort.InferenceSession(str(bundle.file("prefill.onnx")), so, providers=providers, disabled_optimizers=disabled)
         self.bundle = bundle
-        # GroupQueryAttention graphs take one buffer as past and present (egm_edge.export.attention);
+        # GroupQueryAttention graphs take one buffer as past and present (egm_edge.export.fused);
         # EGM_EDGE_KV_IN_PLACE=0 runs them with a growing cache instead (for comparison).
         self.in_place = bundle.decoder.kv_cache == "in_place" and os.environ.get("EGM_EDGE_KV_IN_PLACE", "1") != "0"
         n = bundle.decoder.num_layers

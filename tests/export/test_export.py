@@ -246,6 +246,8 @@ def test_attention_is_fused_for_onnxruntime_and_plain_for_tensorrt(exported, exp
 
     n_layers = json.loads((exported / "manifest.json").read_text())["runtime"]["decoder"]["num_layers"]
     assert ops(exported).count("GroupQueryAttention") == n_layers and "Softmax" not in ops(exported)
+    assert ops(exported).count("MRotaryEmbedding") == 2 * n_layers and "Neg" not in ops(exported)
+    assert ops(exported).count("SkipSimplifiedLayerNormalization") == 2 * n_layers
     assert "GroupQueryAttention" not in ops(exported_trt) and "Softmax" in ops(exported_trt)
     kv = [json.loads((d / "manifest.json").read_text())["runtime"]["decoder"]["kv_cache"] for d in (exported, exported_trt)]
     assert kv == ["in_place", "growing"]

@@ -72,3 +72,17 @@ def test_grounding_is_the_same_with_either_cache(tiny_bundle, scene, monkeypatch
     monkeypatch.setenv("EGM_EDGE_KV_IN_PLACE", "0")
     b = Grounder.open(tiny_bundle).ground(str(scene), "the red square", think_budget=12, max_answer_tokens=16)
     assert a.text == b.text and a.think_tokens == b.think_tokens and a.timings["output_tokens"] > 12
+
+
+def test_positions_past_the_rotary_tables_are_refused(tiny_bundle, scene):
+    import dataclasses
+
+    from egm_edge.errors import InputError
+    from egm_edge.runtime.bundle import open_bundle
+    from egm_edge.runtime.grounder import Grounder
+
+    assert open_bundle(tiny_bundle).decoder.rope_positions > 1000  # the export's M-RoPE tables
+    g = Grounder.open(tiny_bundle)
+    g.bundle = dataclasses.replace(g.bundle, decoder=dataclasses.replace(g.bundle.decoder, rope_positions=64))
+    with pytest.raises(InputError, match="rotary position .* past the 64 positions"):
+        g.ground(str(scene), "the red square", think_budget=4, max_answer_tokens=8)
