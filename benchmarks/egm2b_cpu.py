@@ -11,7 +11,8 @@ writes JSON and a PNG. In one run it
    peak resident memory recorded: quantize (int4_awq, a 4-sample synthetic calibration),
    export, build --target cpu, for the int4 bundle (MatMulNBits, accuracy level 4) with the
    lm_head and vision tower kept float, for the "fast" int4 bundle that also stores the
-   lm_head in int4 (export --lm-head int4), runs the vision tower in dynamic int8 (build
+   lm_head in int4 with onnxruntime-genai's block of 128 (export --lm-head int4:128), runs the
+   vision tower in dynamic int8 (build
    --vision-int8) and prefills through a dynamic-int8 copy of the decoder (build
    --prefill-int8); these change accuracy a little, so they are their own row; and the fp32
    bundle (export of the bf16 checkpoint);
@@ -139,7 +140,7 @@ def pipeline(work: Path, systems: list[str], stages: list[dict]) -> dict[str, Pa
             stages.append(run_stage("quantize int4_awq", egm("quantize", "--model", str(ckpt), "--recipe", "int4_awq",
                                                               "--calib", str(work / "calib.toml"), "--out", str(q),
                                                               "--cache-dir", str(work / "calib-cache"), "--force"), log))
-        for system, extra, build in (("egm-int4", [], []), ("egm-int4-fast", ["--lm-head", "int4"], ["--vision-int8", "--prefill-int8"])):
+        for system, extra, build in (("egm-int4", [], []), ("egm-int4-fast", ["--lm-head", "int4:128"], ["--vision-int8", "--prefill-int8"])):
             if system in systems:
                 out[system] = export_and_build(work, system, q, ["--int4-accuracy-level", "4", *extra], stages, log, build)
     if "egm-fp32" in systems:
@@ -341,7 +342,7 @@ def time_ortgenai(model_dir: Path, prompt_tokens: int, threads: int, repeats: in
 
 LABELS = {
     "egm-int4": "egm-edge int4_awq bundle (lm_head float)",
-    "egm-int4-fast": "egm-edge int4_awq bundle, int4 lm_head, int8 vision + prefill",
+    "egm-int4-fast": "egm-edge int4_awq bundle, int4 lm_head (block 128), int8 vision + prefill",
     "egm-fp32": "egm-edge fp32 bundle",
     "hf-fp32": "transformers eager fp32",
     "hf-bf16": "transformers eager bf16",

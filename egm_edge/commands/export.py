@@ -18,9 +18,10 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="INT4 lowering: MatMulNBits for ONNX Runtime (CPU bundles, default) or blocked INT4 DequantizeLinear for TensorRT")
     p.add_argument("--int4-accuracy-level", type=int, choices=[0, 4], default=0, metavar="{0,4}",
                    help="MatMulNBits compute for int4 on ONNX Runtime: 0 = fp32 (default, faithful), 4 = int8 (about 2x faster on CPU)")
-    p.add_argument("--lm-head", choices=["float", "int8", "int4"], default="float",
+    p.add_argument("--lm-head", default="float", metavar="{float,int8,int4}[:BLOCK]",
                    help="store the lm_head weight-only round-to-nearest as MatMulNBits (ONNX Runtime): far fewer bytes "
-                        "read per decoded token at real vocabulary sizes, a small accuracy change of its own (default float)")
+                        "read per decoded token at real vocabulary sizes, a small accuracy change of its own (default float; "
+                        "blocks: int8 128, int4 32, or :16..:256)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--decode-steps", type=int, default=4, metavar="N", help="decode steps checked after the prefill (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")

@@ -227,14 +227,35 @@ def _lowered(prefix: str, weight: torch.Tensor, ex: dict, linear: nn.Linear, bac
 # Weight-only round-to-nearest for the lm_head (export option; the checkpoint keeps it float): at EGM-2B the
 # float32 lm_head (151936 x 2048, tied to the embedding) is 1.24 GB read per decoded token, more than the
 # whole int4 body. The embedding Gather keeps the float table (one row read per token).
+# mode -> (bits, default block); "MODE:BLOCK" picks another block (a power of two, 16..256): larger blocks
+# read fewer scale bytes per token (int4 block 32 -> 128: 39 -> 10 MB at EGM-2B) at some rounding error.
 LM_HEAD_MODES = {"float": None, "int8": (8, 128), "int4": (4, 32)}
 
 
+def parse_lm_head(spec: str) -> tuple[str, int, int] | None:
+    """"int4", "int8:64", ... -> (mode, bits, block); "float" -> None; anything else: UnsupportedError."""
+    mode, _, block = str(spec).partition(":")
+    if mode not in LM_HEAD_MODES:
+        raise UnsupportedError(f"Unknown lm_head mode {spec!r}. Choose from: {', '.join(LM_HEAD_MODES)} (int4/int8 may add :BLOCK).")
+    if LM_HEAD_MODES[mode] is None:
+        if block:
+            raise UnsupportedError(f"lm_head mode {spec!r}: a float lm_head has no block size.")
+        return None
+    bits, default = LM_HEAD_MODES[mode]
+    if not block:
+        return mode, bits, default
+    if not block.isdigit() or int(block) not in INT4_BLOCKS:
+        raise UnsupportedError(f"lm_head block {block!r} in {spec!r} is not one MatMulNBits takes; choose from {', '.join(map(str, INT4_BLOCKS))}.")
+    return mode, bits, int(block)
+
+
 def rtn_linear(linear: nn.Linear, mode: str) -> QuantizedLinear:
-    """`linear` quantized weight-only, symmetric round-to-nearest per block of inputs, as MatMulNBits stores it."""
-    if mode not in LM_HEAD_MODES or LM_HEAD_MODES[mode] is None:
-        raise UnsupportedError(f"Unknown lm_head mode {mode!r}. Choose from: {', '.join(LM_HEAD_MODES)}.")
-    bits, block = LM_HEAD_MODES[mode]
+    """`linear` quantized weight-only, symmetric round-to-nearest per block of inputs, as MatMulNBits stores it
+    (`mode` as `parse_lm_head` reads it)."""
+    parsed = parse_lm_head(mode)
+    if parsed is None:
+        raise UnsupportedError(f"lm_head mode {mode!r} is not a quantized one; choose int4 or int8.")
+    _, bits, block = parsed
     n, k = linear.out_features, linear.in_features
     if k % block:
         raise UnsupportedError(f"lm_head {mode} needs the hidden size ({k}) to divide by its block of {block}.")

@@ -40,7 +40,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     `lowering` is the engine the graphs are for: "onnxruntime" (INT4 as MatMulNBits, CPU bundles) or "tensorrt"
     (blocked INT4 DequantizeLinear + MatMul); other precisions lower the same way for both.
     `int4_accuracy_level` 4 lets MatMulNBits compute in int8 (faster on CPU, looser validation threshold).
-    `lm_head` "int8" or "int4" stores the lm_head weight-only round-to-nearest as MatMulNBits ("onnxruntime"
+    `lm_head` "int8" or "int4" (optionally ":BLOCK", default 128 / 32) stores the lm_head weight-only round-to-nearest as MatMulNBits ("onnxruntime"
     lowering only): far fewer bytes read per decoded token, a (small) accuracy change of its own; the
     validation reference then uses the same rounded lm_head, so it still checks the export itself.
     `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
@@ -55,15 +55,14 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     info = inspect_checkpoint(checkpoint_dir)
     from egm_edge.export.validate import THRESHOLDS, validation_key
 
-    from egm_edge.export.lowering import INT4_ACCURACY_LEVELS, LM_HEAD_MODES, LOWERINGS
+    from egm_edge.export.lowering import INT4_ACCURACY_LEVELS, LOWERINGS, parse_lm_head
 
     backend = lowering
     if backend not in LOWERINGS:
         raise UnsupportedError(f"Unknown export lowering {backend!r}. Choose from: {', '.join(LOWERINGS)}.")
     if int4_accuracy_level not in INT4_ACCURACY_LEVELS:
         raise UnsupportedError(f"int4_accuracy_level={int4_accuracy_level!r} is not one MatMulNBits offers here; choose 0 (fp32 compute) or 4 (int8 compute).")
-    if lm_head not in LM_HEAD_MODES:
-        raise UnsupportedError(f"Unknown lm_head mode {lm_head!r}. Choose from: {', '.join(LM_HEAD_MODES)}.")
+    parse_lm_head(lm_head)  # one sentence for an unknown mode or block, before anything loads
     if lm_head != "float" and backend != "onnxruntime":
         raise UnsupportedError(f"--lm-head {lm_head} lowers to MatMulNBits, an ONNX Runtime op; TensorRT exports keep a float lm_head.")
     check = validation_key(info.precision, backend, int4_accuracy_level, lm_head)
@@ -127,7 +126,7 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
         replacements = {**replacements, "lm_head": head}
         translations, post = low.translation_table(accuracy_level), low.pack_int4_weights
         layers = {**layers, f"lm_head {lm_head}/MatMulNBits weight-only": 1}
-        say(f"lm_head: {lm_head} weight-only round-to-nearest (block {low.LM_HEAD_MODES[lm_head][1]})")
+        say(f"lm_head: {lm_head} weight-only round-to-nearest (block {low.parse_lm_head(lm_head)[2]})")
     fused = backend == "onnxruntime"
     if fused:
         from egm_edge.export import fused as attention

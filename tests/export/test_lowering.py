@@ -240,3 +240,29 @@ def test_quantized_lm_head_export_drops_the_float_head_and_validates(quant_base,
     assert users == {"Gather"}, users
     with pytest.raises(UnsupportedError, match="TensorRT"):
         export(quant_base, tmp_path / "trt", lm_head=mode, lowering="tensorrt")
+
+
+def test_lm_head_mode_and_block_are_parsed_with_one_sentence_for_bad_ones():
+    from egm_edge.export.lowering import parse_lm_head
+
+    assert parse_lm_head("float") is None
+    assert parse_lm_head("int4") == ("int4", 4, 32) and parse_lm_head("int8") == ("int8", 8, 128)
+    assert parse_lm_head("int4:128") == ("int4", 4, 128) and parse_lm_head("int8:64") == ("int8", 8, 64)
+    for bad, words in (("int3", "Unknown lm_head mode"), ("int4:100", "not one MatMulNBits takes"),
+                       ("int4:x", "not one MatMulNBits takes"), ("float:32", "no block size")):
+        with pytest.raises(UnsupportedError, match=words):
+            parse_lm_head(bad)
+
+
+def test_lm_head_block_changes_the_rounding_not_the_layout():
+    import torch
+
+    from egm_edge.export.lowering import nbits_weight, rtn_linear
+
+    lin = torch.nn.Linear(256, 48, bias=False)
+    errs = {}
+    for spec in ("int4:32", "int4:128"):
+        q = rtn_linear(lin, spec)
+        assert q.block == int(spec.split(":")[1]) and q.scales.numel() == 48 * 256 // q.block
+        errs[spec] = (nbits_weight(q.packed, q.scales, q.k, q.n, q.block, q.bits) - lin.weight).abs().mean().item()
+    assert errs["int4:32"] < errs["int4:128"]  # smaller blocks round closer
