@@ -188,3 +188,23 @@ def translation_table() -> dict:
     return {torch.ops.egm_edge.group_query_attention.default: t_gqa,
             torch.ops.egm_edge.mrope.default: t_mrope,
             torch.ops.egm_edge.skip_rms_norm.default: t_skip_rms_norm}
+
+
+def drop_unused_norm_statistics(path) -> int:
+    """Unname the mean / inverse-std outputs of SkipSimplifiedLayerNormalization nodes that nothing reads (the
+    exporter names every declared output; ONNX Runtime then writes them on every step). Rewrites only the
+    graph file (external weights untouched); returns how many outputs it dropped."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    dropped = 0
+    for n in model.graph.node:
+        if n.op_type == "SkipSimplifiedLayerNormalization" and n.domain == "com.microsoft":
+            for k in (1, 2):
+                if k < len(n.output) and n.output[k] and n.output[k] not in used:
+                    n.output[k] = ""
+                    dropped += 1
+    if dropped:
+        onnx.save(model, str(path))
+    return dropped

@@ -151,6 +151,10 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
             args, shapes, dims = spec()
             files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size,
                                  translations=translations, postprocess=post)
+            if fused and name == "decoder":
+                from egm_edge.export.fused import drop_unused_norm_statistics
+
+                drop_unused_norm_statistics(tmp / files[0])
             timings[f"export_{name}"] = time.perf_counter() - t
             graphs[name] = {"file": files[0], "external_data": files[1] if len(files) > 1 else None,
                             "bytes": sum((tmp / f).stat().st_size for f in files), "inputs": io[0], "outputs": io[1]}

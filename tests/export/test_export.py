@@ -248,6 +248,9 @@ def test_attention_is_fused_for_onnxruntime_and_plain_for_tensorrt(exported, exp
     assert ops(exported).count("GroupQueryAttention") == n_layers and "Softmax" not in ops(exported)
     assert ops(exported).count("MRotaryEmbedding") == 2 * n_layers and "Neg" not in ops(exported)
     assert ops(exported).count("SkipSimplifiedLayerNormalization") == 2 * n_layers
+    skips = [n for n in onnx.load(str(exported / "decoder.onnx"), load_external_data=False).graph.node
+             if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert all(list(n.output)[1:3] == ["", ""] and n.output[0] and n.output[3] for n in skips)  # no unused statistics
     assert "GroupQueryAttention" not in ops(exported_trt) and "Softmax" in ops(exported_trt)
     kv = [json.loads((d / "manifest.json").read_text())["runtime"]["decoder"]["kv_cache"] for d in (exported, exported_trt)]
     assert kv == ["in_place", "growing"]
