@@ -16,7 +16,8 @@ def draw_boxes(image: Image.Image, boxes, width: int | None = None) -> Image.Ima
             d.text((4, y_text), f"{label}: no box", fill=colour)
             y_text += 12
             continue
-        x1, y1, x2, y2 = box
+        # A model can emit a box with its corners swapped (x2 < x1): draw the rectangle it spans, not crash.
+        (x1, x2), (y1, y2) = sorted((box[0], box[2])), sorted((box[1], box[3]))
         d.rectangle((x1, y1, x2, y2), outline=colour, width=w)
         if label:
             ty = y1 - 12 if y1 >= 12 else y2 + 2
