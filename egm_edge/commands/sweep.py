@@ -40,6 +40,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-budget-ms", type=float, default=None, metavar="X", help="recommend only configurations at most this slow")
     p.add_argument("--memory-budget-gb", type=float, default=None, metavar="X", help="recommend only configurations predicted to fit this memory")
     p.add_argument("--calib", metavar="TOML", default=None, help="calibration recipe for quantized recipes (default calibration/synth.toml)")
+    p.add_argument("--calib-with-reasoning", action="store_true",
+                   help="calibrate quantized recipes on the full model's own reasoning (quantize --calib-with-reasoning)")
     p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap after '</think>' (default 128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, recipes=args.recipes, budgets=args.budgets, targets=args.target, data=args.data, out_dir=args.out,
         limit=args.limit, latency_budget_ms=args.latency_budget_ms, memory_budget_gb=args.memory_budget_gb,
         calibration=args.calib, image_root=args.image_root, strict=not args.lenient, max_answer_tokens=args.max_answer_tokens,
-        progress=not args.no_progress, say=lambda m: print(m, flush=True),
+        progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
     )
     print(result.summary())
     return 0

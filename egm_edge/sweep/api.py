@@ -107,7 +107,8 @@ def analyze(records: list[dict], out_dir, *, targets=None, latency_budget_ms: fl
 def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=("cpu",), *, data, out_dir,
           limit: int | None = None, latency_budget_ms: float | None = None, memory_budget_gb: float | None = None,
           calibration=None, image_root=None, strict: bool = True, seed: int = 0, max_answer_tokens: int = 128,
-          max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None) -> SweepResult:
+          max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None,
+          calib_with_reasoning: bool = False) -> SweepResult:
     """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring."""
     from egm_edge.reference.runner import read_model_config
     from egm_edge.sweep import bundles as B
@@ -153,7 +154,7 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         calib = calibration if calibration is not None else B.default_calibration()
         if recipe != B.FULL and isinstance(calib, (str, Path)) and not Path(calib).is_file():
             raise InputError(f"Recipe {recipe} needs a calibration recipe and {calib} does not exist; pass --calib FILE.toml.")
-        bkey = B.bundle_key(model_dir, recipe, calib, caps)
+        bkey = B.bundle_key(model_dir, recipe, calib, caps, calib_with_reasoning)
         rkey = R.run_key(bkey, samples_digest(by_id), caps)
         keys = {b: [R.record_key(recipe, b, t.name, rkey) for t in [cpu, *others]] for b in budgets}
         wanted += [k for ks in keys.values() for k in ks]
@@ -162,7 +163,7 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         if not todo:
             say(f"{recipe}: all {len(budgets)} budgets already recorded")
             continue
-        runner = _runner(model_dir, recipe, out, cpu, calib, max_answer_tokens, max_seq_len, say, progress)
+        runner = _runner(model_dir, recipe, out, cpu, calib, max_answer_tokens, max_seq_len, say, progress, calib_with_reasoning)
         first = samples[0]
         runner.predictor.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens))  # warm-up
         for b in todo:
@@ -209,7 +210,8 @@ class Runner:
     not_deployable: str | None  # why the cpu profile does not offer this precision; None when it does
 
 
-def _runner(model_dir: Path, recipe: str, out: Path, cpu, calib, max_answer_tokens: int, max_seq_len: int, say, progress) -> Runner:
+def _runner(model_dir: Path, recipe: str, out: Path, cpu, calib, max_answer_tokens: int, max_seq_len: int, say, progress,
+            with_reasoning: bool = False) -> Runner:
     from egm_edge.errors import EgmError, UnsupportedError
     from egm_edge.runtime.bundle import open_bundle
     from egm_edge.sweep import bundles as B
@@ -218,7 +220,8 @@ def _runner(model_dir: Path, recipe: str, out: Path, cpu, calib, max_answer_toke
     from egm_edge.validate.predictors import BundlePredictor, CheckpointPredictor
 
     def reference(why: str) -> Runner:
-        path, _ = B.checkpoint_for(model_dir, recipe, out / "checkpoints", calibration=calib, say=say, quantize_progress=progress)
+        path, _ = B.checkpoint_for(model_dir, recipe, out / "checkpoints", calibration=calib, say=say, quantize_progress=progress,
+                                   with_reasoning=with_reasoning)
         say(f"{recipe}: measured with the PyTorch reference ({why})")
         why += "; measured with the PyTorch reference (dequantized, activations fake-quantized): its accuracy counts, its latency does not."
         return Runner(CheckpointPredictor(path), path, recipe, "checkpoint", why)
@@ -229,7 +232,8 @@ def _runner(model_dir: Path, recipe: str, out: Path, cpu, calib, max_answer_toke
         return reference(str(e).rstrip("."))
     try:
         path, _ = B.bundle_for(model_dir, recipe, out / "bundles", checkpoints_dir=out / "checkpoints", calibration=calib,
-                               max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len, say=say, quantize_progress=progress)
+                               max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len, say=say, quantize_progress=progress,
+                               with_reasoning=with_reasoning)
     except EgmError as e:
         if recipe == B.FULL:
             raise

@@ -69,7 +69,7 @@ def int4_block_size(model_dir: Path, recipe: str) -> int | None:
     return None  # no block fits: quantize refuses with its own sentence
 
 
-def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict) -> str:
+def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict, with_reasoning: bool = False) -> str:
     from egm_edge import __version__
     from egm_edge.artifacts import sha256_file
     from egm_edge.validate.predictors import weights_fingerprint
@@ -84,11 +84,13 @@ def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict) -> str:
             "tokenizer": sha256_file(model_dir / "tokenizer.json"), "recipe": recipe,
             "int4_block": int4_block_size(model_dir, recipe), "calibration": calib, "caps": caps,
             "egm_edge": __version__}
+    if with_reasoning and recipe != FULL:  # calibrated on the full model's own reasoning (quantize --calib-with-reasoning)
+        blob["calibration_reasoning"] = True
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def checkpoint_for(model_dir, recipe: str, root, *, calibration=None, say: Callable[[str], None] | None = None,
-                   quantize_progress: bool = True) -> tuple[Path, bool]:
+                   quantize_progress: bool = True, with_reasoning: bool = False) -> tuple[Path, bool]:
     """(quantized checkpoint, reused?) at `root/<recipe>`, reused when `root/<recipe>.sweep-key` matches the inputs.
 
     It feeds the export of a quantized bundle, and is what gets measured (through the PyTorch reference's
@@ -99,14 +101,15 @@ def checkpoint_for(model_dir, recipe: str, root, *, calibration=None, say: Calla
     say = say or (lambda _m: None)
     model_dir, root = Path(model_dir), Path(root)
     calibration = calibration if calibration is not None else default_calibration()
-    key = bundle_key(model_dir, recipe, calibration, {})
+    key = bundle_key(model_dir, recipe, calibration, {}, with_reasoning)
     out, key_file = root / recipe, root / f"{recipe}.sweep-key"
     if (read_manifest(out) or {}).get("stage") == "quantize" and key_file.is_file() and key_file.read_text().strip() == key:
         say(f"{recipe}: reusing {out} (inputs unchanged)")
         return out, True
     key_file.unlink(missing_ok=True)
     say(f"{recipe}: quantizing {model_dir.name}")
-    quantize(model_dir, recipe, calibration, out, block_size=int4_block_size(model_dir, recipe), force=True, progress=quantize_progress)
+    quantize(model_dir, recipe, calibration, out, block_size=int4_block_size(model_dir, recipe), force=True, progress=quantize_progress,
+             calib_with_reasoning=with_reasoning)
     key_file.write_text(key + "\n")  # after the stage renamed its output into place: only a finished one is reused
     return out, False
 
@@ -119,7 +122,8 @@ def reusable(bundle_dir: Path, key: str) -> bool:
 
 
 def bundle_for(model_dir, recipe: str, bundles_dir, *, checkpoints_dir=None, calibration=None, max_answer_tokens: int = 128,
-               max_seq_len: int = 4096, say: Callable[[str], None] | None = None, quantize_progress: bool = True) -> tuple[Path, bool]:
+               max_seq_len: int = 4096, say: Callable[[str], None] | None = None, quantize_progress: bool = True,
+               with_reasoning: bool = False) -> tuple[Path, bool]:
     """(bundle path, reused?) for `recipe` (see the module docstring)."""
     say = say or (lambda _m: None)
     model_dir, bundles_dir = Path(model_dir), Path(bundles_dir)
@@ -127,7 +131,7 @@ def bundle_for(model_dir, recipe: str, bundles_dir, *, checkpoints_dir=None, cal
     if recipe != FULL and isinstance(calibration, (str, Path)) and not Path(calibration).is_file():
         raise InputError(f"Calibration recipe {calibration} does not exist; pass --calib FILE.toml (e.g. calibration/synth.toml).")
     caps = {"max_answer_tokens": max_answer_tokens, "max_seq_len": max_seq_len}
-    key = bundle_key(model_dir, recipe, calibration, caps)
+    key = bundle_key(model_dir, recipe, calibration, caps, with_reasoning)
     out = bundles_dir / recipe
     if reusable(out, key):
         say(f"{recipe}: reusing {out} (inputs unchanged)")
@@ -138,7 +142,7 @@ def bundle_for(model_dir, recipe: str, bundles_dir, *, checkpoints_dir=None, cal
     src = model_dir
     if recipe != FULL:
         src, _ = checkpoint_for(model_dir, recipe, checkpoints_dir or bundles_dir.parent / "checkpoints", calibration=calibration,
-                                say=say, quantize_progress=quantize_progress)
+                                say=say, quantize_progress=quantize_progress, with_reasoning=with_reasoning)
     work = bundles_dir / ".work" / recipe
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

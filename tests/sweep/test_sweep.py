@@ -133,3 +133,15 @@ def test_recipes_without_a_cpu_bundle_fall_back_to_the_reference(tiny_ckpt, tmp_
     assert int4.kind == "checkpoint" and "no CPU bundle could be built for int4_awq: MatMulNBits needs block 128" in int4.not_deployable
     with pytest.raises(UnsupportedError):
         api._runner(tiny_ckpt, "full", tmp_path, cpu, None, 8, 4096, lambda m: None, False)
+
+
+def test_reasoning_calibration_is_part_of_what_a_quantized_bundle_is_keyed_by(tiny_ckpt):
+    from egm_edge.cli import build_parser
+    from egm_edge.sweep.bundles import bundle_key, default_calibration
+
+    calib, caps = default_calibration(), {"max_answer_tokens": 16, "max_seq_len": 1024}
+    for recipe in ("int4_awq", "fp8"):
+        assert bundle_key(tiny_ckpt, recipe, calib, caps, True) != bundle_key(tiny_ckpt, recipe, calib, caps, False)
+    assert bundle_key(tiny_ckpt, "full", calib, caps, True) == bundle_key(tiny_ckpt, "full", calib, caps, False)
+    args = build_parser().parse_args(["sweep", "--model", str(tiny_ckpt), "--data", "d.jsonl", "--out", "o", "--calib-with-reasoning"])
+    assert args.calib_with_reasoning is True
