@@ -26,7 +26,7 @@ writes JSON and a PNG. In one run it
    measured bandwidth; an embedding table read by Gather counts one row) and the greedy
    tokens of each bundle against the fp32 bundle (agreement over the 64 tokens).
 
-    python benchmarks/egm2b_cpu.py [--work runs/egm2b] [--threads 2] [--systems ...] [--out FILE.json]
+    python benchmarks/egm2b_cpu.py [--work runs/egm2b] [--threads 2] [--systems ...] [--rounds R] [--out FILE.json]
 
 Every stage is reused when its output already exists in --work, so an interrupted run
 resumes; the timings are always taken afresh. Needs ~19 GB free memory (the export's peak) and ~45 GB
@@ -376,6 +376,10 @@ def report(rows: dict, bw: float, stages: list[dict], out: Path, args) -> dict:
               f"{r['decode_ms_per_token']:.1f} | {r['floor_ms_per_token']:.1f} | {r['decode_over_floor']:.2f} | "
               f"{fmt(r.get('end_to_end_ms'))} | {fmt(speed, '{:.2f}x')} | {fmt(r.get('greedy_agreement_vs_egm_fp32'), '{:.2f}')} | "
               f"{fmt((r.get('export_check') or {}).get('greedy_agreement_min'), '{:.2f}')} |")
+    if getattr(args, "rounds", 1) > 1:
+        print(f"\ndecode ms/token in each of {args.rounds} rounds (systems timed in turn; the table gives medians):")
+        for name, r in rows.items():
+            print(f"  {LABELS[name]}: " + ", ".join(f"{v:.1f}" for v in r["decode_ms_per_token_rounds"] if v is not None))
     print("\n| stage | wall s | peak RSS GB |\n|---|---|---|")
     for s in stages:
         print(f"| {s['stage']} | {s['wall_s']} | {s['peak_rss_gb']} |")
@@ -415,6 +419,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/egm2b"))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="time the systems in turn this many times (medians over rounds)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {', '.join(SYSTEMS)}")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default WORK/results.json; the PNG goes beside it)")
     p.add_argument("--build-only", action="store_true", help="run the pipeline stages, time nothing")
@@ -442,17 +447,33 @@ def main(argv=None) -> int:
     bw1 = read_bandwidth_gbs()
     bw = parallel_read_bandwidth_gbs(args.threads) if args.threads > 1 else bw1
     print(f"read bandwidth: {bw1:.1f} GB/s one thread, {bw:.1f} GB/s with {args.threads} (the floors use the latter)")
-    rows: dict[str, dict] = {}
-    # Each system is timed in its own process so that one model's memory is gone before the next loads.
-    for name in systems:
-        res = args.work / f"timing-{name}.json"
-        cmd = [sys.executable, __file__, "--work", str(args.work), "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--time-one", name, "--out", str(res)]
-        print(f"[time {name}]", flush=True)
-        subprocess.run(cmd, check=True, cwd=REPO)
-        rows[name] = json.loads(res.read_text())
+    rounds: dict[str, list[dict]] = {name: [] for name in systems}
+    # Each system is timed in its own process so that one model's memory is gone before the next loads. With
+    # --rounds R the systems take turns R times (A B A B ...), so that a slow spell of a shared machine falls
+    # on all of them; each figure is then the median over the rounds (every round's decode time is kept).
+    for k in range(args.rounds):
+        for name in systems:
+            res = args.work / f"timing-{name}.json"
+            cmd = [sys.executable, __file__, "--work", str(args.work), "--threads", str(args.threads),
+                   "--repeats", str(args.repeats), "--time-one", name, "--out", str(res)]
+            print(f"[time {name}" + (f", round {k + 1}/{args.rounds}]" if args.rounds > 1 else "]"), flush=True)
+            subprocess.run(cmd, check=True, cwd=REPO)
+            rounds[name].append(json.loads(res.read_text()))
+    rows = {name: combine_rounds(rs) for name, rs in rounds.items()}
     report(rows, bw, stages, args.out or args.work / "results.json", args)
     return 0
+
+
+def combine_rounds(rs: list[dict]) -> dict:
+    """One system's timing over rounds: the median of each time, the first round's other fields, all decode times."""
+    out = dict(rs[0])
+    for key in ("vision_ms", "prefill_ms", "decode_ms_per_token", "end_to_end_ms"):
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        if vals:
+            out[key] = float(np.median(vals))
+    out["rounds"] = len(rs)
+    out["decode_ms_per_token_rounds"] = [r.get("decode_ms_per_token") for r in rs]
+    return out
 
 
 def time_one(argv) -> int:
