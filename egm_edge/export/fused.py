@@ -26,11 +26,6 @@ from __future__ import annotations
 
 import torch
 
-# Fields of the export manifest's runtime.decoder that tell the runtime what the graph allows.
-KV_CACHE_IN_PLACE = "in_place"  # past/present may share one buffer (GroupQueryAttention)
-KV_CACHE_GROWING = "growing"  # present is a new tensor, past + new rows
-
-
 @torch.library.custom_op("egm_edge::group_query_attention", mutates_args=())
 def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                           seqlens_k: torch.Tensor, total_len: torch.Tensor, bias: torch.Tensor, num_heads: int,

@@ -91,9 +91,12 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Qwen3's RMSNorm written as x / sqrt(mean(x^2) + eps) * weight: the pattern ONNX Runtime fuses into
     (Skip)SimplifiedLayerNormalization (transformers' x * rsqrt(...) exports as Sqrt + Reciprocal, which it
     does not fuse: five element-wise kernels per norm, 4 norms per layer, every decode step)."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     xf = x.float()
-    return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * norm.weight
+    return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + _norm_eps(norm))).to(x.dtype) * norm.weight
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
 
 
 def vision_io_names() -> tuple[list[str], list[str]]:
@@ -316,19 +319,14 @@ class DecoderGraph(nn.Module):
         for i, layer in enumerate(layers):
             a, k, v = self._fused_attention(i, layer.self_attn, x, position_ids, mask_info, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-            x, h = torch.ops.egm_edge.skip_rms_norm(a, h, layer.post_attention_layernorm.weight, self._eps(layer.post_attention_layernorm))
+            x, h = torch.ops.egm_edge.skip_rms_norm(a, h, layer.post_attention_layernorm.weight, _norm_eps(layer.post_attention_layernorm))
             m = self._mlp(i, layer.mlp, x)
             if i < self.n_deepstack:
                 m = m + torch.cat((zero, deepstack_features[i].to(h.dtype)), dim=0)[slot]
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else lm.norm
-            x, h = torch.ops.egm_edge.skip_rms_norm(m, h, following.weight, self._eps(following))
+            x, h = torch.ops.egm_edge.skip_rms_norm(m, h, following.weight, _norm_eps(following))
         rows = torch.gather(x, 1, logits_index.unsqueeze(-1).expand(-1, -1, d))
         return (self.lm_head(rows).float(), *presents)
-
-    @staticmethod
-    def _eps(norm) -> float:
-        return float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
-
 
 # --- trace samples, dynamic axes and dimension names (every dynamic size >= 2: torch.export specialises 0 and 1)
 

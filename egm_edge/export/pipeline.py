@@ -127,16 +127,16 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
         translations, post = low.translation_table(accuracy_level), low.pack_int4_weights
         layers = {**layers, f"lm_head {lm_head}/MatMulNBits weight-only": 1}
         say(f"lm_head: {lm_head} weight-only round-to-nearest (block {low.parse_lm_head(lm_head)[2]})")
-    fused = backend == "onnxruntime"
-    if fused:
-        from egm_edge.export import fused as attention
+    from egm_edge.runtime.bundle import KV_CACHE_GROWING, KV_CACHE_IN_PLACE
 
-        translations = {**(translations or {}), **attention.translation_table()}
-        dcfg["kv_cache"] = attention.KV_CACHE_IN_PLACE
+    fused = backend == "onnxruntime"
+    dcfg["kv_cache"] = KV_CACHE_IN_PLACE if fused else KV_CACHE_GROWING
+    if fused:
+        from egm_edge.export.fused import rope_table_positions, translation_table
+
+        translations = {**(translations or {}), **translation_table()}
         text_cfg = model.model.language_model.config
-        dcfg["rope_positions"] = attention.rope_table_positions(getattr(text_cfg, "max_position_embeddings", None))
-    else:
-        dcfg["kv_cache"] = "growing"  # egm_edge.export.fused.KV_CACHE_GROWING
+        dcfg["rope_positions"] = rope_table_positions(getattr(text_cfg, "max_position_embeddings", None))
     graphs = {}
     with _swapped(model, replacements):
         for name, build, spec, io in (

@@ -31,6 +31,11 @@ from egm_edge.runtime.vision_inputs import VisionGridConfig
 BUNDLE_FILES = ("manifest.json", "vision.onnx", "decoder.onnx", "tokenizer.json", "preprocessor_config.json", "generation_config.json")
 
 
+# runtime.decoder.kv_cache in an export/bundle manifest: what the decoder graph lets the runtime do.
+KV_CACHE_IN_PLACE = "in_place"  # past and present may be one buffer (GroupQueryAttention, egm_edge.export.fused)
+KV_CACHE_GROWING = "growing"  # present is a new tensor, past + new rows (older and TensorRT-lowered exports)
+
+
 @dataclass(frozen=True)
 class DecoderShape:
     num_layers: int
@@ -40,16 +45,14 @@ class DecoderShape:
     vocab_size: int
     num_deepstack: int
     image_token_id: int
-    # "in_place": past and present may be one buffer (GroupQueryAttention graphs, see
-    # egm_edge.export.fused); "growing" (older or TensorRT-lowered exports): present = past + new rows.
-    kv_cache: str = "growing"
+    kv_cache: str = KV_CACHE_GROWING  # KV_CACHE_IN_PLACE or KV_CACHE_GROWING
     # Rows of the graph's M-RoPE cos/sin tables (egm_edge.export.fused); 0: computed in the graph, no limit.
     rope_positions: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderShape":
         values = {f.name: int(d[f.name]) for f in fields(cls) if f.name not in ("kv_cache", "rope_positions")}
-        return cls(**values, kv_cache=str(d.get("kv_cache") or "growing"), rope_positions=int(d.get("rope_positions") or 0))
+        return cls(**values, kv_cache=str(d.get("kv_cache") or KV_CACHE_GROWING), rope_positions=int(d.get("rope_positions") or 0))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from egm_edge.errors import UnsupportedError
-from egm_edge.runtime.bundle import Bundle
+from egm_edge.runtime.bundle import KV_CACHE_IN_PLACE, Bundle
 
 EXECUTORS = ("auto", "onnxruntime", "tensorrt")
 
@@ -46,18 +46,17 @@ class KVBuffers:
     the sequence so far), each wrapped once as the OrtValue that a step binds as both its past and its present,
     so GroupQueryAttention appends the new rows where they belong and a step copies no cache."""
 
-    def __init__(self, shape: tuple[int, int, int], n: int, capacity: int):
+    def __init__(self, kv_heads: int, head_dim: int, n: int, capacity: int):
         import onnxruntime as ort
 
-        kv, hd = shape[0], shape[2]
-        self.arrays = [np.zeros((1, kv, capacity, hd), np.float32) for _ in range(n)]
+        self.arrays = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(n)]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views of the arrays, no copy
         self.capacity, self.length = capacity, 0
 
     def grown(self, needed: int) -> "KVBuffers":
         """A larger cache with the same rows (when a sequence outgrows its planned capacity)."""
-        kv, _, hd = self.arrays[0].shape[1:]
-        bigger = KVBuffers((kv, 0, hd), len(self.arrays), max(needed, 2 * self.capacity))
+        _, kv, _, hd = self.arrays[0].shape
+        bigger = KVBuffers(kv, hd, len(self.arrays), max(needed, 2 * self.capacity))
         for old, new in zip(self.arrays, bigger.arrays):
             new[:, :, : self.length] = old[:, :, : self.length]
         bigger.length = self.length
@@ -93,7 +92,7 @@ class OrtExecutor:
         self.bundle = bundle
         # GroupQueryAttention graphs take one buffer as past and present (egm_edge.export.fused);
         # EGM_EDGE_KV_IN_PLACE=0 runs them with a growing cache instead (for comparison).
-        self.in_place = bundle.decoder.kv_cache == "in_place" and os.environ.get("EGM_EDGE_KV_IN_PLACE", "1") != "0"
+        self.in_place = bundle.decoder.kv_cache == KV_CACHE_IN_PLACE and os.environ.get("EGM_EDGE_KV_IN_PLACE", "1") != "0"
         n = bundle.decoder.num_layers
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
@@ -118,7 +117,7 @@ class OrtExecutor:
         if not self.in_place:
             return empty_cache(self.bundle)
         d = self.bundle.decoder
-        return KVBuffers((d.num_kv_heads, 0, d.head_dim), 2 * d.num_layers, max(1, int(capacity)))
+        return KVBuffers(d.num_kv_heads, d.head_dim, 2 * d.num_layers, max(1, int(capacity)))
 
     def decode(self, feeds, past):
         prompt = self.prefill is not None and feeds["input_ids"].shape[1] > 1

@@ -165,7 +165,6 @@ class Grounder:
         (feats, deep), cached = self._encode(prep)
         t2 = time.perf_counter()
 
-        past = self.executor.new_cache(n_prompt + room)
         positions, deltas = rope_index(prompt_ids, [prep.grid_thw], self.image_token_id, self.bundle.vision.spatial_merge_size)
         limit = self.bundle.decoder.rope_positions
         if limit and int(positions.max()) + room >= limit:
@@ -175,6 +174,7 @@ class Grounder:
                 f"This prompt plus up to {room} new tokens reaches rotary position {int(positions.max()) + room}, past the "
                 f"{limit} positions this bundle's decoder has tables for; lower --max-new-tokens or use a smaller image."
             )
+        past = self.executor.new_cache(n_prompt + room)
         logits, past = self.executor.decode(
             {
                 "input_ids": prompt_ids,
