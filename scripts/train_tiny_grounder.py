@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--decay-steps", type=int, default=150, help="length of the --decay-from decay; the run then ends")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--truncate-fraction", type=float, default=0.22)
+    p.add_argument("--cut-answers", choices=["target", "reasoned"], default="target",
+                   help="what a cut example answers: the target, or what its reasoning so far supports "
+                        "(egm_edge.synth.traces.cut_answer)")
     p.add_argument("--amodal-fraction", type=float, default=0.15)
     p.add_argument("--vocab", type=int, default=640)
     p.add_argument("--warmup-samples", type=float, default=0.6,
@@ -146,8 +149,8 @@ class Batcher:
     """Builds training batches of stream `seed` exactly as the runner builds inference inputs."""
 
     def __init__(self, tok, image_config, seed: int, truncate_fraction: float, amodal_fraction: float,
-                 easy: float = 0.0, easy_until: int = 0):
-        self.tok, self.cfg, self.seed = tok, image_config, seed
+                 easy: float = 0.0, easy_until: int = 0, cut_answers: str = "target"):
+        self.tok, self.cfg, self.seed, self.cut_answers = tok, image_config, seed, cut_answers
         self.easy, self.easy_until = easy, max(1, easy_until)
         self.truncate_fraction, self.amodal_fraction = truncate_fraction, amodal_fraction
         self.pad = tok.token_to_id("<|endoftext|>")
@@ -160,6 +163,7 @@ class Batcher:
         from egm_edge.runtime.preprocess import preprocess_image
         from egm_edge.synth import answer, assistant_ids, draw, reasoning, render
         from egm_edge.synth.dataset import draw_warmup
+        from egm_edge.synth.traces import cut_answer
 
         rng = np.random.default_rng([self.seed, i, 7])
         p_easy = self.easy * max(0.0, 1.0 - step / self.easy_until)
@@ -172,7 +176,11 @@ class Batcher:
             n = len(self.tok.encode(think, add_special_tokens=False).ids)
             cut = 0 if rng.random() < 0.3 else int(rng.integers(0, n))
             qwen_stop = bool(rng.random() < 1 / 3)
-        target = assistant_ids(self.tok, think, answer(s.scene, s.expr), cut=cut, qwen_stop=qwen_stop)
+        if cut is not None and self.cut_answers == "reasoned":
+            said = cut_answer(self.tok, s.scene, s.expr, cut)
+        else:
+            said = answer(s.scene, s.expr)
+        target = assistant_ids(self.tok, think, said, cut=cut, qwen_stop=qwen_stop)
         return prompt, target, pre, s
 
     def batch(self, start: int, size: int, device, step: int = 0):
@@ -597,7 +605,7 @@ def main(argv=None) -> int:
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
     batcher = Batcher(tok, image_config, args.seed, args.truncate_fraction, args.amodal_fraction,
-                      args.warmup_samples, args.curriculum_end)
+                      args.warmup_samples, args.curriculum_end, args.cut_answers)
     meta = {"event": "start", "params": n_params, "device": device, "args": {k: str(v) for k, v in vars(args).items()},
             "train_seed": args.seed, "tokenizer_seed": args.seed + 1, "quick_eval_seed": args.seed + 2, "start_step": start}
     log = open(out / "train_log.jsonl", "a")

@@ -8,6 +8,10 @@ superlative: by area), then names the pick ("... The largest is the first one.")
 Each listing step is a simpler question than the expression (the next shape along
 an axis, the next largest), which is what the reasoning buys over answering at once. `answer(scene, e)` is exactly what
 Qwen3-VL/EGM emits after the reasoning (`grounding.format_answer`).
+`cut_answer(tok, scene, e, cut)` is the answer a model that answers from its reasoning
+gives when the reasoning is cut after `cut` tokens: the target once the listing has
+reached it, else the last shape the listing has started on, else (nothing listed yet)
+the first member of the group in reading order, an unreasoned guess.
 `assistant_ids(tok, reasoning, answer, cut=..., qwen_stop=...)` assembles the
 assistant token ids as the runtime's budget policy produces them: reasoning ids
 (optionally cut after `cut` tokens), the close (the hard "\\n</think>\\n\\n" or
@@ -82,6 +86,36 @@ def reasoning(scene: Scene, e: Expression) -> str:
     how = f" from {_SIDE_ORDER[e.side]}"
     pick = f"{e.side}most" if e.rank == 0 else f"{ORDINALS[e.rank]} from the {e.side}"
     return f"{_group_sentence(scene, e, order, how)} The {pick} is the {pos} one."
+
+
+def listing(scene: Scene, e: Expression, text: str) -> list[tuple[int, int]]:
+    """(offset of the box's "[" in `text`, shape) for each candidate the reasoning lists, in order."""
+    pos, out = 0, []
+    shapes = ([members(scene, e.anchor)[0]] if e.type == "relational" else []) + candidates(scene, e)
+    for k, i in enumerate(shapes):
+        at = text.index(fmt_box(box_norm(scene, i)), pos)
+        pos = at + 1
+        if not (e.type == "relational" and k == 0):
+            out.append((at, i))
+    return out
+
+
+def cut_pick(scene: Scene, e: Expression, chars: int) -> int:
+    """The shape a reasoning cut after `chars` characters supports (see the module contract)."""
+    seen = [i for at, i in listing(scene, e, reasoning(scene, e)) if at < chars]
+    if e.target in seen:
+        return e.target
+    if seen:
+        return seen[-1]
+    return min(members(scene, e.group), key=lambda i: (scene.shapes[i].cx, scene.shapes[i].cy))
+
+
+def cut_answer(tok, scene: Scene, e: Expression, cut: int) -> str:
+    """The answer after the reasoning's first `cut` tokens (ids and offsets from `tok`)."""
+    enc = tok.encode(reasoning(scene, e), add_special_tokens=False)
+    cut = max(0, min(int(cut), len(enc.ids)))
+    chars = enc.offsets[cut - 1][1] if cut else 0
+    return format_answer(box_norm(scene, cut_pick(scene, e, chars)), e.sent)
 
 
 def answer(scene: Scene, e: Expression) -> str:

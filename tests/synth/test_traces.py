@@ -60,3 +60,33 @@ def test_assistant_ids_full_and_cut(tok):
         assert text.endswith(HARD_CLOSE_TEXT + a) and r.startswith(text[: -len(HARD_CLOSE_TEXT + a)])
     ids = assistant_ids(tok, r, a, cut=0, qwen_stop=True)
     assert tok.decode(ids[:-1], skip_special_tokens=False) == QWEN_STOP_THINKING + a
+
+
+def test_cut_answer_follows_the_reasoning_so_far(tok):
+    """A cut trace answers the target once its listing reached it, the shape it was listing
+    before that, and an unreasoned reading-order guess when nothing is listed yet; uncut it is
+    the answer."""
+    from egm_edge.synth.expressions import members
+    from egm_edge.synth.traces import cut_answer, listing
+
+    seen_types = set()
+    for i in range(60):
+        s = draw(4, i)
+        e, r = s.expr, reasoning(s.scene, s.expr)
+        n = len(tok.encode(r, add_special_tokens=False).ids)
+        assert cut_answer(tok, s.scene, e, n) == answer(s.scene, e)
+        marks = listing(s.scene, e, r)
+        assert [j for _, j in marks] == candidates(s.scene, e)
+        first = min(members(s.scene, e.group), key=lambda j: (s.scene.shapes[j].cx, s.scene.shapes[j].cy))
+        said = parse_box(cut_answer(tok, s.scene, e, 0), s.scene.width, s.scene.height).box_norm1000
+        assert said == box_norm(s.scene, first)
+        if e.type in ("ordinal", "superlative") and candidates(s.scene, e)[0] != e.target:
+            # cut just after the first candidate's "[": that candidate, not the target yet
+            at = marks[0][0] + 1
+            offsets = tok.encode(r, add_special_tokens=False).offsets
+            cut = next(k for k in range(1, n + 1) if offsets[k - 1][1] >= at)
+            if offsets[cut - 1][1] < marks[1][0] + 1:
+                said = parse_box(cut_answer(tok, s.scene, e, cut), s.scene.width, s.scene.height).box_norm1000
+                assert said == box_norm(s.scene, marks[0][1])
+                seen_types.add(e.type)
+    assert seen_types, "no sample exercised a partial listing"
