@@ -355,7 +355,17 @@ def agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a[:n], b[:n])) / n if n else 0.0
 
 
-def report(rows: dict, bw: float, stages: list[dict], out: Path, args) -> dict:
+def stages_in_use(stages: list[dict], ran_before: int) -> list[dict]:
+    """The last record of each stage (the run whose output the timings used), in the order they last ran; `ran_now` marks
+    those this invocation ran (stages.json keeps every earlier run of a stage too)."""
+    last = {}
+    for i, s in enumerate(stages):
+        last.pop(s["stage"], None)
+        last[s["stage"]] = {**s, "ran_now": i >= ran_before}
+    return list(last.values())
+
+
+def report(rows: dict, bw: float, stages: list[dict], out: Path, args, ran_before: int = 0) -> dict:
     for name, r in rows.items():
         r["floor_ms_per_token"] = r["decoder_weight_bytes_per_token"] / (bw * 1e9) * 1e3
         r["decode_over_floor"] = r["decode_ms_per_token"] / r["floor_ms_per_token"]
@@ -380,11 +390,12 @@ def report(rows: dict, bw: float, stages: list[dict], out: Path, args) -> dict:
         print(f"\ndecode ms/token in each of {args.rounds} rounds (systems timed in turn; the table gives medians):")
         for name, r in rows.items():
             print(f"  {LABELS[name]}: " + ", ".join(f"{v:.1f}" for v in r["decode_ms_per_token_rounds"] if v is not None))
-    print("\n| stage | wall s | peak RSS GB |\n|---|---|---|")
-    for s in stages:
-        print(f"| {s['stage']} | {s['wall_s']} | {s['peak_rss_gb']} |")
+    in_use = stages_in_use(stages, ran_before)
+    print("\n| stage (the run whose output was timed) | wall s | peak RSS GB | ran now |\n|---|---|---|---|")
+    for s in in_use:
+        print(f"| {s['stage']} | {s['wall_s']} | {s['peak_rss_gb']} | {'yes' if s['ran_now'] else 'no, reused'} |")
     result = {"read_bandwidth_gbs": round(bw, 2), "threads": args.threads, "new_tokens": NEW_TOKENS, "image": "640x480",
-              "stages": stages, "systems": {k: {**v, "label": LABELS[k]} for k, v in rows.items()}}
+              "stages": in_use, "stage_history": stages, "systems": {k: {**v, "label": LABELS[k]} for k, v in rows.items()}}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -436,6 +447,7 @@ def main(argv=None) -> int:
     # Stage records persist across runs (a stage reused from an earlier run keeps its figures).
     record = args.work / "stages.json"
     stages: list[dict] = json.loads(record.read_text()) if record.is_file() else []
+    ran_before = len(stages)
     try:
         built = pipeline(args.work, systems, stages)
         if "ortgenai-int4" in systems:
@@ -460,7 +472,7 @@ def main(argv=None) -> int:
             subprocess.run(cmd, check=True, cwd=REPO)
             rounds[name].append(json.loads(res.read_text()))
     rows = {name: combine_rounds(rs) for name, rs in rounds.items()}
-    report(rows, bw, stages, args.out or args.work / "results.json", args)
+    report(rows, bw, stages, args.out or args.work / "results.json", args, ran_before)
     return 0
 
 
