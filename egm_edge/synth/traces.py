@@ -63,7 +63,11 @@ def candidates(scene: Scene, e: Expression) -> list[int]:
     if e.type == "superlative":
         sign = -1 if e.superlative == "largest" else 1
         return sorted(group, key=lambda i: (sign * scene.shapes[i].area, scene.shapes[i].cx))
-    return sorted(group, key=lambda i: (scene.shapes[i].cx, scene.shapes[i].cy))
+    return sorted(group, key=_reading_order(scene))
+
+
+def _reading_order(scene: Scene):
+    return lambda i: (scene.shapes[i].cx, scene.shapes[i].cy)
 
 
 def reasoning(scene: Scene, e: Expression) -> str:
@@ -89,33 +93,35 @@ def reasoning(scene: Scene, e: Expression) -> str:
 
 
 def listing(scene: Scene, e: Expression, text: str) -> list[tuple[int, int]]:
-    """(offset of the box's "[" in `text`, shape) for each candidate the reasoning lists, in order."""
+    """(offset of the box's "[" in `text`, shape) for each candidate the reasoning lists, in order
+    (a relational reasoning's anchor box comes first and is not a candidate)."""
     pos, out = 0, []
-    shapes = ([members(scene, e.anchor)[0]] if e.type == "relational" else []) + candidates(scene, e)
-    for k, i in enumerate(shapes):
+    if e.type == "relational":
+        pos = text.index(fmt_box(box_norm(scene, members(scene, e.anchor)[0]))) + 1
+    for i in candidates(scene, e):
         at = text.index(fmt_box(box_norm(scene, i)), pos)
+        out.append((at, i))
         pos = at + 1
-        if not (e.type == "relational" and k == 0):
-            out.append((at, i))
     return out
 
 
-def cut_pick(scene: Scene, e: Expression, chars: int) -> int:
-    """The shape a reasoning cut after `chars` characters supports (see the module contract)."""
-    seen = [i for at, i in listing(scene, e, reasoning(scene, e)) if at < chars]
+def cut_pick(scene: Scene, e: Expression, text: str, chars: int) -> int:
+    """The shape the reasoning `text` cut after `chars` characters supports (see the module contract)."""
+    seen = [i for at, i in listing(scene, e, text) if at < chars]
     if e.target in seen:
         return e.target
     if seen:
         return seen[-1]
-    return min(members(scene, e.group), key=lambda i: (scene.shapes[i].cx, scene.shapes[i].cy))
+    return min(members(scene, e.group), key=_reading_order(scene))
 
 
 def cut_answer(tok, scene: Scene, e: Expression, cut: int) -> str:
     """The answer after the reasoning's first `cut` tokens (ids and offsets from `tok`)."""
-    enc = tok.encode(reasoning(scene, e), add_special_tokens=False)
+    text = reasoning(scene, e)
+    enc = tok.encode(text, add_special_tokens=False)
     cut = max(0, min(int(cut), len(enc.ids)))
     chars = enc.offsets[cut - 1][1] if cut else 0
-    return format_answer(box_norm(scene, cut_pick(scene, e, chars)), e.sent)
+    return format_answer(box_norm(scene, cut_pick(scene, e, text, chars)), e.sent)
 
 
 def answer(scene: Scene, e: Expression) -> str:
