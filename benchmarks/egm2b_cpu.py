@@ -443,6 +443,8 @@ def main(argv=None) -> int:
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    if args.rounds < 1 or args.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     args.work.mkdir(parents=True, exist_ok=True)
     # Stage records persist across runs (a stage reused from an earlier run keeps its figures).
     record = args.work / "stages.json"
