@@ -109,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-every", type=int, default=100,
                    help="teacher-forced accuracy of the reasoning's box digits on a fixed held-out batch (cheap)")
     p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-n", type=int, default=24)
+    p.add_argument("--eval-n", type=int, default=24, help="samples of the quick evals (0: none, not even at the end)")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls on a shared machine")
     p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -677,14 +677,15 @@ def main(argv=None) -> int:
             emit({"step": step + 1, "probe": probe(model, held, digits)})
         if (step + 1) % args.ckpt_every == 0:
             save_last(model, opt, step + 1, out)
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total:
+        if args.eval_every and args.eval_n and (step + 1) % args.eval_every == 0 and step + 1 < total:
             emit({"step": step + 1, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
     save_last(model, opt, total, out)
     final = save_final(model, init, out, args.save_dtype)
     wall = time.time() - t_start
     emit({"event": "done", "steps": total, "wall_min": round(wall / 60, 2), "final": str(final)})
     model.eval()
-    emit({"step": total, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
+    if args.eval_n:
+        emit({"step": total, "quick_eval": quick_eval(model, tok, image_config, init, args.seed + 2, args.eval_n, device)})
     return 0
 
 
