@@ -3,8 +3,9 @@
 Contract: `reasoning(scene, e)` is a short chain of thought that lists the
 candidate shapes with their boxes (0..1000 of the original image, EGM's
 round(v*1000/W)) in an order that makes the pick a position (ordinal: along the
-side; relational: the anchor first, then the group along the relation's direction;
-superlative: by area), then names the pick ("... The largest is the first one.").
+side; relational: the group along the relation's direction, then the anchor that
+confirms it; superlative: by area), then names the pick ("... The largest is the
+first one.").
 Each listing step is a simpler question than the expression (the next shape along
 an axis, the next largest), which is what the reasoning buys over answering at once. `answer(scene, e)` is exactly what
 Qwen3-VL/EGM emits after the reasoning (`grounding.format_answer`).
@@ -28,6 +29,7 @@ from egm_edge.synth.world import Scene
 
 # Listing a relational group along the relation's direction puts the target first: it is
 # the only member on that side of the anchor, every other member is clearly on the other.
+# The group comes before the anchor, so a reasoning cut early has already listed the target.
 _RELATION_SIDE = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
 _SIDE_ORDER = {"left": "left to right", "right": "right to left", "top": "top to bottom", "bottom": "bottom to top"}
 
@@ -80,7 +82,7 @@ def reasoning(scene: Scene, e: Expression) -> str:
         (a,) = members(scene, e.anchor)
         how = f" from {_SIDE_ORDER[_RELATION_SIDE[e.relation]]}" if len(order) > 1 else ""
         return (
-            f"The {e.anchor.noun()} is at {fmt_box(box_norm(scene, a))}. {_group_sentence(scene, e, order, how)} "
+            f"{_group_sentence(scene, e, order, how)} The {e.anchor.noun()} is at {fmt_box(box_norm(scene, a))}. "
             f"The {e.group.noun()} {e.relation} it is the {pos} one."
         )
     if e.type == "superlative":
@@ -94,10 +96,8 @@ def reasoning(scene: Scene, e: Expression) -> str:
 
 def listing(scene: Scene, e: Expression, text: str) -> list[tuple[int, int]]:
     """(offset of the box's "[" in `text`, shape) for each candidate the reasoning lists, in order
-    (a relational reasoning's anchor box comes first and is not a candidate)."""
+    (a relational reasoning's anchor box, after them, is not a candidate)."""
     pos, out = 0, []
-    if e.type == "relational":
-        pos = text.index(fmt_box(box_norm(scene, members(scene, e.anchor)[0]))) + 1
     for i in candidates(scene, e):
         at = text.index(fmt_box(box_norm(scene, i)), pos)
         out.append((at, i))
