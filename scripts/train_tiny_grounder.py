@@ -125,7 +125,10 @@ def parse_args(argv=None):
                         "tokenizer must be the same (the stream seed stays --seed)")
     p.add_argument("--chat-template", type=Path, default=INSTRUCT_TEMPLATE,
                    help="the Qwen3-VL instruct chat template (its Thinking variant is shipped)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.eval_n < 0:
+        p.error(f"--eval-n must be 0 (no quick evals) or more, not {args.eval_n}")
+    return args
 
 
 def build_tokenizer_dir(out: Path, seed: int, vocab: int, template_path: Path) -> Path:

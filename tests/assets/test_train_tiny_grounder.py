@@ -43,7 +43,8 @@ def _batcher(script, seed):
 def test_batches_depend_only_on_seed_and_step(script):
     import torch
 
-    a = _batcher(script, 0).batch(40, 4, "cpu", 5)
+    batcher = _batcher(script, 0)
+    a = batcher.batch(40, 4, "cpu", 5)
     b = _batcher(script, 0).batch(40, 4, "cpu", 5)
     c = _batcher(script, 1).batch(40, 4, "cpu", 5)
     for key in ("input_ids", "labels", "pixel_values", "image_grid_thw"):
@@ -53,7 +54,7 @@ def test_batches_depend_only_on_seed_and_step(script):
     # Loss only on the assistant's tokens: every labelled position holds the input token.
     lab, ids = a["labels"], a["input_ids"]
     assert torch.equal(lab[lab != -100], ids[lab != -100])
-    assert (lab != -100).sum() < (ids != _batcher(script, 0).pad).sum()
+    assert (lab != -100).sum() < (ids != batcher.pad).sum()
 
 
 def test_a_short_run_writes_a_loadable_checkpoint_and_resumes(script, tmp_path):
