@@ -6,13 +6,17 @@ Rows with an `error` are never scored (neither hit nor miss): they are counted.
 Deltas are candidate minus reference over the samples both sides completed, in
 points (percent of Acc@0.5 or of mean IoU); a drop is the negative delta. The
 95% interval is a seeded percentile bootstrap over samples (paired resampling).
+The gate judges each split and the pooled overall that has at least `MIN_GATE_N`
+pairs; `split_mean` is the overall as EGM reports it (splits weighted equally).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from egm_edge.grounding.metrics import REFCOCO_SPLITS
 
 N_BOOT = 2000
 
@@ -90,33 +94,91 @@ def group_ids(rows: dict[str, dict], ids: list[str]) -> dict[str, list[str]]:
 
 GATE_RULES = ("significant", "point")
 
+# The fewest paired samples a split (or the overall) needs before the gate judges it; smaller groups are reported as
+# too small to gate. Why 6: the bootstrap takes the samples it has for the population, so a group in which every sample
+# flipped from hit to miss resamples to a zero-width interval at -100 points and reads as significant at any n, one
+# sample included. An exact test asks more: n flips all one way have a two-sided sign-test p of 2 * 0.5**n, 0.0625 at
+# n=5 and 0.031 at n=6, so below 6 no outcome of a group can be told from chance, while the bootstrap already calls 3
+# one-way flips significant at n=3..8. From 6 on it still calls 4-5 one-way flips significant (sign test: p = 0.125,
+# 0.0625) at any n; that is the percentile bootstrap's own optimism, which no minimum removes.
+MIN_GATE_N = 6
+
+
+class GateResult(NamedTuple):
+    """One sentence per finding: `failures` fail the run, `held` and `too_small` are reported only."""
+
+    failures: list[str]
+    held: list[str]
+    too_small: list[str]
+
 
 def gate(groups: dict[str, dict], max_acc_drop: float, max_miou_drop: float,
-         rule: str = "significant") -> tuple[list[str], list[str]]:
-    """(failures, held): one sentence per split and metric whose candidate drop exceeds its limit.
+         rule: str = "significant", min_n: int = MIN_GATE_N) -> GateResult:
+    """Judge each split and the pooled overall: an over-limit candidate drop fails, is held, or its group is too small.
 
-    rule "point" fails every such drop. Rule "significant" (the default) fails it only when the paired
-    bootstrap 95% interval of the delta lies wholly below zero, i.e. the candidate is worse beyond what
-    resampling these samples explains; an over-limit drop whose interval reaches zero is returned in
-    `held` (reported, not failing): on a 25-sample split one flipped sample is 4 points.
+    A group with fewer than `min_n` paired samples is not judged under either rule: it goes to `too_small`, naming any
+    over-limit drops. Rule "point" fails every over-limit drop. Rule "significant" (the default) fails it only when the
+    paired bootstrap 95% interval of the delta lies wholly below zero, i.e. the candidate is worse beyond what
+    resampling these samples explains; an over-limit drop whose interval reaches zero is returned in `held`: on a
+    25-sample split one flipped sample is 4 points, and one flip in 8 samples (12.5 points) leaves 34% of resamples
+    ((7/8)**8) with no flip at all, so it is held.
     """
     if rule not in GATE_RULES:
         raise ValueError(f"unknown gate rule {rule!r}; choose from {', '.join(GATE_RULES)}")
-    failures, held = [], []
+    if isinstance(min_n, bool) or not isinstance(min_n, int) or min_n < 1:
+        raise ValueError(f"min_n must be a whole number of at least 1, got {min_n!r}")
+    out = GateResult([], [], [])
     for name, g in groups.items():
         d = g["delta"]
         if not d["pairs"]:
             continue
         where = "overall" if name == "overall" else f"split {name}"
+        over = []
         for metric, label, limit in (("acc", "Acc@0.5", max_acc_drop), ("miou", "mean IoU", max_miou_drop)):
             drop = -d[f"{metric}_delta"]
             if drop > limit:
-                ci = d[f"{metric}_delta_ci95"]
-                text = (f"{where}: {label} dropped {drop:.2f} points ({g['reference'][metric]:.2f} -> {g['candidate'][metric]:.2f}, "
-                        f"delta 95% CI [{ci[0]:.2f}, {ci[1]:.2f}], n={d['pairs']}), over the {limit:g}-point limit"
-                        if ci else f"{where}: {label} dropped {drop:.2f} points (n={d['pairs']}), over the {limit:g}-point limit")
-                if rule == "point" or (ci is not None and ci[1] < 0):
-                    failures.append(text)
-                else:
-                    held.append(text + "; its 95% CI reaches no change, so it is within sampling noise at this n")
-    return failures, held
+                over.append((metric, label, limit, drop))
+        if d["pairs"] < min_n:
+            drops = "".join(f"; {label} dropped {drop:.2f} points ({g['reference'][metric]:.2f} -> {g['candidate'][metric]:.2f})"
+                            for metric, label, _, drop in over)
+            out.too_small.append(f"{where}: too small to gate (n={d['pairs']} < {min_n}){drops}")
+            continue
+        for metric, label, limit, drop in over:
+            ci = d[f"{metric}_delta_ci95"]
+            text = (f"{where}: {label} dropped {drop:.2f} points ({g['reference'][metric]:.2f} -> {g['candidate'][metric]:.2f}, "
+                    f"delta 95% CI [{ci[0]:.2f}, {ci[1]:.2f}], n={d['pairs']}), over the {limit:g}-point limit"
+                    if ci else f"{where}: {label} dropped {drop:.2f} points (n={d['pairs']}), over the {limit:g}-point limit")
+            if rule == "point" or (ci is not None and ci[1] < 0):
+                out.failures.append(text)
+            else:
+                flips = f" ({len(d['hit_to_miss'])} hit->miss, {len(d['miss_to_hit'])} miss->hit)" if metric == "acc" else ""
+                out.held.append(f"{text}; its 95% CI reaches no change{flips}, so it is within sampling noise at this n")
+    return out
+
+
+def split_mean(groups: dict[str, dict]) -> dict[str, Any] | None:
+    """The overall as EGM reports it: each split's Acc@0.5 and mean IoU averaged with equal weight (None: one split).
+
+    Over EGM's 8 RefCOCO splits when all of them are present (its headline figure), else over every split. The
+    delta is the mean of the per-split paired deltas. Reported beside the pooled overall; only the pooled one gates.
+    """
+    names = [k for k in groups if k != "overall"]
+    egm = all(s in names for s in REFCOCO_SPLITS)
+    if egm:
+        names = list(REFCOCO_SPLITS)
+    if len(names) < 2:  # one split: the pooled overall already is its mean
+        return None
+
+    def mean(vals):
+        return None if any(v is None for v in vals) else round(float(np.mean(vals)), 3)
+
+    side = lambda s: {m: mean([groups[k][s][m] for k in names]) for m in ("acc", "miou")}  # noqa: E731
+    return {
+        "label": "EGM average (8 RefCOCO splits)" if egm else f"mean of {len(names)} splits",
+        "egm_refcoco": egm,
+        "splits": names,
+        "n": sum(groups[k]["n"] for k in names),
+        "reference": side("reference"),
+        "candidate": side("candidate"),
+        "delta": {f"{m}_delta": mean([groups[k]["delta"][f"{m}_delta"] for k in names]) for m in ("acc", "miou")},
+    }
