@@ -8,6 +8,10 @@ costs nothing. Modes are normalised: EXIF orientation applied (optional, because
 COCO/RefCOCO boxes are given in the stored, unrotated frame), alpha composited on
 white, palette/CMYK/grey converted, 16-bit and float images scaled to 8 bits
 (not clipped). `decode_data_url` turns a `data:image/...;base64,...` URL into bytes.
+`reduce_to=N` shrinks a larger image by an integer factor while or right after
+decoding (JPEG DCT scaling, else `Image.reduce`), never below N pixels, so a
+server holds a small copy; `probe_image` reads the header only and says how
+many pixels such a load decodes at once.
 Only numpy and pillow are imported (this module runs on devices).
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import re
 import warnings
@@ -35,39 +40,96 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 _WHITE = (255, 255, 255)
 
 
-def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> Image.Image:
+def load_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True,
+               reduce_to: int | None = None) -> Image.Image:
     """Open, check and fully decode an image; return it in RGB.
 
     src: a file path, raw bytes, a `data:image/...;base64,` URL, or a PIL image.
     max_pixels: refuse images with more pixels than this (checked before decoding).
     exif_transpose: apply the EXIF orientation tag (turn off to keep the stored
     frame, which is the frame COCO/RefCOCO boxes are annotated in).
+    reduce_to: if set, an image with more pixels is shrunk by an integer factor
+    (aspect ratio kept) to no fewer than this many pixels; smaller ones are untouched.
     """
     if isinstance(src, Image.Image):
         name = "the given PIL image"
         _check_size(src.size, name, max_pixels)
         _decode(src, name)
-        return _finish(src, name, exif_transpose)
+        return _finish(_reduce(src, reduce_to), name, exif_transpose)
     name, fp = _open_source(src)
     try:
-        # Pillow warns above its own limit; our check below refuses those sizes anyway
-        # (or the caller raised max_pixels on purpose), so the warning is not printed.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(fp)
-            except Image.DecompressionBombError as e:
-                raise InputError(f"Image {name} is too large to decode safely ({e}); use a smaller image.") from None
-            except UnidentifiedImageError:
-                raise InputError(f"Image {name} is not an image Pillow can read (unknown format or not an image file).") from None
-            except (OSError, ValueError, SyntaxError) as e:
-                raise InputError(f"Image {name} has a corrupt header ({e}); re-export or replace the file.") from None
+        img = _open_header(fp, name)
         _check_size(img.size, name, max_pixels)
         with img:
+            _draft(img, reduce_to)
             _decode(img, name)
-            return _finish(img, name, exif_transpose)
+            return _finish(_reduce(img, reduce_to), name, exif_transpose)
     finally:
         fp.close()
+
+
+def probe_image(src: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                reduce_to: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Header only, no pixel decoded: ((width, height) as stored, (width, height) that
+    `load_image(src, reduce_to=reduce_to)` decodes before it reduces), checked like `load_image`."""
+    if isinstance(src, Image.Image):
+        _check_size(src.size, "the given PIL image", max_pixels)
+        return src.size, src.size
+    name, fp = _open_source(src)
+    try:
+        img = _open_header(fp, name)
+        with img:
+            size = img.size
+            _check_size(size, name, max_pixels)
+            _draft(img, reduce_to)
+            return size, img.size
+    finally:
+        fp.close()
+
+
+def _open_header(fp, name: str) -> Image.Image:
+    """Image.open (the header only), with one sentence for each way it fails."""
+    # Pillow warns above its own limit; our size check refuses those sizes anyway
+    # (or the caller raised max_pixels on purpose), so the warning is not printed.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(fp)
+        except Image.DecompressionBombError as e:
+            raise InputError(f"Image {name} is too large to decode safely ({e}); use a smaller image.") from None
+        except UnidentifiedImageError:
+            raise InputError(f"Image {name} is not an image Pillow can read (unknown format or not an image file).") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"Image {name} has a corrupt header ({e}); re-export or replace the file.") from None
+
+
+def _shrink_factor(width: int, height: int, target: int | None) -> int:
+    """The largest integer k with ceil(w/k) * ceil(h/k) >= target (1 when the image is not larger)."""
+    if not target or width * height <= target:
+        return 1
+    k = max(1, int(math.sqrt(width * height / target)))
+    while k > 1 and -(-width // k) * -(-height // k) < target:
+        k -= 1
+    return k
+
+
+def _draft(img: Image.Image, target: int | None) -> None:
+    """JPEG: decode at 1/2, 1/4 or 1/8 scale directly when that still leaves >= target pixels."""
+    k = _shrink_factor(*img.size, target)
+    if k > 1 and img.format == "JPEG":
+        w, h = img.size
+        img.draft(None, (-(-w // k), -(-h // k)))
+
+
+def _reduce(img: Image.Image, target: int | None) -> Image.Image:
+    """Box-filter shrink by an integer factor to >= target pixels; the decoded original can then be freed."""
+    k = _shrink_factor(*img.size, target)
+    if k == 1:
+        return img
+    try:
+        return img.reduce(k)
+    except ValueError:  # palette, 1-bit and 16-bit modes have no reduce: convert first
+        return to_rgb(img).reduce(k)
 
 
 def _decode(img: Image.Image, name: str) -> None:
