@@ -25,6 +25,9 @@ class GroundingResult:
     image_size: tuple[int, int] | None = None  # (width, height)
     timings: dict = field(default_factory=dict)
     truncated: bool = False  # the output hit a length cap before the model stopped
+    # The model wrote x2 < x1 or y2 < y1. `box` keeps its order: EGM's IoU scores such a box as having no
+    # area, and changing it here would change the metric; drawings show the rectangle it spans.
+    corners_swapped: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,4 +60,5 @@ class GroundingResult:
             image_size=(width, height),
             timings=dict(timings or {}),
             truncated=truncated,
+            corners_swapped=parsed.box is not None and (parsed.box[2] < parsed.box[0] or parsed.box[3] < parsed.box[1]),
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,13 @@ class SourceSpec:
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise InputError(f"Calibration source {self.kind} has unknown options {unknown}; it takes: {', '.join(allowed)}.")
+        whole = SOURCES[self.kind].whole
+        for key, value in self.options.items():
+            if key in whole:
+                if not isinstance(value, int) or isinstance(value, bool) or value < whole[key]:
+                    raise InputError(f"Calibration source {self.kind} has {key}={value!r}; give a whole number of at least {whole[key]}.")
+            elif not isinstance(value, (str, os.PathLike)):
+                raise InputError(f"Calibration source {self.kind} has {key}={value!r}; give it as text, in quotes.")
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,7 @@ class Source:
     options: tuple[str, ...]
     load: Callable[["CalibrationRecipe", SourceSpec, Path], list]
     summary: str
+    whole: dict[str, int] = field(default_factory=dict, hash=False)  # options that are whole numbers: their least value; the rest are text
 
 
 def _egm_jsonl(recipe, spec, cache_dir):
@@ -208,7 +217,7 @@ SOURCES: dict[str, Source] = {
         Source("egm_jsonl", ("path", "image_root", "split"), _egm_jsonl, "EGM eval JSONL with images"),
         Source("refer", ("path", "image_root", "split"), _refer, "refer-format RefCOCO/+/g (refs(*).p + instances.json)"),
         Source("coco_instances", ("path", "image_root"), _coco_instances, "COCO instances with templated expressions"),
-        Source("synth", ("n", "seed"), _synth, "the synthetic shapes world (egm_edge.synth)"),
+        Source("synth", ("n", "seed"), _synth, "the synthetic shapes world (egm_edge.synth)", whole={"n": 1, "seed": 0}),
     )
 }
 

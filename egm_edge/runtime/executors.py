@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from egm_edge.errors import UnsupportedError
+from egm_edge.errors import CheckpointError, UnsupportedError
 from egm_edge.runtime.bundle import KV_CACHE_IN_PLACE, Bundle
 
 EXECUTORS = ("auto", "onnxruntime", "tensorrt")
@@ -82,13 +82,26 @@ class OrtExecutor:
         providers = ["CPUExecutionProvider"]
         # Transformers the export said must stay off for these graphs' numerics (e.g. FP8 Q/DQ fusion).
         disabled = list((bundle.manifest.get("onnxruntime") or {}).get("disabled_optimizers") or [])
-        self.vision = ort.InferenceSession(str(bundle.file("vision.onnx")), so, providers=providers, disabled_optimizers=disabled)
-        self.decoder = ort.InferenceSession(str(bundle.file("decoder.onnx")), so, providers=providers, disabled_optimizers=disabled)
+
+        def session(name: str):
+            try:
+                return ort.InferenceSession(str(bundle.file(name)), so, providers=providers, disabled_optimizers=disabled)
+            except MemoryError:
+                raise
+            except Exception as e:  # onnxruntime raises its own classes for an empty, truncated or foreign file
+                from egm_edge.runtime.bundle import one_line
+
+                reason = one_line(e).rpartition(" failed:")[2] or one_line(e)
+                raise CheckpointError(f"ONNX Runtime cannot load {name} of bundle {bundle.path} ({reason}); the file is damaged "
+                                      "or was written for another onnxruntime, rebuild the bundle.") from None
+
+        self.vision = session("vision.onnx")
+        self.decoder = session("decoder.onnx")
         # Optional prompt graph (build --prefill-int8): the same decoder with int8 GEMMs, used when many tokens
         # go in at once; decode steps stay on decoder.onnx. Both read and write the same KV cache layout.
         self.prefill = None
         if (bundle.manifest.get("prefill") or {}).get("precision"):
-            self.prefill = ort.InferenceSession(str(bundle.file("prefill.onnx")), so, providers=providers, disabled_optimizers=disabled)
+            self.prefill = session("prefill.onnx")
         self.bundle = bundle
         # GroupQueryAttention graphs take one buffer as past and present (egm_edge.export.fused);
         # EGM_EDGE_KV_IN_PLACE=0 runs them with a growing cache instead (for comparison).
@@ -100,12 +113,11 @@ class OrtExecutor:
         self._decoder_inputs = {i.name for i in self.decoder.get_inputs()}
         missing = [p for p in self.past_names if p not in self._decoder_inputs]
         if missing:
-            from egm_edge.errors import CheckpointError
-
             raise CheckpointError(
                 f"decoder.onnx lacks inputs {missing[:2]}... expected by the bundle manifest "
                 f"({n} layers); the bundle is inconsistent, rebuild it."
             )
+        _check_decoder_shapes(bundle, self.decoder)
 
     def encode_image(self, pixel_patches, grid_inputs):
         feeds = {"pixel_patches": pixel_patches.astype(np.float32, copy=False)}
@@ -146,6 +158,24 @@ class OrtExecutor:
         session.run_with_iobinding(io)
         cache.length = total
         return io.get_outputs()[0].numpy(), cache
+
+
+def _check_decoder_shapes(bundle: Bundle, session) -> None:
+    """The manifest's decoder numbers against the graph's fixed dimensions, so a wrong one is refused at open
+    rather than failing the first request."""
+    d = bundle.decoder
+    ins = {i.name: i.shape for i in session.get_inputs()}
+    outs = {o.name: o.shape for o in session.get_outputs()}
+    wanted = [("num_kv_heads", d.num_kv_heads, ins.get("past_key_values.0.key"), 1),
+              ("head_dim", d.head_dim, ins.get("past_key_values.0.key"), 3),
+              ("hidden_size", d.hidden_size, ins.get("image_features"), 1),
+              ("num_deepstack", d.num_deepstack, ins.get("deepstack_features"), 0),
+              ("vocab_size", d.vocab_size, outs.get("logits"), 2)]
+    for name, want, shape, axis in wanted:
+        got = shape[axis] if shape is not None and len(shape) > axis else None
+        if isinstance(got, int) and got != want:
+            raise CheckpointError(f"Bundle {bundle.path}'s manifest gives the decoder {name} {want}, but decoder.onnx has "
+                                  f"{got}; the manifest does not belong to these graphs, rebuild the bundle.")
 
 
 def make_executor(bundle: Bundle, executor: str = "auto", threads: int | None = None) -> Executor:

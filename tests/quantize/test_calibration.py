@@ -31,10 +31,24 @@ def test_shipped_recipes_parse(path):
     ({"max_pixels": "huge", "sources": [{"kind": "synth"}]}, "max_pixels"),
     ({"max_new_tokens": 8, "sources": [{"kind": "synth"}]}, "at least 64"),
     ({"sauces": 1, "sources": [{"kind": "synth"}]}, "unknown keys"),
+    ({"sources": [{"kind": "synth", "n": "abc"}]}, "n='abc'; give a whole number of at least 1"),
+    ({"sources": [{"kind": "synth", "n": 0}]}, "n=0; give a whole number of at least 1"),
+    ({"sources": [{"kind": "synth", "seed": "x"}]}, "seed='x'; give a whole number"),
+    ({"sources": [{"kind": "synth", "seed": 1.5}]}, "seed=1.5; give a whole number"),
+    ({"sources": [{"kind": "egm_jsonl", "path": 3}]}, "path=3; give it as text"),
+    ({"seed": "x", "sources": [{"kind": "synth"}]}, "seed='x'"),
 ])
 def test_bad_recipes_are_refused(bad, match):
     with pytest.raises(InputError, match=match):
         CalibrationRecipe.from_dict(bad, name="bad")
+
+
+def test_bad_source_option_in_a_toml_is_one_sentence(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text('[[sources]]\nkind = "synth"\nn = "abc"\nseed = "x"\n')
+    with pytest.raises(InputError, match="n='abc'") as e:
+        CalibrationRecipe.from_toml(recipe)
+    assert "\n" not in str(e.value)
 
 
 def test_shipped_recipes_by_name(tmp_path, monkeypatch):
