@@ -113,16 +113,22 @@ def vision_grid_config(model) -> VisionGridConfig:
     )
 
 
-def decoder_config(model) -> dict:
-    """Facts the runtime needs to drive decoder.onnx (cache shapes, special ids), read from the loaded model."""
-    cfg = model.config
-    t = cfg.text_config
+def text_facts(t) -> dict:
+    """The language model's cache and output shapes (from a transformers text config), as the runtime reads them."""
     return {
         "num_layers": int(t.num_hidden_layers),
         "num_kv_heads": int(t.num_key_value_heads),
         "head_dim": int(getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads),
         "hidden_size": int(t.hidden_size),
         "vocab_size": int(t.vocab_size),
+    }
+
+
+def decoder_config(model) -> dict:
+    """Facts the runtime needs to drive decoder.onnx (cache shapes, special ids), read from the loaded model."""
+    cfg = model.config
+    return {
+        **text_facts(cfg.text_config),
         "num_deepstack": len(cfg.vision_config.deepstack_visual_indexes),
         "image_token_id": int(cfg.image_token_id),
         "vision_start_token_id": int(cfg.vision_start_token_id),

@@ -4,20 +4,22 @@ Each is a torch custom op whose eager implementation is the reference math and w
 the exporter translates (`translation_table()`) to one ONNX Runtime contrib node:
 
 - `group_query_attention` -> `com.microsoft::GroupQueryAttention`: each decoder layer's
-  attention core (after the q/k norms and M-RoPE). It appends the new keys and values to
-  the cache, groups query heads per KV head without copying the cache, applies the causal
-  mask and the softmax, in one kernel instead of ~15 ops. Its cache contract is the
-  graph's (`egm_edge.export.graphs`): past [B, kv, P, hd] in, present [B, kv, P+S, hd]
-  out. In addition the same graph can run with the cache updated in place: when the past
-  and present of a layer are bound to one buffer of capacity C >= P+S (ONNX Runtime I/O
-  binding, `egm_edge.runtime.executors`), the node writes the S new rows at P..P+S-1 and
-  reads the first P+S rows, so a decode step copies nothing (a growing past costs a full
-  cache copy per step, 8 ms at EGM-2B). Padding (left or right) is an additive bias built
-  from `attention_mask`, as in the plain graph; every row counts as full length for the
-  node's own causal mask.
+  attention core (after the q/k norms, where the model has them, and M-RoPE). It appends the
+  new keys and values to the cache, groups query heads per KV head without copying the
+  cache, applies the causal mask and the softmax, in one kernel instead of ~15 ops. Its
+  cache contract is the graph's (`egm_edge.export.graphs`): past [B, kv, P, hd] in, present
+  [B, kv, P+S, hd] out. In addition the same graph can run with the cache updated in place:
+  when the past and present of a layer are bound to one buffer of capacity C >= P+S (ONNX
+  Runtime I/O binding, `egm_edge.runtime.executors`), the node writes the S new rows at
+  P..P+S-1 and reads the first P+S rows, so a decode step copies nothing (a growing past
+  costs a full cache copy per step, 8 ms at EGM-2B). Padding (left or right) is an additive
+  bias built from `attention_mask`, as in the plain graph; every row counts as full length
+  for the node's own causal mask.
 - `mrope` -> `com.microsoft::MRotaryEmbedding` (interleaved layout, Qwen3-VL): the M-RoPE
   rotation of q or k in one node instead of six, from cos/sin tables of
   `rope_table_positions()` rows; positions at or past the table are refused by the runtime.
+  1-D RoPE (InternVL's Qwen2) is the section [head_dim/2, 0, 0]: every frequency reads the
+  temporal row, so the node reads row 0 of position_ids only (checked against `mrope`).
 - `skip_rms_norm` -> `com.microsoft::SkipSimplifiedLayerNormalization`: the residual add and
   the next RMSNorm in one pass (the sum comes out too, for the next residual).
 """

@@ -1,5 +1,9 @@
 """Export-friendly torch modules for Qwen3-VL's two ONNX graphs, reading the HF model's own weights.
 
+`DecoderGraph` also exports InternVL-3's Qwen2 language model with the same decoder table (K = 0; 1-D RoPE
+reads row 0 of position_ids, so the runtime passes three equal rows); InternVL's vision graph is
+`egm_edge.export.graphs_internvl`.
+
 They re-implement the forward pass of transformers' `Qwen3VLForConditionalGeneration`
 with static control flow, explicit KV cache tensors and host-computed grid
 tensors, so that `torch.onnx.export` sees one graph for every image size,
@@ -171,7 +175,14 @@ class VisionGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """Qwen3-VL language model with explicit KV cache, image placement and deepstack injection."""
+    """The language model with explicit KV cache, image placement and deepstack injection.
+
+    Qwen3-VL's (q/k RMSNorm, interleaved M-RoPE, deepstack) or a Qwen2 one inside InternVL (qkv bias, no q/k
+    norm, 1-D RoPE, no deepstack), told apart by the model's structure: q/k norms where the attention has
+    them, M-RoPE where the rotary embedding has an mrope_section, as many deepstack layers as the vision
+    config lists. 1-D RoPE is M-RoPE whose every frequency reads the temporal row (section [head_dim/2, 0, 0]):
+    the graph reads row 0 of position_ids only, and the IO table is the same for both.
+    """
 
     def __init__(self, hf_model: nn.Module, image_token_id: int, fused_attention: bool = False):
         super().__init__()
@@ -187,16 +198,21 @@ class DecoderGraph(nn.Module):
         rope_type = cfg.rope_parameters.get("rope_type", "default")
         if "dynamic" in rope_type or rope_type == "longrope":
             raise UnsupportedError(f"Unsupported text rope_type {rope_type!r}: its frequencies change with sequence length; supported: default, linear, yarn, llama3.")
+        sliding = [i for i, t in enumerate(getattr(cfg, "layer_types", None) or ()) if t != "full_attention"]
+        if sliding:
+            raise UnsupportedError(f"Text layers {sliding} use sliding-window attention, which the decoder graph does not export; "
+                                   "use a checkpoint with use_sliding_window false.")
         self.image_token_id = int(image_token_id)
-        self.n_deepstack = len(hf_model.config.vision_config.deepstack_visual_indexes)
+        self.n_deepstack = len(getattr(hf_model.config.vision_config, "deepstack_visual_indexes", None) or ())
+        self.qk_norm = hasattr(lm.layers[0].self_attn, "q_norm")
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.act = _act(cfg.hidden_act)
         self.rope_scaling = float(rope.attention_scaling)
-        section = list(cfg.rope_parameters.get("mrope_section", [24, 20, 20]))
         half = self.head_dim // 2
+        section = list(getattr(rope, "mrope_section", None) or [half, 0, 0])
         if sum(section) != half:
             raise UnsupportedError(f"mrope_section {section} must sum to head_dim/2 = {half}.")
         # Interleaved M-RoPE: frequency j takes its position from axis H if j % 3 == 1 (within the H section),
@@ -240,8 +256,9 @@ class DecoderGraph(nn.Module):
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         else:
             q, k, v = self.qkv[i](x).split([nq, nkv, nkv], dim=-1)
-        q = _rms_norm(attn.q_norm, q.reshape(b, s, self.n_heads, self.head_dim)).reshape(b, s, nq)
-        k = _rms_norm(attn.k_norm, k.reshape(b, s, self.n_kv, self.head_dim)).reshape(b, s, nkv)
+        if self.qk_norm:
+            q = _rms_norm(attn.q_norm, q.reshape(b, s, self.n_heads, self.head_dim)).reshape(b, s, nq)
+            k = _rms_norm(attn.k_norm, k.reshape(b, s, self.n_kv, self.head_dim)).reshape(b, s, nkv)
         q = torch.ops.egm_edge.mrope(q, position_ids, self.rope_cos, self.rope_sin, self.n_heads, self.mrope_section)
         k = torch.ops.egm_edge.mrope(k, position_ids, self.rope_cos, self.rope_sin, self.n_kv, self.mrope_section)
         out, k, v = torch.ops.egm_edge.group_query_attention(
@@ -255,10 +272,13 @@ class DecoderGraph(nn.Module):
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         return mlp.down_proj(self.act(gate) * up)
 
+    def _qk_norm(self, attn, name: str, x: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(getattr(attn, name), x) if self.qk_norm else x
+
     def _attention(self, i, attn, x, cos, sin, bias, past_k, past_v):
         b, s, _ = x.shape
-        q = _rms_norm(attn.q_norm, attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = _rms_norm(attn.k_norm, attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
+        q = self._qk_norm(attn, "q_norm", attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self._qk_norm(attn, "k_norm", attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
         v = attn.v_proj(x).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
