@@ -9,12 +9,17 @@
    the accuracy gate;
 4. a few images grounded by the recommended CPU bundle, saved with the boxes drawn.
 
-Everything lands under one output directory and is resumable: a second run
-reuses the bundles and the records of the first.
+Everything lands under one output directory (default: `default_out_dir()`, in the
+user's cache, never the current folder) and is resumable: a second run reuses the
+bundles and the records of the first. The folder is marked as the demo's by
+`demo.json`; any other non-empty folder is refused (`force` replaces only another
+egm-edge artifact).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ DEMO_BUDGETS = (0, 8, 16, 32, None)
 # The tiny grounder's prompts take ~100 tokens and its reasoning well under 200: a 1024-token plan
 # bounds a model that never closes its reasoning without cutting the trained one short.
 DEMO_MAX_SEQ = 1024
+MARKER = "demo.json"  # written first: the folder is the demo's, so a rerun (even of a stopped run) resumes there
 
 
 @dataclass
@@ -40,9 +46,22 @@ def _recipes(include_fp8: bool) -> tuple[str, ...]:
     return ("full", "int4_awq", "fp8") if include_fp8 else ("full", "int4_awq")
 
 
-def run_demo(out_dir="egm-edge-demo", *, model=None, n: int = 24, include_fp8: bool = True, budgets=DEMO_BUDGETS,
+def default_out_dir() -> Path:
+    """$EGM_EDGE_CACHE/demo, else $XDG_CACHE_HOME/egm-edge/demo, else ~/.cache/egm-edge/demo."""
+    from egm_edge.artifacts import cache_root
+
+    return cache_root() / "demo"
+
+
+def is_demo_dir(d) -> bool:
+    """Whether `d` is the demo's own output: its marker, or (a folder from before the marker) its sweep records."""
+    return (Path(d) / MARKER).is_file() or (Path(d) / "sweep" / "records.jsonl").is_file()
+
+
+def run_demo(out_dir=None, *, model=None, n: int = 24, include_fp8: bool = True, budgets=DEMO_BUDGETS,
              latency_budget_ms: float | None = None, n_images: int = 4,
-             say: Callable[[str], None] = print) -> DemoResult:
+             say: Callable[[str], None] = print, force: bool = False) -> DemoResult:
+    from egm_edge.artifacts import prepare_output_dir
     from egm_edge.assets import default_model_dir
     from egm_edge.data import load_samples
     from egm_edge.runtime.draw import draw_boxes
@@ -53,14 +72,18 @@ def run_demo(out_dir="egm-edge-demo", *, model=None, n: int = 24, include_fp8: b
     from egm_edge.validate.api import validate
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else default_out_dir()
     model = Path(model) if model else default_model_dir()
+    out = prepare_output_dir(out, force, inputs=[model], own=is_demo_dir)
+    if not (out / MARKER).is_file():
+        (out / MARKER).write_text(json.dumps({"command": "demo", "seed": DEMO_SEED, "model": str(model.resolve())}, indent=2) + "\n")
+    say(f"writing to {out}")
     data = out / "data" / "samples.jsonl"
     if data.is_file():  # a rerun into the same folder keeps its data (and so every stored measurement)
         say(f"[1/4] synthetic grounding set: reusing {data} (a new --out makes a fresh one)")
     else:
         say(f"[1/4] synthetic grounding set: {n} samples of stream {DEMO_SEED} -> {out / 'data'}")
+        shutil.rmtree(out / "data", ignore_errors=True)  # a set cut short in this (the demo's own) folder
         data = generate(out / "data", n=n, seed=DEMO_SEED)
 
     recipes = _recipes(include_fp8)

@@ -1,6 +1,7 @@
 """Memory and latency planner: will this model, at this precision and thinking budget, fit the target, and how fast?
 
-Contract: `plan(spec, target, precision, think_budget, image_wh=...)` returns a
+Contract: `plan(spec, target, precision, think_budget, image_wh=...)` (a number of
+tokens; `planned_think_budget` turns an unlimited budget into one) returns a
 frozen `Plan`: weights by part (quantized language blocks; embeddings, lm_head
 and the vision tower unquantized, in 16-bit, fp32 on CPU), the KV cache for
 prompt + image tokens + reasoning budget + budget-closing tokens + answer,
@@ -357,6 +358,13 @@ def plan(
     m = _Model(spec, target, precision, kv)
     grid = image_grid(spec, w, h)
     fixed_tokens = prompt_tokens + grid.image_tokens + close_tokens + answer_tokens
+    context = spec.text.max_positions
+    if fixed_tokens + think_budget > context:
+        fix = (f"pass a think budget of at most {context - fixed_tokens:,}" if fixed_tokens <= context
+               else "use a smaller image or fewer prompt tokens")
+        raise InputError(f"A think budget of {think_budget:,} tokens plus {fixed_tokens:,} for the prompt, the {w}x{h} image, "
+                         f"the budget close and the answer needs {fixed_tokens + think_budget:,} tokens, past {spec.name}'s "
+                         f"maximum context of {context:,} tokens; {fix}.")
     n_prefill = prompt_tokens + grid.image_tokens
     act = m.activations(grid, n_prefill)
     overhead = int(target.runtime_overhead_gib * GIB)
@@ -382,6 +390,31 @@ def plan(
     verdict, alternatives = _verdict(base, spec, target, explore, dict(image_wh=(w, h), prompt_tokens=prompt_tokens,
                                                                       answer_tokens=answer_tokens, close_tokens=close_tokens))
     return replace(base, verdict=verdict, alternatives=alternatives)
+
+
+def planned_think_budget(spec: ModelSpec | str, think_budget, image_wh: tuple[int, int] = DEFAULT_IMAGE_WH,
+                         prompt_tokens: int = DEFAULT_PROMPT_TOKENS, answer_tokens: int = DEFAULT_ANSWER_TOKENS,
+                         close_tokens: int = BUDGET_CLOSE_TOKENS) -> tuple[int, str | None]:
+    """The reasoning tokens a plan reserves for a parsed think budget, and a sentence when that is not what was typed.
+
+    A number is itself. UNLIMITED has no number, so it is planned at all the model's context window holds
+    after the prompt, the image, the budget close and the answer, and the sentence says so; None (not
+    given) is a caller's bug here: apply the default first.
+    """
+    from egm_edge.runtime.settings import UNLIMITED, parse_think_budget
+
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    budget = parse_think_budget(think_budget)
+    if budget is None:
+        raise ValueError("planned_think_budget needs a budget; apply the default before planning")
+    if budget != UNLIMITED:
+        return budget, None
+    w, h = image_wh
+    fixed = prompt_tokens + image_grid(spec, w, h).image_tokens + close_tokens + answer_tokens
+    n = max(spec.text.max_positions - fixed, 0)
+    return n, (f"Think budget unlimited: planning for {n} reasoning tokens, all that {spec.name}'s {spec.text.max_positions}-token "
+               f"context window holds after the prompt, a {w}x{h} image, the budget close and the answer; "
+               "pass --think-budget N to plan for fewer.")
 
 
 def _gib(b: int | float) -> str:
@@ -413,7 +446,10 @@ def _verdict(p: Plan, spec: ModelSpec, target: TargetProfile, explore: bool, kw:
                           and not same_architecture(s, spec)), key=lambda s: -s.total_params())
         for s in smaller:
             for name in sorted(target.precisions, key=lambda n: -PRECISIONS[n].bytes_per_weight):
-                q = plan(s, target, name, p.think_budget, explore=False, **kw)
+                try:
+                    q = plan(s, target, name, p.think_budget, explore=False, **kw)
+                except InputError:  # the budget is past this smaller model's context: not an alternative
+                    break
                 if q.fits:
                     alts.append(f"{s.name} ({alias_of(s)}) with {name} fits ({_gib(q.total_bytes)} of {_gib(q.usable_bytes)}; "
                                 f"largest think budget {q.max_think_budget})")

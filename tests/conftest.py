@@ -29,6 +29,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests keep egm-edge's cache (calibration sets, bundle hashes, the demo) out of the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("EGM_EDGE_CACHE")
+    os.environ["EGM_EDGE_CACHE"] = str(tmp_path_factory.mktemp("egm-edge-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EGM_EDGE_CACHE", None)
+    else:
+        os.environ["EGM_EDGE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -145,3 +145,23 @@ def test_cli_plan_table_json_and_errors(capsys, tmp_path):
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     assert main(["targets"]) == 0
     assert "jetson-thor" in capsys.readouterr().out
+
+
+def test_budget_beyond_the_models_context_is_refused(capsys):
+    from egm_edge.errors import InputError
+
+    ctx = get_spec("egm-4b").text.max_positions
+    p = plan("egm-4b", "h200", "fp8", 1024)
+    fixed = p.context_tokens - p.think_budget
+    assert plan("egm-4b", "h200", "fp8", ctx - fixed).context_tokens == ctx  # the whole window is allowed
+    with pytest.raises(InputError, match=f"maximum context of {ctx:,} tokens.*at most {ctx - fixed:,}"):
+        plan("egm-4b", "h200", "fp8", ctx - fixed + 1)
+    rc = main(["plan", "--model", "egm-4b", "--target", "jetson-agx-orin-64gb", "--precision", "int4_awq",
+               "--think-budget", "500000"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("egm-edge plan: error: ") and f"{ctx:,}" in lines[0]
+    # A smaller model with a shorter context is skipped as an alternative, not an error.
+    nano = plan("egm-8b", "jetson-orin-nano-8gb", "int4_awq", 1024)
+    assert nano.alternatives

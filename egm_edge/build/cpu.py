@@ -184,7 +184,7 @@ def _smoke_image():
     return img
 
 
-def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mode: str = "hard",
+def build_cpu(export_dir, out_dir, *, think_budget: int | str | None = None, budget_mode: str = "hard",
               max_answer_tokens: int = 128, max_seq_len: int = 4096, force: bool = False,
               name: str | None = None, vision_int8: bool = False, prefill_int8: bool = False, progress: Callable[[str], None] | None = None,
               extra_manifest: dict | None = None) -> Path:
@@ -196,21 +196,23 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | None = None, budget_mo
     for prompts (many tokens at once) while decode steps keep decoder.onnx; it costs an int8 copy of the
     language model's weights (and of the embedding table), and its logit agreement with decoder.onnx is
     recorded in the manifest."""
-    from egm_edge.artifacts import file_hashes, staged_output, write_manifest
-    from egm_edge.runtime.budget import BudgetSpec
+    from egm_edge.artifacts import check_output_dir, file_hashes, staged_output, write_manifest
     from egm_edge.runtime.bundle import GenerationConfig
+    from egm_edge.runtime.settings import DecodeSettings, budget_to_json
 
     say = progress or (lambda _m: None)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
+    check_output_dir(out_dir, force, inputs=[export_dir])  # before anything is read: --out may never clobber the export
     em = _read_export(export_dir)
-    BudgetSpec(think_budget, budget_mode, max_answer_tokens)  # validate before any work
-    gen = GenerationConfig(think_budget=think_budget, budget_mode=budget_mode, max_answer_tokens=max_answer_tokens,
-                           max_seq_len=max_seq_len)
+    # Validated before any work; a budget not given is the built-in one, unlimited (up to max_seq_len).
+    defaults = DecodeSettings(think_budget, budget_mode, max_answer_tokens).resolved()
+    gen = GenerationConfig(think_budget=budget_to_json(defaults.think_budget), budget_mode=defaults.budget_mode,
+                           max_answer_tokens=defaults.max_answer_tokens, max_seq_len=max_seq_len)
     t0 = time.perf_counter()
     timings = {}
     ort_settings = em.get("onnxruntime") or {}
     disabled = tuple(ort_settings.get("disabled_optimizers") or ())
-    with staged_output(out_dir, force=force) as tmp:
+    with staged_output(out_dir, force=force, inputs=[export_dir]) as tmp:
         for graph in ("vision", "decoder"):
             external = bool((em.get("graphs", {}).get(graph) or {}).get("external_data"))
             say(f"optimising {graph}.onnx for ONNX Runtime (CPU)")

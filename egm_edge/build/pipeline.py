@@ -2,12 +2,14 @@
 
 Contract: `build_from_model(model_dir, recipe, target, out_dir, calib=..., ...)`
 first refuses every impossible combination, before any stage runs and before
-anything is written (unknown recipe or target, a precision the target lacks
-(`targets.check_precision`: FP8 on Orin, NVFP4 before Blackwell), a KV-cache
-dtype it lacks, a recipe the export cannot lower, a recipe that needs CUDA on a
-machine without it, a missing calibration recipe, a plan that does not fit:
-the planner's verdict and its first alternative, an output directory holding an
-artifact without force). Then each stage writes into the work directory
+anything is written (an output or work directory that is, holds or lies inside
+the checkpoint or the calibration recipe, an output and a work directory that
+overlap, an output directory holding an artifact without force or anyone's
+files even with force; then an unknown recipe or target, a precision the target
+lacks (`targets.check_precision`: FP8 on Orin, NVFP4 before Blackwell), a
+KV-cache dtype it lacks, a recipe the export cannot lower, a recipe that needs
+CUDA on a machine without it, a missing calibration recipe, a plan that does
+not fit: the planner's verdict and its first alternative). Then each stage writes into the work directory
 (default: `<out>-stages/` beside the bundle) under a name derived from the hash
 of its inputs (checkpoint files, recipe spec, calibration recipe, lowering);
 a stage directory is reused when its manifest exists, is of that stage and
@@ -38,6 +40,9 @@ class Preflight:
     precision: str
     plan: object
     lowering: str  # "onnxruntime" or "tensorrt"
+    think_budget: int | str = DEFAULT_THINK_BUDGET  # the bundle's default: tokens, or runtime.settings.UNLIMITED
+    quant: object = None  # the QuantSpec the quantize stage gets; None for recipe "full"
+    notes: tuple[str, ...] = ()  # decisions the user did not spell out: an unlimited budget's plan, the INT4 block
 
 
 def full_precision(target) -> str:
@@ -47,16 +52,32 @@ def full_precision(target) -> str:
     return next(p for p in ("fp16", "bf16") if p in target.precisions)
 
 
-def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET, kv_cache: str | None = None,
-              image_wh: tuple[int, int] | None = None, out_dir=None, force: bool = False) -> Preflight:
-    """All refusals of the module docstring, in order; returns the decided plan."""
-    from egm_edge.artifacts import check_output_dir
+def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int | str | None = None, kv_cache: str | None = None,
+              image_wh: tuple[int, int] | None = None, out_dir=None, force: bool = False, work_dir=None,
+              block_size: int | None = None) -> Preflight:
+    """All refusals of the module docstring, in order; returns the decided plan.
+
+    think_budget: tokens, UNLIMITED ('none': planned at all the context window holds, see `plan_for`) or None
+    (DEFAULT_THINK_BUDGET). block_size: the INT4 weight block; None picks the largest of 128, 64 that divides
+    every layer width (`quantize.recipes.choose_int4_block`)."""
+    from egm_edge.artifacts import check_apart, check_output_dir, overlap
     from egm_edge.models import spec_from_config
-    from egm_edge.plan import DEFAULT_IMAGE_WH, plan
+    from egm_edge.quantize.calibration import recipe_file
     from egm_edge.quantize.recipes import RECIPES, get_recipe
+    from egm_edge.runtime.settings import parse_think_budget
     from egm_edge.targets import check_kv_dtype, check_precision, load_target
 
+    budget = parse_think_budget(think_budget)
+    budget = DEFAULT_THINK_BUDGET if budget is None else budget
     model_dir = Path(model_dir)
+    inputs = [model_dir, recipe_file(calib) if isinstance(calib, (str, Path)) else None]
+    if work_dir is not None:
+        check_apart(work_dir, inputs, "Stage directory", "--work-dir")
+    if out_dir is not None:
+        if work_dir is not None and overlap(out_dir, work_dir):
+            raise InputError(f"Output directory {out_dir} and the stage directory {work_dir} overlap (replacing the bundle would "
+                             "delete the stages it was built from); choose an --out and a --work-dir apart.")
+        check_output_dir(Path(out_dir), force, inputs=inputs)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory to --model.")
     if recipe != "full":
@@ -83,23 +104,52 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int =
         from egm_edge.quantize.calibration import CalibrationRecipe
 
         CalibrationRecipe.from_toml(calib)  # a shipped name or a file, checked (and parsed) before any work
-    if not isinstance(think_budget, int) or isinstance(think_budget, bool) or think_budget < 0:
-        raise InputError(f"think_budget={think_budget!r} must be a non-negative whole number of tokens.")
     spec = spec_from_config(model_dir)
     if spec.family != "qwen3_vl":
         raise UnsupportedError(f"{model_dir} is a {spec.family} checkpoint; the export stage handles Qwen3-VL checkpoints only.")
+    quant, notes = None, []
+    if recipe != "full":
+        from egm_edge.quantize.policy import check_block_sizes, config_widths
+        from egm_edge.quantize.recipes import QuantSpec, choose_int4_block
+
+        widths = config_widths(json.loads((model_dir / "config.json").read_text()))
+        block, note = choose_int4_block(recipe, widths.values(), block_size)
+        quant = QuantSpec(recipe, kv_cache, block_size=block)
+        check_block_sizes(widths, quant)
+        notes += [note] if note else []
+    elif block_size is not None:
+        raise InputError(f"--block-size {block_size} sets INT4 weight blocks and recipe full quantizes nothing; "
+                         "drop it, or choose int4_awq or w4a8_awq.")
     kv = "fp8" if kv_cache == "fp8" else None
-    p = plan(spec, target, precision, think_budget, image_wh=image_wh or DEFAULT_IMAGE_WH, kv_dtype=kv)
-    require_fit(p)
-    if out_dir is not None:
-        check_output_dir(Path(out_dir), force)
-    return Preflight(target, precision, p, lowering)
+    p, note = plan_for(spec, target, precision, budget, image_wh=image_wh, kv_dtype=kv)
+    notes += [note] if note else []
+    return Preflight(target, precision, p, lowering, budget, quant, tuple(notes))
 
 
-def require_fit(p) -> None:
+def plan_for(spec, target, precision: str, think_budget, *, image_wh: tuple[int, int] | None = None, kv_dtype: str | None = None):
+    """(plan, sentence or None): the planner's plan at a parsed think budget, refused unless it fits.
+
+    None plans DEFAULT_THINK_BUDGET. UNLIMITED has no number, so it is planned at all the model's context window
+    holds (`plan.planned_think_budget`) and the sentence says so: the bundle then thinks without a budget up to
+    that sequence, or, where that does not fit, the refusal names the largest budget that does.
+    """
+    from egm_edge.plan import DEFAULT_IMAGE_WH, plan, planned_think_budget
+
+    image_wh = image_wh or DEFAULT_IMAGE_WH
+    tokens, note = planned_think_budget(spec, DEFAULT_THINK_BUDGET if think_budget is None else think_budget, image_wh)
+    p = plan(spec, target, precision, tokens, image_wh=image_wh, kv_dtype=kv_dtype)
+    require_fit(p, unlimited=note is not None)
+    return p, note
+
+
+def require_fit(p, unlimited: bool = False) -> None:
     """`UnsupportedError` with the planner's verdict and first alternative when plan `p` does not fit."""
     if not p.fits:
         instead = f"; instead: {p.alternatives[0]}" if p.alternatives else ""
+        if unlimited:
+            number = f"; pass --think-budget {p.max_think_budget} or less" if p.max_think_budget is not None else ""
+            raise UnsupportedError(f"{p.model} at {p.precision} with an unlimited think budget (planned at the {p.think_budget} "
+                                   f"tokens its context window holds) on {p.target} {p.verdict}{instead}{number}.")
         raise UnsupportedError(f"{p.model} at {p.precision} with a {p.think_budget}-token think budget on {p.target} {p.verdict}{instead}.")
 
 
@@ -127,29 +177,32 @@ def _stage(name: str, stage_dir: Path, recorded: Callable[[dict], object], expec
     return {"dir": str(stage_dir.resolve()), "reused": reused}
 
 
-def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, think_budget: int = DEFAULT_THINK_BUDGET,
+def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, think_budget: int | str | None = None,
                      kv_cache: str | None = None, image_wh: tuple[int, int] | None = None, work_dir=None, force: bool = False,
                      budget_mode: str = "hard", max_answer_tokens: int | None = None, max_batch_size: int = 8,
-                     vision_int8: bool = False, prefill_int8: bool = False, progress: Callable[[str], None] | None = None) -> Path:
-    """Run quantize -> export -> build for `target` into `out_dir`; returns `out_dir` (see the module docstring)."""
+                     vision_int8: bool = False, prefill_int8: bool = False, progress: Callable[[str], None] | None = None,
+                     block_size: int | None = None) -> Path:
+    """Run quantize -> export -> build for `target` into `out_dir`; returns `out_dir` (see the module docstring).
+
+    think_budget and block_size as in `preflight`; the decisions it made for them are said through `progress`."""
     from egm_edge import __version__
     from egm_edge.artifacts import file_hashes, sha256_file
 
     say = progress or (lambda _m: None)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    pf = preflight(model_dir, recipe, target, calib=calib, think_budget=think_budget, kv_cache=kv_cache, image_wh=image_wh,
-                   out_dir=out_dir, force=force)
-    say(f"plan: {pf.plan.verdict}")
     work = Path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}-stages"
+    pf = preflight(model_dir, recipe, target, calib=calib, think_budget=think_budget, kv_cache=kv_cache, image_wh=image_wh,
+                   out_dir=out_dir, force=force, work_dir=work, block_size=block_size)
+    for note in pf.notes:
+        say(note)
+    say(f"plan: {pf.plan.verdict}")
     stages: dict[str, dict] = {}
 
     checkpoint = model_dir
     if recipe != "full":
         from egm_edge.quantize.calibration import recipe_file
-        from egm_edge.quantize.recipes import QuantSpec
-
         model_hashes = file_hashes(model_dir)
-        spec = QuantSpec(recipe, kv_cache)
+        spec = pf.quant
         key = _digest({"stage": "quantize", "model": model_hashes, "spec": spec.to_dict(), "calib": sha256_file(recipe_file(calib)),
                        "egm_edge": __version__})
         checkpoint = work / f"quantize-{recipe}-{key[:12]}"
@@ -177,10 +230,13 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
     extra = {"pipeline": {"recipe": recipe, "stages": stages, "work_dir": str(work.resolve())}}
     if pf.target.kind == "cpu":
         from egm_edge.build.cpu import build_cpu
+        from egm_edge.models import spec_from_config
 
-        return build_cpu(export_dir, out_dir, think_budget=think_budget, budget_mode=budget_mode,
-                         max_answer_tokens=max_answer_tokens or pf.plan.answer_tokens + 80,  # +128: longer expressions
-                         max_seq_len=pf.plan.context_tokens + 128, force=force, vision_int8=vision_int8,
+        # +128: longer expressions, but never past the context window (an unlimited budget plans all of it).
+        max_seq_len = min(pf.plan.context_tokens + 128, spec_from_config(model_dir).text.max_positions)
+        return build_cpu(export_dir, out_dir, think_budget=pf.think_budget, budget_mode=budget_mode,
+                         max_answer_tokens=max_answer_tokens or pf.plan.answer_tokens + 80,
+                         max_seq_len=max_seq_len, force=force, vision_int8=vision_int8,
                          prefill_int8=prefill_int8, progress=say,
                          extra_manifest={**extra, "plan": pf.plan.to_dict()})
     if vision_int8 or prefill_int8:

@@ -163,16 +163,19 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
                    force: bool = False, name: str | None = None, checkpoint_dir=None, kv_cache: str | None = None,
                    max_batch_size: int = 8, progress: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> Path:
     """Write a GPU/Jetson bundle for `target` from an export; returns `out_dir` (see the module docstring)."""
-    from egm_edge.artifacts import file_hashes, staged_output, write_manifest
+    from egm_edge.artifacts import check_output_dir, file_hashes, staged_output, write_manifest
     from egm_edge.build.cpu import _read_export
     from egm_edge.build.trt_contract import require_tensorrt_graphs
     from egm_edge.runtime.bundle import GenerationConfig
 
     say = progress or (lambda _m: None)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
+    inputs = [export_dir, checkpoint_dir]
+    check_output_dir(out_dir, force, inputs=inputs)  # before anything is read: --out may never clobber an input
     if target.kind not in ("gpu", "jetson"):
         raise UnsupportedError(f"Target {target.name} is a {target.kind} target; TensorRT bundles are for gpu and jetson targets.")
     em = _read_export(export_dir)
+    inputs.append((em.get("inputs") or {}).get("checkpoint"))  # the TensorRT-LLM config reads it
     exported = em.get("precision", "full")
     if (exported == "full") != (plan.precision in ("fp32", "fp16", "bf16")) or (exported != "full" and exported != plan.precision):
         raise UnsupportedError(f"Export {export_dir} holds {exported} weights but the plan is for {plan.precision}; "
@@ -180,7 +183,7 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
     say(f"checking the graphs against TensorRT {target.software.get('tensorrt')}'s ONNX support and Q/DQ rules")
     contract = require_tensorrt_graphs(export_dir, target)
     t0 = time.perf_counter()
-    with staged_output(out_dir, force=force) as tmp:
+    with staged_output(out_dir, force=force, inputs=inputs) as tmp:
         files = []
         for graph in ("vision", "decoder"):
             files += _copy_graph(export_dir, tmp, graph, (em.get("graphs") or {}).get(graph))
@@ -282,6 +285,9 @@ def finalize(bundle_dir, *, force: bool = False, progress: Callable[[str], None]
     if not force and all((final / f).is_file() for f in ENGINE_FILES):
         say(f"reusing the engines in {final}")
         return final
+    from egm_edge.artifacts import remove_stale_partials
+
+    remove_stale_partials(final)  # engines half-compiled by a run that was killed
     staging = bundle_dir / "engines" / f".{key}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -21,21 +21,9 @@ HELP = "Build a deployable bundle for a target (from an export, or from a checkp
 ORDER = 40
 
 
-def _budget(v: str):
-    if v.lower() in ("none", "unlimited"):
-        return None
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a think budget is a whole number or 'none', not {v!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a think budget cannot be negative, got {n}")
-    return n
-
-
 def register(p: argparse.ArgumentParser) -> None:
     from egm_edge.quantize.recipes import KV_CACHE, RECIPES
-    from egm_edge.runtime.budget import MODES
+    from egm_edge.runtime.settings import MODES, add_think_budget_argument
     from egm_edge.targets import list_targets
 
     src = p.add_mutually_exclusive_group(required=True)
@@ -48,12 +36,15 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", metavar="R", default=None, help=f"with --model: full (no quantization) or {', '.join(RECIPES)}")
     p.add_argument("--calib", metavar="TOML", default=None, help="with --model: calibration recipe, a TOML file or a shipped recipe by name (synth, coco128, refcoco, egm_jsonl)")
     p.add_argument("--kv-cache", metavar="KV", default=None, help=f"with --model: quantize the KV cache too: {', '.join(KV_CACHE)}")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="with --model and int4_awq or w4a8_awq: INT4 weight block 128 or 64 (default: the largest of 128, 64 "
+                        "that divides every layer width)")
     p.add_argument("--image", default=None, metavar="WxH", help="largest image size the plan budgets for (default 640x480)")
     p.add_argument("--work-dir", metavar="DIR", default=None, help="with --model: where stage outputs go (default: <out>-stages)")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="TensorRT-LLM serving batch (datacenter targets)")
-    p.add_argument("--think-budget", type=_budget, default=None, metavar="N|none",
-                   help="reasoning budget the bundle is planned for and defaults to (--export cpu default: none = unlimited; "
-                        "--model or gpu/jetson default: 1024)")
+    add_think_budget_argument(p, "reasoning budget the bundle is planned for and defaults to; none with --model or a "
+                                 "gpu/jetson target plans for all the model's context window holds and says how many tokens that is",
+                              "none for --export on cpu, else 1024")
     p.add_argument("--budget-mode", choices=MODES, default="hard", help="default way to close a spent budget")
     p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap on tokens after </think> (default 128 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=4096, metavar="N",
@@ -75,23 +66,22 @@ def _require(args, *names: str) -> None:
         raise InputError(f"egm-edge build needs {' and '.join(missing)} here; see `egm-edge build --help`.")
 
 
-def _plan_for_export(args, target):
+def _plan_for_export(args, target, budget):
     """The planner's verdict for an export's checkpoint on `target` (gpu/jetson builds from --export)."""
     from pathlib import Path
 
     from egm_edge.artifacts import read_manifest
-    from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, full_precision, require_fit
+    from egm_edge.build.pipeline import full_precision, plan_for
     from egm_edge.commands.plan import _image
     from egm_edge.models import spec_from_config
-    from egm_edge.plan import DEFAULT_IMAGE_WH, plan
 
     m = read_manifest(Path(args.export)) or {}
     precision = m.get("precision", "full")
     precision = full_precision(target) if precision == "full" else precision
-    budget = DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget
-    p = plan(spec_from_config(Path(args.export)), target, precision, budget,
-             image_wh=_image(args.image) if args.image else DEFAULT_IMAGE_WH)
-    require_fit(p)
+    p, note = plan_for(spec_from_config(Path(args.export)), target, precision, budget,
+                       image_wh=_image(args.image) if args.image else None)
+    if note:
+        print(f"[build] {note}", flush=True)
     return p
 
 
@@ -103,21 +93,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"engines: {finalize(args.finalize, force=args.force, progress=say)}")
         return 0
     _require(args, "target", "out")
+    from egm_edge.runtime.settings import parse_think_budget
+
+    budget = parse_think_budget(args.think_budget)  # parsed once, before any work; None: the path's default
     if args.model:
-        from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, build_from_model
+        from egm_edge.build.pipeline import build_from_model
         from egm_edge.commands.plan import _image
 
         _require(args, "recipe")
         out = build_from_model(
-            args.model, args.recipe, args.target, args.out, calib=args.calib,
-            think_budget=DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget,
-            kv_cache=args.kv_cache, image_wh=_image(args.image) if args.image else None, work_dir=args.work_dir,
+            args.model, args.recipe, args.target, args.out, calib=args.calib, think_budget=budget,
+            block_size=args.block_size, kv_cache=args.kv_cache, image_wh=_image(args.image) if args.image else None, work_dir=args.work_dir,
             force=args.force, budget_mode=args.budget_mode, max_answer_tokens=args.max_answer_tokens,
             max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
         print(f"bundle: {out}")
         return 0
     from egm_edge.targets import load_target
 
+    if args.block_size is not None:
+        from egm_edge.errors import InputError
+
+        raise InputError("--block-size sets the INT4 blocks of the quantize stage, which only --model runs; quantize with "
+                         "`egm-edge quantize --block-size` before exporting.")
     target = load_target(args.target)
     if (args.vision_int8 or args.prefill_int8) and target.kind != "cpu":
         from egm_edge.errors import UnsupportedError
@@ -126,13 +123,13 @@ def run(args: argparse.Namespace) -> int:
     if target.kind == "cpu":
         from egm_edge.build import build_cpu
 
-        out = build_cpu(args.export, args.out, think_budget=args.think_budget, budget_mode=args.budget_mode,
+        out = build_cpu(args.export, args.out, think_budget=budget, budget_mode=args.budget_mode,
                         max_answer_tokens=args.max_answer_tokens or 128, max_seq_len=args.max_seq_len, force=args.force,
                         vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
     else:
         from egm_edge.build.tensorrt import build_tensorrt
 
-        out = build_tensorrt(args.export, args.out, target, _plan_for_export(args, target), budget_mode=args.budget_mode,
+        out = build_tensorrt(args.export, args.out, target, _plan_for_export(args, target, budget), budget_mode=args.budget_mode,
                              max_answer_tokens=args.max_answer_tokens, force=args.force, kv_cache=args.kv_cache,
                              max_batch_size=args.max_batch_size, progress=say)
     print(f"bundle: {out}")

@@ -30,16 +30,17 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _register_synth(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (gets samples.jsonl and images/)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty output folder (gets samples.jsonl and images/)")
     p.add_argument("--n", type=int, default=200, help="number of samples (default 200)")
     p.add_argument("--seed", type=int, default=0, help="stream seed; the same seed writes the same bytes")
     p.add_argument("--amodal-fraction", type=float, default=0.15, help="fraction of amodal samples (default 0.15)")
+    p.add_argument("--force", action="store_true", help="replace a synthetic set already at --out (never other files)")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
     from egm_edge.synth import generate
 
-    path = generate(args.out, args.n, args.seed, amodal_fraction=args.amodal_fraction)
+    path = generate(args.out, args.n, args.seed, amodal_fraction=args.amodal_fraction, force=args.force)
     print(f"wrote {args.n} samples to {path}")
     return 0
 

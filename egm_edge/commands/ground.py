@@ -22,15 +22,14 @@ ORDER = 10
 def register(p: argparse.ArgumentParser) -> None:
     from egm_edge.grounding import TASKS
     from egm_edge.reference.runner import DTYPES
-    from egm_edge.runtime.budget import MODES
+    from egm_edge.runtime.settings import MODES, add_think_budget_argument
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--bundle", metavar="DIR", help="bundle built by `egm-edge build` (torch-free runtime)")
     src.add_argument("--model", metavar="DIR", help="Qwen3-VL checkpoint directory (default: the embedded model)")
     p.add_argument("--image", required=True, metavar="IMG", help="image file")
     p.add_argument("--expr", required=True, metavar="TEXT", help="referring expression, e.g. 'the red car on the left'")
-    p.add_argument("--think-budget", type=int, default=None, metavar="N",
-                   help="maximum reasoning tokens; 0 answers at once (default: unlimited)")
+    add_think_budget_argument(p, "maximum reasoning tokens", "the bundle's; unlimited with --model")
     p.add_argument("--budget-mode", choices=MODES, default="hard",
                    help="how a spent budget closes the reasoning: hard '</think>' or Qwen's stop sentence (default: hard)")
     p.add_argument("--task", choices=TASKS, default="vanilla", help="vanilla or amodal grounding (default: vanilla)")
@@ -40,6 +39,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--draw", metavar="OUT.png", help="save the image with the predicted box drawn")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every bundle file against its manifest (a bundle's first open always does; later opens "
+                        "trust files whose size and times are unchanged)")
 
 
 def _default_model_dir():
@@ -54,33 +56,65 @@ def _default_model_dir():
 
 def run(args: argparse.Namespace) -> int:
     from egm_edge.grounding import user_text
-    from egm_edge.runtime.budget import BudgetSpec
     from egm_edge.runtime.image import load_image
+    from egm_edge.runtime.settings import DecodeSettings
 
     # Everything the user typed is checked before the (slow) model load.
     user_text(args.expr, args.task)
-    BudgetSpec(args.think_budget, args.budget_mode, args.max_answer_tokens)
+    _check_options(args)
+    settings = DecodeSettings(args.think_budget, args.budget_mode, args.max_answer_tokens, args.max_new_tokens)
     image = load_image(args.image)
-    kw = dict(think_budget=args.think_budget, task=args.task, budget_mode=args.budget_mode,
-              max_new_tokens=args.max_new_tokens, max_answer_tokens=args.max_answer_tokens)
+    kw = dict(task=args.task, settings=settings)
     if args.bundle:
         from egm_edge.runtime.grounder import Grounder
 
-        result = Grounder.open(args.bundle).ground(image, args.expr, **kw)
+        result = Grounder.open(args.bundle, verify=args.verify).ground(image, args.expr, **kw)
     else:
         from egm_edge.reference.runner import ReferenceRunner
 
         runner = ReferenceRunner.open(args.model or _default_model_dir(), dtype=args.dtype, device=args.device)
         result = runner.ground(args.image, args.expr, **kw)
+    # The result is printed before the drawing is saved, so a drawing that cannot be written loses nothing.
+    print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json else format_result(result), flush=True)
     if args.draw:
-        from egm_edge.runtime.draw import draw_boxes
-
-        draw_boxes(image, [(result.box, args.expr, (230, 40, 40))]).save(args.draw)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-        return 0
-    print(format_result(result))
+        _save_drawing(image, result, args)
     return 0
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The options that otherwise fail only after inference, checked before the model loads."""
+    import os
+    from pathlib import Path
+
+    from egm_edge.errors import InputError
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.verify and not args.bundle:
+        raise InputError("--verify checks a bundle's files against its manifest; pass --bundle DIR with it.")
+    if args.draw:
+        from PIL import Image
+
+        out = Path(args.draw)
+        folder = out.parent
+        if out.is_dir():
+            raise InputError(f"--draw {out} is a folder; give a file name such as {out / 'box.png'}.")
+        if not folder.is_dir():
+            raise InputError(f"--draw {out}: the folder {folder} does not exist; create it or choose another path.")
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"--draw {out}: the folder {folder} is not writable; choose another path.")
+        if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+            raise InputError(f"--draw {out} does not end in an image format Pillow can write; use .png or .jpg.")
+
+
+def _save_drawing(image, result, args: argparse.Namespace) -> None:
+    from egm_edge.errors import InputError
+    from egm_edge.runtime.draw import draw_boxes
+
+    try:
+        draw_boxes(image, [(result.box, args.expr, (230, 40, 40))]).save(args.draw)
+    except (OSError, ValueError) as e:
+        raise InputError(f"Could not save --draw {args.draw} ({e}); the result above is complete.") from None
 
 
 def format_result(r) -> str:
@@ -90,6 +124,9 @@ def format_result(r) -> str:
         box = "[" + ", ".join(f"{v:g}" for v in r.box) + "]"
         norm = "[" + ", ".join(f"{v:g}" for v in r.box_norm1000) + "]" if r.box_norm1000 else "-"
         lines = [f"box: {box} px in the {w}x{h} image (0..1000: {norm}, via {r.parse_method})"]
+        if r.corners_swapped:
+            lines.append("note: the model gave the corners swapped (x2 < x1 or y2 < y1); the box is printed as given and "
+                         "scored as EGM scores it (no area), while --draw draws the rectangle it spans")
     else:
         reason = r.parse_reason or "no box was found"
         lines = [f"box: {reason}" if reason.startswith("no box") else f"box: none ({reason})"]

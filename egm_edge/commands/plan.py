@@ -24,7 +24,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=f"checkpoint directory (config.json) or one of: {', '.join(choices())}")
     p.add_argument("--target", required=True, help=f"target profile name or .toml file; shipped: {', '.join(list_targets())}")
     p.add_argument("--precision", required=True, help=f"one of: {', '.join(PRECISIONS)}")
-    p.add_argument("--think-budget", type=int, required=True, metavar="N", help="reasoning tokens before the answer is forced")
+    from egm_edge.runtime.settings import add_think_budget_argument
+
+    add_think_budget_argument(p, "reasoning tokens before the answer is forced (none: planned at all the context window holds)",
+                              "", required=True)
     p.add_argument("--image", default="640x480", metavar="WxH", help="image size in pixels (default 640x480)")
     p.add_argument("--prompt-tokens", type=int, default=None, metavar="N", help="text tokens of the prompt besides the image")
     p.add_argument("--answer-tokens", type=int, default=None, metavar="N", help="tokens of the JSON answer")
@@ -92,17 +95,16 @@ def render(p) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egm_edge.plan import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, plan
+    from egm_edge.plan import DEFAULT_ANSWER_TOKENS, DEFAULT_PROMPT_TOKENS, plan, planned_think_budget
 
-    p = plan(
-        _model(args.model),
-        args.target,
-        args.precision,
-        args.think_budget,
-        image_wh=_image(args.image),
-        prompt_tokens=DEFAULT_PROMPT_TOKENS if args.prompt_tokens is None else args.prompt_tokens,
-        answer_tokens=DEFAULT_ANSWER_TOKENS if args.answer_tokens is None else args.answer_tokens,
-        kv_dtype=args.kv_dtype,
-    )
-    print(json.dumps(p.to_dict(), indent=2) if args.json else render(p))
+    spec = _model(args.model)
+    tokens = dict(image_wh=_image(args.image),
+                  prompt_tokens=DEFAULT_PROMPT_TOKENS if args.prompt_tokens is None else args.prompt_tokens,
+                  answer_tokens=DEFAULT_ANSWER_TOKENS if args.answer_tokens is None else args.answer_tokens)
+    budget, note = planned_think_budget(spec, args.think_budget, **tokens)
+    p = plan(spec, args.target, args.precision, budget, kv_dtype=args.kv_dtype, **tokens)
+    if args.json:
+        print(json.dumps({**p.to_dict(), **({"think_budget_note": note} if note else {})}, indent=2))
+    else:
+        print("\n".join([note, render(p)] if note else [render(p)]))
     return 0

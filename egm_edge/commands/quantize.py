@@ -23,7 +23,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-with-reasoning", action="store_true",
                    help="calibrate on prompt + the full model's own reasoning and answer (slower, closer to decoding)")
     p.add_argument("--block-size", type=int, default=None, metavar="N",
-                   help="INT4 weight block (int4_awq, w4a8_awq): 128 (default) or 64 for models whose widths are not multiples of 128")
+                   help="INT4 weight block (int4_awq, w4a8_awq): 128 or 64 (default: the largest of 128, 64 that divides every layer width)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="where calibration sets are materialised (default ~/.cache/egm-edge)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded and calibrated in: auto (the checkpoint's), float32, bfloat16, float16")
@@ -34,6 +34,9 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from egm_edge.quantize.api import quantize
 
+    note = _int4_block_note(args)
+    if note:
+        print(note, flush=True)
     out = quantize(
         args.model, args.recipe, args.calib, args.out,
         kv_cache=args.kv_cache, vision=args.vision, calib_with_reasoning=args.calib_with_reasoning,
@@ -56,3 +59,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibration: {m['calibration']['calibration']['n']} samples, sha256 {m['calibration']['sha256'][:16]}")
     print(f"wrote {out} ({m['recipe']['name']}, {m['timings']['total_s']:.1f} s)")
     return 0
+
+
+def _int4_block_note(args: argparse.Namespace) -> str | None:
+    """The sentence saying which INT4 block quantize() picks when --block-size is not given (the same
+    `choose_int4_block` it calls); None otherwise, or when config.json is unreadable (quantize says why)."""
+    from pathlib import Path
+
+    from egm_edge.quantize.policy import config_widths
+    from egm_edge.quantize.recipes import choose_int4_block
+
+    try:
+        cfg = json.loads((Path(args.model) / "config.json").read_text())
+        return choose_int4_block(args.recipe, config_widths(cfg).values(), args.block_size)[1]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None

@@ -18,17 +18,12 @@ def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _budgets(text: str):
-    from egm_edge.commands.build import _budget
-
-    return [_budget(x) for x in _list(text)]
-
-
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="full-precision Qwen3-VL checkpoint directory")
     p.add_argument("--recipes", type=_list, default=["full", "fp8", "int4_awq"], metavar="R,R",
                    help="comma-separated: full (no quantization) and quantize recipes (default full,fp8,int4_awq)")
-    p.add_argument("--budgets", type=_budgets, default=[0, 16, 32, 64, 128, None], metavar="N,N",
+    # Each budget is parsed by sweep() (runtime.settings.parse_think_budget): a bad one is one sentence, before any work.
+    p.add_argument("--budgets", type=_list, default=["0", "16", "32", "64", "128", "none"], metavar="N,N",
                    help="comma-separated thinking budgets, 'none' for unlimited (default 0,16,32,64,128,none)")
     p.add_argument("--target", type=_list, default=["cpu"], metavar="T,T",
                    help="targets: cpu is measured here, others get the planner's predicted latency (default cpu)")
@@ -44,6 +39,7 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="calibrate quantized recipes on the full model's own reasoning (quantize --calib-with-reasoning)")
     p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap after '</think>' (default 128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help="replace another egm-edge artifact at --out (a sweep's own --out is resumed without it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, latency_budget_ms=args.latency_budget_ms, memory_budget_gb=args.memory_budget_gb,
         calibration=args.calib, image_root=args.image_root, strict=not args.lenient, max_answer_tokens=args.max_answer_tokens,
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
+        force=args.force,
     )
     print(result.summary())
     return 0

@@ -1,9 +1,10 @@
 """`egm-edge validate`: candidate vs reference on the same samples, with a gate (see egm_edge.validate).
 
-Exit status: 0 the gate passed; 1 a drop exceeded its limit (the split and the
-size are printed); 2 bad input (missing data file, malformed lines in strict mode,
-missing images, different tokenizers, an endpoint that does not answer) or an
-incomplete run (samples that failed after retries; rerunning retries only them).
+Exit status: 0 the gate passed (splits under --min-split-n samples are reported,
+not gated); 1 a drop exceeded its limit (the split and the size are printed); 2
+bad input (missing data file, malformed lines in strict mode, missing images,
+different tokenizers, an endpoint that does not answer) or an incomplete run
+(samples that failed after retries; rerunning retries only them).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import os
 NAME = "validate"
 HELP = "Validate a candidate (bundle or endpoint) against a reference (checkpoint, bundle or endpoint): accuracy deltas and a gate."
 ORDER = 50
-_DEFAULT = object()  # --think-budget not given: the candidate bundle's own budget (not a str: argparse would parse it)
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    from egm_edge.commands.build import _budget
+    from egm_edge.runtime.settings import add_think_budget_argument
+    from egm_edge.validate.stats import MIN_GATE_N
 
     p.add_argument("--candidate", required=True, metavar="BUNDLE|URL", help="bundle directory, checkpoint directory or OpenAI-compatible URL")
     p.add_argument("--reference", required=True, metavar="MODEL_DIR|BUNDLE|URL",
@@ -33,8 +34,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", choices=["significant", "point"], default="significant",
                    help="significant (default): an over-limit drop fails only when its paired bootstrap 95%% CI lies wholly "
                         "below zero, other over-limit drops are reported as held; point: every over-limit drop fails")
-    p.add_argument("--think-budget", type=_budget, default=_DEFAULT, metavar="N|none",
-                   help="reasoning budget for both sides (default: the candidate bundle's, else unlimited)")
+    p.add_argument("--min-split-n", type=int, default=MIN_GATE_N, metavar="N",
+                   help=f"fewest paired samples a split (or the overall) needs to be gated; smaller ones are reported as too "
+                        f"small to gate (default {MIN_GATE_N}: below it the bootstrap calls a split where every sample flipped "
+                        "significant though no exact test can; 1 gates every split)")
+    add_think_budget_argument(p, "reasoning budget for both sides", "the candidate bundle's, else unlimited")
     p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap after '</think>' (default: the candidate bundle's, else 128)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on all output tokens (default 4096, as EGM)")
     p.add_argument("--limit", type=int, default=None, metavar="K", help="validate a seeded subset of K samples")
@@ -44,22 +48,22 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per endpoint request (default 120)")
     p.add_argument("--retries", type=int, default=3, metavar="N", help="retries of a failed endpoint request (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _budget_arg(v):
-    """validate() reads None as "the candidate's default" and "none" as unlimited; build's parser gives None for 'none'."""
-    return None if v is _DEFAULT else "none" if v is None else v
+    p.add_argument("--force", action="store_true",
+                   help="replace another egm-edge artifact at --out (a validation's own --out is resumed without it)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from egm_edge.runtime.settings import parse_think_budget
     from egm_edge.validate import validate
 
+    budget = parse_think_budget(args.think_budget)  # before any work; None: the candidate's default
     report = validate(
         args.candidate, args.reference, args.data, out_dir=args.out, split_by=args.split_by, max_acc_drop=args.max_acc_drop,
-        max_miou_drop=args.max_miou_drop, think_budget=_budget_arg(args.think_budget), limit=args.limit, concurrency=args.concurrency,
+        max_miou_drop=args.max_miou_drop, think_budget=budget, limit=args.limit, concurrency=args.concurrency,
         seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
         max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
         timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"), gate=args.gate,
+        min_split_n=args.min_split_n, force=args.force,
     )
     print(report.summary())
     return report.exit_code

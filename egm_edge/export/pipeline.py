@@ -43,7 +43,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     `lm_head` "int8" or "int4" (optionally ":BLOCK", default 128 / 32) stores the lm_head weight-only round-to-nearest as MatMulNBits ("onnxruntime"
     lowering only): far fewer bytes read per decoded token, a (small) accuracy change of its own; the
     validation reference then uses the same rounded lm_head, so it still checks the export itself.
-    `force` replaces an existing `out_dir`; `decode_steps` and `seed` shape the validation run.
+    `force` replaces an existing artifact at `out_dir` (never a folder of other files, never the checkpoint); `decode_steps` and `seed` shape the validation run.
     """
     from egm_edge.artifacts import check_output_dir, staged_output
     from egm_edge.export.checkpoint import SIDE_FILES, decoder_config, inspect_checkpoint, load_reference, vision_grid_config
@@ -52,6 +52,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force, inputs=[checkpoint_dir])  # before anything is read: --out may never clobber the checkpoint
     info = inspect_checkpoint(checkpoint_dir)
     from egm_edge.export.validate import THRESHOLDS, validation_key
 
@@ -70,10 +72,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
                                f"export one of: {', '.join(THRESHOLDS)}.")
     versions = check_environment(OPSET)
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, force)
     check_disk_space(out_dir.parent, _fp32_estimate(info))
-    with staged_output(out_dir, force=force) as tmp:
+    with staged_output(out_dir, force=force, inputs=[info.path]) as tmp:
         say(f"loading {info.path} ({info.precision})")
         t = time.perf_counter()
         model = load_reference(info)

@@ -45,6 +45,14 @@ def clean_expression(expression: str) -> str:
 
     if not isinstance(expression, str):
         raise InputError(f"The expression must be text, got {type(expression).__name__}.")
+    try:
+        expression.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # Python keeps argv bytes that are not UTF-8 as surrogates U+DC80..U+DCFF (surrogateescape).
+        c = ord(expression[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise InputError(f"The expression is not valid UTF-8 text ({what} at character {e.start + 1}); "
+                         "pass it in UTF-8 (check the terminal's or the client's encoding).") from None
     expr = " ".join(expression.split())
     if not expr:
         raise InputError("The expression is empty; give a referring expression such as 'the red car on the left'.")

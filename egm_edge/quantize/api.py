@@ -18,10 +18,10 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import shutil
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, 
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("EGM_EDGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "egm-edge")
-    return Path(root) / "calibration"
+    from egm_edge.artifacts import cache_root
+
+    return cache_root() / "calibration"
 
 
 def parameter_count(model_dir: Path) -> int:
@@ -147,12 +148,15 @@ def quantize(
     (a TOML path or a CalibrationRecipe) into `out_dir`; returns `out_dir` (see module docstring)."""
     from egm_edge.artifacts import check_output_dir, file_hashes, sha256_file, staged_output, write_manifest
     from egm_edge.quantize import calibset
-    from egm_edge.quantize.calibration import CalibrationRecipe, sample_task, select_samples
+    from egm_edge.quantize.calibration import CalibrationRecipe, recipe_file, sample_task, select_samples
     from egm_edge.reference.runner import DTYPES, read_model_config
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning, block_size)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    inputs = [model_dir] + ([recipe_file(calibration)] if isinstance(calibration, (str, Path)) else [])
+    check_output_dir(out_dir, force, inputs=inputs)  # before torch loads: --out may never clobber the model or the recipe
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,17 +165,16 @@ def quantize(
             f"Recipe {spec.recipe} needs a CUDA GPU (ModelOpt's NVFP4 kernels) and this run is on {device}; "
             "run it on a GPU machine or choose fp8, int4_awq, w4a8_awq or int8_sq."
         )
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = read_model_config(model_dir)  # one sentence for a missing or unsupported checkpoint
     if (model_dir / "hf_quant_config.json").is_file():
         raise CheckpointError(f"Checkpoint {model_dir} is already quantized (hf_quant_config.json); quantize the full-precision checkpoint.")
     if not (model_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
-    if out_dir.resolve() == model_dir.resolve():
-        raise EgmError(f"Output directory {out_dir} is the input checkpoint; choose another --out.")
-    check_output_dir(out_dir, force)
     from egm_edge.quantize import policy
+    from egm_edge.quantize.recipes import choose_int4_block
 
+    if spec.block_size is None:  # INT4: the largest block every layer width takes (recorded in the manifest's spec)
+        spec = replace(spec, block_size=choose_int4_block(spec.recipe, policy.config_widths(cfg).values())[0])
     policy.check_block_sizes(policy.config_widths(cfg), spec)
     calib_recipe = calibration if isinstance(calibration, CalibrationRecipe) else CalibrationRecipe.from_toml(calibration)
     dtype = checkpoint_dtype(cfg) if dtype == "auto" else dtype
@@ -243,7 +246,7 @@ def quantize(
 
     from modelopt.torch.export import export_hf_checkpoint
 
-    with staged_output(out_dir, force) as tmp:
+    with staged_output(out_dir, force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
         export_hf_checkpoint(model, export_dir=tmp)
         del model, runner

@@ -223,6 +223,7 @@ def check_block_sizes(widths: dict[str, int], spec: QuantSpec) -> None:
         raise UnsupportedError(
             f"Recipe {spec.recipe} quantizes weights in blocks of {block} input channels, but {len(bad)} widths "
             f"are not multiples of {block}, e.g. {bad[0]}; "
-            + ("try --block-size 64, or " if spec.recipe_spec.weights == "int4" and block != 64 else "")
+            + ("try --block-size 64, or " if spec.recipe_spec.weights == "int4" and block != 64
+               and all(w % 64 == 0 for w in widths.values()) else "")
             + "choose fp8 or int8_sq for this model."
         )

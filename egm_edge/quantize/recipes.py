@@ -62,6 +62,26 @@ VISION_MODES = ("16bit", "fp8")
 INT4_BLOCK_SIZES = (64, 128)
 
 
+def choose_int4_block(recipe: str, widths, block_size: int | None = None) -> tuple[int | None, str | None]:
+    """`QuantSpec.block_size` for `recipe` on a model whose quantized Linears have these input widths, and the
+    sentence to print about it.
+
+    A given `block_size` is kept (QuantSpec checks it). Otherwise an INT4 recipe gets the largest of
+    INT4_BLOCK_SIZES (128, then 64) that divides every width: the tiny grounder (hidden 192) takes 64, real EGM
+    models their recipe's 128, which is returned as None so their specs and stage keys stay as they were.
+    Recipes without INT4 blocks, and models no block divides (quantize then refuses naming a width), get None.
+    """
+    if block_size is not None or recipe not in RECIPES or RECIPES[recipe].weights != "int4":
+        return block_size, None
+    widths = [int(w) for w in widths if w]
+    order = sorted(INT4_BLOCK_SIZES, reverse=True)
+    block = next((b for b in order if all(w % b == 0 for w in widths)), None)
+    if block is None:
+        return None, None
+    note = f"{recipe} block size {block} (the largest of {', '.join(map(str, order))} that divides every layer width)"
+    return (None if block == RECIPES[recipe].block_size else block), note
+
+
 def recipe_names() -> list[str]:
     return list(RECIPES)
 

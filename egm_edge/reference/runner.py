@@ -179,29 +179,29 @@ class ReferenceRunner:
         pixel_values=None,
         grid_thw=None,
         *,
-        think_budget: int | None = None,
-        budget_mode: str = "hard",
-        max_new_tokens: int = 4096,
-        max_answer_tokens: int = 128,
+        settings=None,
+        think_budget=None,
+        budget_mode: str | None = None,
+        max_new_tokens: int | None = None,
+        max_answer_tokens: int | None = None,
         sampling=None,
     ) -> Generation:
         """Decode after `prompt_ids` with a KV cache under the thinking budget policy.
 
         pixel_values: float32 [n_patches, 3*T*P*P] (numpy or torch) and grid_thw
         [n_images, 3] (or one (t, h, w) tuple); both None for a text-only prompt.
-        sampling: a `runtime.sampling.SamplingSpec`; None is greedy (EGM's evaluation).
+        settings: a `runtime.settings.DecodeSettings`; the keywords override it. What is not given takes the
+        built-in defaults (unlimited, hard, 4096 new and 128 answer tokens, greedy as EGM evaluates).
         """
         import numpy as np
         import torch
 
-        from egm_edge.runtime.budget import BudgetPolicy, BudgetSpec
+        from egm_edge.runtime.budget import BudgetPolicy
         from egm_edge.runtime.sampling import Sampler, SamplingSpec
 
-        spec = BudgetSpec(think_budget, budget_mode, max_answer_tokens)
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        policy = BudgetPolicy(spec, self.think_ids, max_new_tokens)
-        sampler = Sampler(sampling or SamplingSpec())
+        s = _settings(settings, think_budget, budget_mode, max_new_tokens, max_answer_tokens, sampling)
+        policy = BudgetPolicy(s, self.think_ids, s.max_new_tokens)
+        sampler = Sampler(s.sampling or SamplingSpec())
         model, dev = self.model, self.device
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
         timings: dict[str, float] = {}
@@ -291,31 +291,24 @@ class ReferenceRunner:
         image,
         expression: str,
         *,
-        think_budget: int | None = None,
+        settings=None,
+        think_budget=None,
         task: str = "vanilla",
-        budget_mode: str = "hard",
-        max_new_tokens: int = 4096,
-        max_answer_tokens: int = 128,
+        budget_mode: str | None = None,
+        max_new_tokens: int | None = None,
+        max_answer_tokens: int | None = None,
         exif_transpose: bool = True,
         sampling=None,
     ):
-        """Ground `expression` in `image` (path, bytes, data URL or PIL image) -> GroundingResult."""
+        """Ground `expression` in `image` (path, bytes, data URL or PIL image) -> GroundingResult.
+
+        Decode settings as in `generate_ids`: a whole `DecodeSettings`, keywords overriding it."""
         from egm_edge.grounding import GroundingResult
-        from egm_edge.runtime.budget import BudgetSpec
 
         t0 = time.perf_counter()
-        BudgetSpec(think_budget, budget_mode, max_answer_tokens)  # refuse bad settings before loading the image
+        s = _settings(settings, think_budget, budget_mode, max_new_tokens, max_answer_tokens, sampling)  # before the image
         prompt = self.build_prompt(image, expression, task, exif_transpose=exif_transpose)
-        gen = self.generate_ids(
-            prompt.ids,
-            prompt.image.pixel_values,
-            prompt.image.grid_thw,
-            think_budget=think_budget,
-            budget_mode=budget_mode,
-            max_new_tokens=max_new_tokens,
-            max_answer_tokens=max_answer_tokens,
-            sampling=sampling,
-        )
+        gen = self.generate_ids(prompt.ids, prompt.image.pixel_values, prompt.image.grid_thw, settings=s)
         text = self.decode_text(gen.tokens)
         timings = {"preprocess": prompt.preprocess_ms, **gen.timings}
         timings["total"] = _ms(t0)
@@ -341,6 +334,15 @@ class ReferenceRunner:
                 image, expr, task = s.image, s.expression, getattr(s, "task", None) or kwargs.get("task", "vanilla")
             results.append(self.ground(image, expr, **{**kwargs, "task": task}))
         return results
+
+
+def _settings(settings, think_budget, budget_mode, max_new_tokens, max_answer_tokens, sampling):
+    """One resolved `DecodeSettings` from a whole one and keyword overrides (a checkpoint has no defaults of its own)."""
+    from egm_edge.runtime.settings import DecodeSettings
+
+    return (settings or DecodeSettings()).override(
+        think_budget=think_budget, budget_mode=budget_mode, max_new_tokens=max_new_tokens, max_answer_tokens=max_answer_tokens,
+        sampling=sampling).resolved()
 
 
 def _load_hf(model_dir: Path, dtype):

@@ -16,7 +16,8 @@ Invariants: think_tokens (tokens before `</think>`, forced ones included) never
 exceed the budget; budget 0 answers at once; the answer is capped separately by
 `max_answer_tokens`; the whole output never exceeds `max_new_tokens` (derived
 from the bundle's planned maximum sequence), reserving room for the close and
-the answer.
+the answer. The policy reads whole `DecodeSettings` (egm_edge.runtime.settings);
+fields not given take the built-in defaults there.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from egm_edge.errors import InputError
+from egm_edge.runtime.settings import MAX_BUDGET, MODES, UNLIMITED, DecodeSettings
 
-MODES = ("hard", "qwen", "none")
+__all__ = ["MAX_BUDGET", "MODES", "BudgetPolicy", "DecodeSettings", "ThinkTokens"]
 HARD_CLOSE_TEXT = "\n</think>\n\n"
-MAX_BUDGET = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -68,43 +69,34 @@ class ThinkTokens:
         k = seq.index(self.think_close)
         return seq[:k], seq[k:]
 
-
-@dataclass(frozen=True)
-class BudgetSpec:
-    """What the caller asks: budget (None = unlimited), mode, answer cap."""
-
-    think_budget: int | None = None
-    mode: str = "hard"
-    max_answer_tokens: int = 128
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise InputError(f"Unknown budget mode {self.mode!r}. Choose from: {', '.join(MODES)}.")
-        if self.think_budget is not None and not (0 <= int(self.think_budget) <= MAX_BUDGET):
-            raise InputError(f"The think budget must be between 0 and {MAX_BUDGET}, got {self.think_budget}.")
-        if self.max_answer_tokens < 1:
-            raise InputError(f"max_answer_tokens must be at least 1, got {self.max_answer_tokens}.")
+    def reserve(self, max_answer_tokens: int) -> int:
+        """Output tokens an answer needs after the reasoning: the longest close from `</think>` on,
+        the answer cap and the stop token (BudgetPolicy refuses less room than this)."""
+        return max(len(self._split(s)[1]) for s in (self.hard_close, self.qwen_close)) + max_answer_tokens + 1
 
 
 class BudgetPolicy:
     """Per-request state: phase, counts and the queue of tokens to force."""
 
-    def __init__(self, spec: BudgetSpec, ids: ThinkTokens, max_new_tokens: int):
-        self.spec, self.ids = spec, ids
+    def __init__(self, settings: DecodeSettings, ids: ThinkTokens, max_new_tokens: int):
+        # Settings not given fall back to the built-in defaults; callers resolve against a bundle's first.
+        self.settings = spec = settings.resolved()
+        self.ids = ids
         hard_pre, hard_post = ids._split(ids.hard_close)
         qwen_pre, qwen_post = ids._split(ids.qwen_close)
-        # Room the answer needs after the reasoning: the close itself and the answer cap.
-        reserve = max(len(hard_post), len(qwen_post)) + spec.max_answer_tokens + 1  # + the stop token
+        reserve = ids.reserve(spec.max_answer_tokens)
         if max_new_tokens < reserve:
             raise InputError(
-                f"Only {max_new_tokens} new tokens fit in the planned sequence, fewer than the {reserve} an answer "
-                "needs; use a shorter prompt, a smaller image or a bundle planned for longer sequences."
+                f"Only {max_new_tokens} new tokens fit (the max_new_tokens cap, or what the planned sequence leaves after "
+                f"the prompt), fewer than the {reserve} an answer needs (the reasoning's close, {spec.max_answer_tokens} answer "
+                "tokens and the stop); raise max_new_tokens, lower max_answer_tokens, or use a shorter prompt, a smaller "
+                "image or a bundle planned for longer sequences."
             )
         room = max_new_tokens - reserve
-        budget = spec.think_budget if spec.mode != "none" else None
-        self.budget = room if budget is None else min(int(budget), room)
+        capped = spec.budget_mode != "none" and not spec.unlimited
+        self.budget = min(spec.think_budget, room) if capped else room
         self.max_new_tokens = max_new_tokens
-        use_qwen = spec.mode == "qwen" and self.budget >= len(qwen_pre)
+        use_qwen = spec.budget_mode == "qwen" and self.budget >= len(qwen_pre)
         pre, post = (qwen_pre, qwen_post) if use_qwen else (hard_pre, hard_post)
         if self.budget < len(pre):
             pre = ()
@@ -129,7 +121,7 @@ class BudgetPolicy:
         if not self.queue and self.phase == "think" and self.think_tokens >= self._trigger_at:
             self.queue.extend(self._close)
             self.budget_forced = True
-        if not self.queue and self.phase == "answer" and self.answer_tokens >= self.spec.max_answer_tokens:
+        if not self.queue and self.phase == "answer" and self.answer_tokens >= self.settings.max_answer_tokens:
             self.truncated = True
             self.queue.append(self.ids.stop[0])
         return self.queue.popleft() if self.queue else None

@@ -16,7 +16,9 @@ Layout (written by `egm-edge build`, DESIGN.md "Pipeline"):
 manifest["runtime"] holds what the host needs to drive the graphs: `decoder`
 (num_layers, num_kv_heads, head_dim, hidden_size, vocab_size, num_deepstack,
 image_token_id) and `vision` (egm_edge.runtime.vision_inputs.VisionGridConfig).
-A directory without manifest.json is not a bundle.
+A directory without manifest.json is not a bundle. `open_bundle` reads the manifest
+and configs only; `Grounder.open` also checks every file against the sha256 the
+manifest records (egm_edge.runtime.integrity) before loading the graphs.
 """
 
 from __future__ import annotations
@@ -144,3 +146,19 @@ def open_bundle(path) -> Bundle:
         image_processor=ImageProcessorConfig.from_json(path / "preprocessor_config.json"),
         generation=GenerationConfig.from_dict(_read(path / "generation_config.json", "bundle")),
     )
+
+
+def load_tokenizer(path):
+    """The bundle's `tokenizers.Tokenizer`, or one sentence when the file is not one."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare Exception for any malformed file
+        raise CheckpointError(f"{path} is not a tokenizer the `tokenizers` library can read ({one_line(e)}); rebuild the bundle.") from None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message as a clause inside one of our sentences: one line, no inner full stops."""
+    text = " ".join(str(e).split()).replace(". ", ", ").rstrip(".")
+    return text or type(e).__name__

@@ -9,6 +9,10 @@ sampler and the thinking-budget policy; the executor only runs graphs.
   client); `ground` builds EGM's prompt from an expression first.
 - `stream(...)` yields `TokenEvent`s as tokens are produced; the last event
   carries the finished `GroundingResult`.
+- Decode settings come whole (`settings=DecodeSettings(...)`) or as the same
+  keywords (think_budget, budget_mode, max_answer_tokens, max_new_tokens,
+  sampling), which override it; None means "the bundle's default" and an
+  unlimited budget is `UNLIMITED` ("none" reads the same).
 - A repeated image (same pixels after preprocessing) reuses its encoding from a
   small LRU cache, so several expressions on one camera frame pay for the vision
   tower once.
@@ -25,16 +29,16 @@ from typing import Iterator
 import numpy as np
 
 from egm_edge.grounding import GroundingResult, qwen_chat_prompt, user_text
-from egm_edge.runtime.budget import BudgetPolicy, BudgetSpec, ThinkTokens
-from egm_edge.runtime.bundle import Bundle, open_bundle
+from egm_edge.runtime.budget import BudgetPolicy, ThinkTokens
+from egm_edge.runtime.bundle import Bundle, load_tokenizer, open_bundle
 from egm_edge.runtime.executors import make_executor
 from egm_edge.runtime.image import load_image
+from egm_edge.runtime.integrity import check_files
 from egm_edge.runtime.mrope import decode_position_ids, rope_index
 from egm_edge.runtime.preprocess import preprocess_image
 from egm_edge.runtime.sampling import Sampler, SamplingSpec
+from egm_edge.runtime.settings import DecodeSettings
 from egm_edge.runtime.vision_inputs import vision_grid_inputs
-
-_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -79,19 +83,30 @@ class Grounder:
         self._cache_size = image_cache_size
 
     @classmethod
-    def open(cls, bundle_dir, executor: str = "auto", threads: int | None = None) -> "Grounder":
-        from tokenizers import Tokenizer
+    def open(cls, bundle_dir, executor: str = "auto", threads: int | None = None, verify: bool = False,
+             image_cache_size: int = 4) -> "Grounder":
+        """Load a bundle after checking its files against the sha256 its manifest records.
 
+        A file unchanged since its last good hash (same size, mtime, change time, inode) is not read again;
+        `verify=True` re-reads and hashes every file (egm_edge.runtime.integrity).
+        """
         bundle = open_bundle(bundle_dir)
-        tok = Tokenizer.from_file(str(bundle.file("tokenizer.json")))
-        return cls(bundle, make_executor(bundle, executor, threads=threads), tok)
+        check_files(bundle.path, bundle.manifest, full=verify)
+        tok = load_tokenizer(bundle.file("tokenizer.json"))
+        return cls(bundle, make_executor(bundle, executor, threads=threads), tok, image_cache_size=image_cache_size)
 
     @property
     def model_name(self) -> str:
         return self.bundle.name
 
     # -- public calls -------------------------------------------------------------------------------------
-    def ground(self, image, expression: str, think_budget=_UNSET, task: str = "vanilla", **kw) -> GroundingResult:
+    @property
+    def defaults(self) -> DecodeSettings:
+        """The bundle's decode defaults; max_new_tokens up to its planned sequence."""
+        gen = self.bundle.generation
+        return DecodeSettings.from_generation_config(gen).override(max_new_tokens=gen.max_seq_len)
+
+    def ground(self, image, expression: str, think_budget=None, task: str = "vanilla", **kw) -> GroundingResult:
         text = user_text(expression, task=task, family=self.bundle.generation.family)
         return self.generate(image, text, think_budget=think_budget, **kw)
 
@@ -112,7 +127,7 @@ class Grounder:
             result = ev.result or result
         return result
 
-    def stream(self, image, expression: str, think_budget=_UNSET, task: str = "vanilla", **kw) -> Iterator[TokenEvent]:
+    def stream(self, image, expression: str, think_budget=None, task: str = "vanilla", **kw) -> Iterator[TokenEvent]:
         text = user_text(expression, task=task, family=self.bundle.generation.family)
         return self._run(image, text, think_budget=think_budget, **kw)
 
@@ -132,10 +147,13 @@ class Grounder:
             self._cache.popitem(last=False)
         return enc, False
 
-    def _run(self, image, text: str, *, think_budget=_UNSET, budget_mode: str | None = None,
+    def _run(self, image, text: str, *, settings: DecodeSettings | None = None, think_budget=None, budget_mode: str | None = None,
              sampling: SamplingSpec | None = None, max_answer_tokens: int | None = None,
              max_new_tokens: int | None = None, exif_transpose: bool = True) -> Iterator[TokenEvent]:
         gen = self.bundle.generation
+        settings = (settings or DecodeSettings()).override(
+            think_budget=think_budget, budget_mode=budget_mode, sampling=sampling, max_answer_tokens=max_answer_tokens,
+            max_new_tokens=max_new_tokens).resolved(self.defaults)  # bad settings are refused before the image is read
         t0 = time.perf_counter()
         img = load_image(image, exif_transpose=exif_transpose)
         width, height = img.size
@@ -143,14 +161,7 @@ class Grounder:
         prompt = qwen_chat_prompt(text, prep.n_image_tokens)
         prompt_ids = np.asarray([self.tok.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
         n_prompt = prompt_ids.shape[1]
-        room = gen.max_seq_len - n_prompt
-        if max_new_tokens is not None:
-            room = min(room, int(max_new_tokens))
-        spec = BudgetSpec(
-            gen.think_budget if think_budget is _UNSET else think_budget,
-            budget_mode or gen.budget_mode,
-            max_answer_tokens or gen.max_answer_tokens,
-        )
+        room = min(gen.max_seq_len - n_prompt, settings.max_new_tokens)
         if room <= 0:
             from egm_edge.errors import InputError
 
@@ -158,8 +169,8 @@ class Grounder:
                 f"The prompt takes {n_prompt} tokens ({prep.n_image_tokens} for the image), at or over the bundle's "
                 f"planned maximum sequence of {gen.max_seq_len}; use a smaller image or a bundle built for longer sequences."
             )
-        policy = BudgetPolicy(spec, self.ids, max_new_tokens=room)
-        sampler = Sampler(sampling or SamplingSpec())
+        policy = BudgetPolicy(settings, self.ids, max_new_tokens=room)
+        sampler = Sampler(settings.sampling or SamplingSpec())
         t1 = time.perf_counter()
 
         (feats, deep), cached = self._encode(prep)

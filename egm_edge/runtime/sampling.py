@@ -6,31 +6,11 @@ a draw from a seeded numpy Generator. temperature 0 means greedy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from egm_edge.errors import InputError
+from egm_edge.runtime.settings import SamplingSpec  # the spec lives with the other decode settings
 
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not (0.0 <= self.temperature <= 10.0):
-            raise InputError(f"temperature must be between 0 and 10, got {self.temperature}.")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be 0 (off) or positive, got {self.top_k}.")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = ["Sampler", "SamplingSpec"]
 
 
 class Sampler:

@@ -15,7 +15,8 @@ from typing import Any
 
 
 def budget_label(b) -> str:
-    return "none" if b is None else str(b)
+    """A record's budget (null: unlimited) or a parsed one (runtime.settings.UNLIMITED) as keys and labels spell it."""
+    return "none" if b is None or b == "unlimited" else str(b)
 
 
 def usable(records: list[dict], target: str, deployable_only: bool = True) -> list[dict]:

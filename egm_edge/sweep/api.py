@@ -8,7 +8,9 @@ machine (one warm-up grounding first, no image-encoding cache, so latencies are
 per request) and appends a record (`egm_edge.sweep.records`); targets other than
 cpu get records with the planner's predicted latency and memory. Records already
 in `out_dir/records.jsonl` are skipped, and samples already done within an
-interrupted run are reused from `out_dir/runs/`, so a sweep resumes. The table,
+interrupted run are reused from `out_dir/runs/`, so a sweep resumes (records.jsonl
+marks the folder as a sweep's; any other non-empty folder is refused, and --force
+replaces only another egm-edge artifact). The table,
 the plots and the recommendation are then computed from the records alone
 (`analyze`), which is also how a different `latency_budget_ms` is answered
 without running anything again.
@@ -25,7 +27,7 @@ from typing import Any, Callable
 from egm_edge.errors import CheckpointError, InputError
 
 DEFAULT_RECIPES = ("full", "fp8", "int4_awq")
-DEFAULT_BUDGETS = (0, 16, 32, 64, 128, None)
+DEFAULT_BUDGETS = (0, 16, 32, 64, 128, "unlimited")  # runtime.settings.UNLIMITED
 
 
 @dataclass
@@ -48,14 +50,13 @@ class SweepResult:
 
 
 def _check_budgets(budgets) -> tuple:
-    out = []
-    for b in budgets:
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
-            raise InputError(f"Think budget {b!r} is not a whole number of tokens or None (unlimited).")
-        out.append(b)
+    """Each budget parsed once: tokens or UNLIMITED; None, the sweep bundles' default, is unlimited."""
+    from egm_edge.runtime.settings import UNLIMITED, parse_think_budget
+
+    out = tuple(UNLIMITED if b is None else parse_think_budget(b) for b in budgets)
     if not out or len(set(out)) != len(out):
         raise InputError(f"Think budgets {list(budgets)} must be a non-empty list without repeats.")
-    return tuple(out)
+    return out
 
 
 def _targets(names):
@@ -104,21 +105,35 @@ def analyze(records: list[dict], out_dir, *, targets=None, latency_budget_ms: fl
     return recs, plots, tab, notes
 
 
+def is_sweep_dir(d) -> bool:
+    """Whether `d` is a sweep's own output (it resumes there): it holds records.jsonl."""
+    from egm_edge.sweep.records import RECORDS
+
+    return (Path(d) / RECORDS).is_file()
+
+
 def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=("cpu",), *, data, out_dir,
           limit: int | None = None, latency_budget_ms: float | None = None, memory_budget_gb: float | None = None,
           calibration=None, image_root=None, strict: bool = True, seed: int = 0, max_answer_tokens: int = 128,
           max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None,
-          calib_with_reasoning: bool = False) -> SweepResult:
-    """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring."""
+          calib_with_reasoning: bool = False, force: bool = False) -> SweepResult:
+    """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring.
+
+    `out_dir` is new, empty or a sweep's own (its records.jsonl: resumed); `force` replaces another egm-edge
+    artifact there, never a folder of other files nor one that is, holds or lies inside an input."""
+    from egm_edge.artifacts import check_output_dir, prepare_output_dir
     from egm_edge.reference.runner import read_model_config
     from egm_edge.sweep import bundles as B
     from egm_edge.sweep import records as R
     from egm_edge.validate.api import load_data, run_side, subset
-    from egm_edge.validate.predictors import DecodeSettings
+    from egm_edge.runtime.settings import DecodeSettings
+    from egm_edge.sweep.analysis import budget_label
     from egm_edge.validate.store import PredictionStore, sample_ids, samples_digest
 
     say = say or (lambda _m: None)
     model_dir, out = Path(model_dir), Path(out_dir)
+    inputs = [model_dir] + [p for p in (data, calibration, image_root) if isinstance(p, (str, Path))]
+    check_output_dir(out, force, inputs=inputs, own=is_sweep_dir, resume=True)  # before anything is read
     read_model_config(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
@@ -146,8 +161,9 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     cpu = next((t for t in tprofiles if t.name == "cpu"), None) or _targets(["cpu"])[0]
     others = [t for t in tprofiles if t.name != "cpu"]
 
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(out, force, inputs=inputs, own=is_sweep_dir)
     store = R.RecordStore(out)
+    store.path.touch()  # marks the folder as this sweep's at once, so a run stopped while building its first bundle resumes
     caps = {"max_answer_tokens": max_answer_tokens, "max_seq_len": max_seq_len}
     wanted, ran, total = [], 0, len(recipes) * len(budgets)
     for recipe in recipes:
@@ -165,23 +181,23 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
             continue
         runner = _runner(model_dir, recipe, out, cpu, calib, max_answer_tokens, max_seq_len, say, progress, calib_with_reasoning)
         first = samples[0]
-        runner.predictor.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens))  # warm-up
+        runner.predictor.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens).resolved())  # warm-up
         for b in todo:
             ran += 1
-            say(f"[{recipes.index(recipe) * len(budgets) + budgets.index(b) + 1}/{total}] {recipe}, think budget {b if b is not None else 'none'}")
+            say(f"[{recipes.index(recipe) * len(budgets) + budgets.index(b) + 1}/{total}] {recipe}, think budget {budget_label(b)}")
             measured = next((r for r in store.load() if r["key"] == keys[b][0]), None)
             if measured is None:
-                settings = DecodeSettings(b, "hard", max_answer_tokens)
-                runs = PredictionStore(out / "runs", f"{recipe}-{'none' if b is None else b}", rkey)
-                run_side(runner.predictor, f"{recipe} @ {'none' if b is None else b}", by_id, groups, runs.pending(by_id), settings,
+                settings = DecodeSettings(b, "hard", max_answer_tokens).resolved()
+                runs = PredictionStore(out / "runs", f"{recipe}-{budget_label(b)}", rkey)
+                run_side(runner.predictor, f"{recipe} @ {budget_label(b)}", by_id, groups, runs.pending(by_id), settings,
                          runs, 1, progress)
                 rows = list(runs.load(by_id).values())
-                cap = b if b is not None else max((r.get("think_tokens") or 0 for r in rows), default=0)
+                cap = b if isinstance(b, int) else max((r.get("think_tokens") or 0 for r in rows), default=0)
                 mem = R.predict(spec, cpu, recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
                 measured = R.measured_record(recipe, b, rkey, runner, rows, mem.get("memory_gib") if mem["supported"] else None)
                 store.append(measured)
             think = measured["accuracy"]["mean_think_tokens"] or 0.0
-            cap = b if b is not None else (measured["latency"].get("max_think_tokens") or 0)
+            cap = b if isinstance(b, int) else (measured["latency"].get("max_think_tokens") or 0)
             for t, k in zip(others, keys[b][1:]):
                 if k in store.keys() or spec is None:
                     continue

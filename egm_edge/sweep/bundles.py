@@ -51,22 +51,14 @@ def default_calibration() -> Path:
 
 
 def int4_block_size(model_dir: Path, recipe: str) -> int | None:
-    """The largest INT4 block (128, else 64) dividing every quantized input width of the language model; None if not INT4.
+    """The INT4 block `quantize` picks for this model (`quantize.recipes.choose_int4_block`); None if not INT4 or
+    the recipe's own. Part of the bundle key, so a sweep says which block its bundles were built with."""
+    from egm_edge.quantize.policy import config_widths
+    from egm_edge.quantize.recipes import choose_int4_block
 
-    Small models (the tiny grounder's hidden size is 192) need 64; real EGM models take the recipe's 128.
-    """
-    from egm_edge.quantize.recipes import INT4_BLOCK_SIZES, RECIPES
-
-    if recipe == FULL or RECIPES[recipe].weights != "int4":
+    if recipe == FULL:
         return None
-    cfg = json.loads((model_dir / "config.json").read_text())
-    t = cfg.get("text_config") or cfg
-    widths = {t.get("hidden_size"), t.get("intermediate_size"), (t.get("num_attention_heads") or 0) * (t.get("head_dim") or 0)}
-    widths = {w for w in widths if w}
-    for block in sorted(INT4_BLOCK_SIZES, reverse=True):
-        if all(w % block == 0 for w in widths):
-            return None if block == RECIPES[recipe].block_size else block
-    return None  # no block fits: quantize refuses with its own sentence
+    return choose_int4_block(recipe, config_widths(json.loads((model_dir / "config.json").read_text())).values())[0]
 
 
 def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict, with_reasoning: bool = False) -> str:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from egm_edge.runtime.settings import budget_to_json
 from egm_edge.sweep.analysis import budget_label
 
 SCHEMA = 1
@@ -92,7 +93,7 @@ def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], me
         "recipe": recipe,
         "precision": runner.precision,
         "measured_with": runner.kind,
-        "think_budget": budget,
+        "think_budget": budget_to_json(budget),  # null: unlimited, as records have always said
         "target": "cpu",
         "supported": True,
         "deployable": not_deployable is None,

@@ -4,14 +4,16 @@ Contract: sample `i` of seed `s` is a pure function of (s, i, amodal_fraction):
 `draw(seed, i)` gives the same scene, expression and task every time, whatever
 else was drawn before, so training streams and on-disk sets never drift apart.
 `generate(out_dir, n, seed)` writes `images/NNNNNN.png` and `samples.jsonl`
-(written last) with EGM's fields (`image` relative to the JSONL's folder,
-`sent`, `bbox` xyxy pixels, `height`, `width`) plus `split` (the expression
-type) and `task` ("vanilla" or "amodal"). Same seed, same bytes.
+with EGM's fields (`image` relative to the JSONL's folder, `sent`, `bbox` xyxy
+pixels, `height`, `width`) plus `split` (the expression type) and `task`
+("vanilla" or "amodal"), in a sibling folder renamed into place when complete;
+an existing set is replaced only on force, other files never. Same seed, same bytes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from egm_edge.synth.world import Scene, render
 
 JSONL_NAME = "samples.jsonl"
 DEFAULT_AMODAL_FRACTION = 0.15
+_IMAGE_NAME = re.compile(r"\d{6}\.png")
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,21 @@ def draw_warmup(seed: int, i: int) -> Sample:
     return Sample(scene, expr, "vanilla")
 
 
-def generate(out_dir, n: int, seed: int, amodal_fraction: float = DEFAULT_AMODAL_FRACTION) -> Path:
-    """Write `n` samples of stream `seed` under `out_dir`; returns the JSONL path."""
+def is_synth_set(d) -> bool:
+    """Whether `d` is a set `generate` wrote: samples.jsonl and images/ of NNNNNN.png, nothing else."""
+    d = Path(d)
+    if not (d / JSONL_NAME).is_file() or {p.name for p in d.iterdir()} - {JSONL_NAME, "images"}:
+        return False
+    images = d / "images"
+    return not images.exists() or (images.is_dir() and all(p.is_file() and _IMAGE_NAME.fullmatch(p.name) for p in images.iterdir()))
+
+
+def generate(out_dir, n: int, seed: int, amodal_fraction: float = DEFAULT_AMODAL_FRACTION, *, force: bool = False) -> Path:
+    """Write `n` samples of stream `seed` under `out_dir`; returns the JSONL path.
+
+    The set is written beside `out_dir` and renamed into place once complete. `out_dir` must be new or
+    empty; `force` replaces a set this function wrote (or another egm-edge artifact), never other files."""
+    from egm_edge.artifacts import staged_output
     from egm_edge.errors import InputError
 
     if n < 1:
@@ -70,20 +86,16 @@ def generate(out_dir, n: int, seed: int, amodal_fraction: float = DEFAULT_AMODAL
     if not 0.0 <= amodal_fraction <= 1.0:
         raise InputError(f"The amodal fraction must be between 0 and 1, got {amodal_fraction}.")
     out = Path(out_dir)
-    jsonl = out / JSONL_NAME
-    if jsonl.exists():
-        raise InputError(f"{jsonl} already exists; choose an empty output folder.")
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        s = draw(seed, i, amodal_fraction)
-        name = f"images/{i:06d}.png"
-        render(s.scene).save(out / name, format="PNG")
-        lines.append(json.dumps(s.record(name)))
-    tmp = jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.rename(jsonl)
-    return jsonl
+    with staged_output(out, force, own=is_synth_set, complete=JSONL_NAME) as tmp:
+        (tmp / "images").mkdir()
+        lines = []
+        for i in range(n):
+            s = draw(seed, i, amodal_fraction)
+            name = f"images/{i:06d}.png"
+            render(s.scene).save(tmp / name, format="PNG")
+            lines.append(json.dumps(s.record(name)))
+        (tmp / JSONL_NAME).write_text("\n".join(lines) + "\n")
+    return out / JSONL_NAME
 
 
 def read_jsonl(path) -> list[dict]:

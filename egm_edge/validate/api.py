@@ -6,12 +6,15 @@ Contract: both sides run on exactly the same samples (loaded once, images checke
 unlimited; the same answer and output caps). A reference and a candidate whose
 tokenizer.json differ are refused before any work; endpoints cannot be checked
 and the report says so. Each finished sample is appended to
-`predictions-<side>.jsonl` at once, so a rerun does only what is missing or
-failed. Samples whose image cannot be read or whose request failed after retries
+`predictions-<side>.jsonl` at once, so a rerun into the same folder does only
+what is missing or failed; any other non-empty folder is refused (--force
+replaces only another egm-edge artifact). Samples whose image cannot be read or whose request failed after retries
 are ERRORS: counted per split, never scored as misses. The report
 (`report.json`, `report.md`, `worst-regressions/*.png`) is computed from the
 prediction files; the gate fails when a drop exceeds its limit on any split or
-overall, and the result is incomplete while errors remain.
+the pooled overall with enough samples to judge (`min_split_n`; smaller ones are
+reported as too small), and the result is incomplete while errors remain. The
+overall is also reported as EGM reports it, the mean of the per-split figures.
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from egm_edge.errors import EgmError, InputError
-from egm_edge.validate.predictors import DEFAULT_MAX_ANSWER_TOKENS, DEFAULT_MAX_NEW_TOKENS, DecodeSettings, open_predictor
+from egm_edge.validate.predictors import DecodeSettings, open_predictor
 from egm_edge.validate.store import SIDES, PredictionStore, config_hash, gt_box, sample_ids
-
-UNLIMITED = ("none", "unlimited")
 
 
 @dataclass
@@ -68,20 +69,9 @@ def _group_of(sample, key: str) -> str:
     return "-" if v is None or v == "" else str(v)
 
 
-def _resolve_settings(candidate, think_budget, budget_mode, max_answer_tokens, max_new_tokens) -> DecodeSettings:
-    d = candidate.defaults() if hasattr(candidate, "defaults") else {}
-    if isinstance(think_budget, str):
-        if think_budget.lower() not in UNLIMITED:
-            raise InputError(f"think_budget {think_budget!r} is not a number; give a whole number of tokens or 'none' for unlimited.")
-        budget = None
-    else:
-        budget = d.get("think_budget") if think_budget is None else think_budget
-    return DecodeSettings(
-        think_budget=budget,
-        budget_mode=budget_mode or d.get("budget_mode") or "hard",
-        max_answer_tokens=max_answer_tokens or d.get("max_answer_tokens") or DEFAULT_MAX_ANSWER_TOKENS,
-        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-    )
+def _resolve_settings(candidate, asked: DecodeSettings) -> DecodeSettings:
+    """What both sides run under: what was asked, else the candidate's defaults, else the built-in ones."""
+    return asked.resolved(candidate.defaults() if hasattr(candidate, "defaults") else None)
 
 
 def tokenizer_check(candidate, reference) -> str:
@@ -190,32 +180,65 @@ def run_side(predictor, side: str, samples: dict, groups: dict, todo: list[str],
     return time.perf_counter() - t0
 
 
+def _gate_notes(per_group: dict, min_split_n: int) -> list[str]:
+    pairs = per_group["overall"]["delta"]["pairs"]
+    if 0 < pairs < min_split_n:
+        return [f"nothing was gated: the whole run has {pairs} paired samples, fewer than the {min_split_n} the gate needs, "
+                "so its verdict says nothing about accuracy; validate more samples."]
+    return []
+
+
+def is_validation_dir(d) -> bool:
+    """Whether `d` is a validation's own output (it resumes there): it holds a predictions file."""
+    return any((Path(d) / f"predictions-{side}.jsonl").is_file() for side in SIDES)
+
+
+def _is_url(p) -> bool:
+    return str(p).startswith(("http://", "https://"))
+
+
 def validate(candidate, reference, data, *, out_dir, split_by: str = "split", max_acc_drop: float = 1.0,
              max_miou_drop: float = 1.0, think_budget=None, limit: int | None = None, concurrency: int = 4, seed: int = 0,
              image_root=None, strict: bool = True, model_name: str | None = None, budget_mode: str | None = None,
              max_answer_tokens: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
              worst_k: int = 8, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.5,
-             api_key: str | None = None, gate: str = "significant") -> Report:
+             api_key: str | None = None, gate: str = "significant", min_split_n: int | None = None,
+             force: bool = False, settings: DecodeSettings | None = None) -> Report:
     """Validate `candidate` against `reference` on `data` into `out_dir`; see the module docstring.
 
     candidate/reference: a bundle dir, a checkpoint dir, an http(s) URL, or a predictor object.
-    think_budget: tokens, None (the candidate bundle's default, else unlimited) or "none" (unlimited).
+    settings: a whole `DecodeSettings`; think_budget / budget_mode / max_answer_tokens / max_new_tokens override it.
+    think_budget: tokens, None (the candidate bundle's default, else unlimited) or "none"/UNLIMITED (unlimited).
     max_acc_drop / max_miou_drop: allowed drops in points (percent) on any split and overall.
     gate: "significant" fails an over-limit drop only when its paired bootstrap 95% CI excludes no change
     (other over-limit drops are reported as held); "point" fails every over-limit drop.
+    min_split_n: the fewest paired samples a split (or the overall) needs to be gated under either rule
+    (default `stats.MIN_GATE_N`, see there why); smaller ones are reported as too small to gate.
+    out_dir: new, empty, or a validation's own (its predictions files: resumed); `force` replaces another
+    egm-edge artifact there, never a folder of other files nor one that is, holds or lies inside an input.
     """
     from egm_edge.validate import report as rep
     from egm_edge.validate import stats
 
     if gate not in stats.GATE_RULES:
         raise InputError(f"Unknown gate rule {gate!r}; choose from {', '.join(stats.GATE_RULES)}.")
+    min_split_n = stats.MIN_GATE_N if min_split_n is None else min_split_n
+    if isinstance(min_split_n, bool) or not isinstance(min_split_n, int) or min_split_n < 1:
+        raise InputError(f"min_split_n must be a whole number of at least 1, got {min_split_n!r}; "
+                         f"{stats.MIN_GATE_N} is the default, 1 gates every split.")
     for name, v in (("max_acc_drop", max_acc_drop), ("max_miou_drop", max_miou_drop)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
             raise InputError(f"{name} must be a non-negative number of points, got {v!r}.")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise InputError(f"concurrency must be a positive whole number, got {concurrency!r}.")
+    asked = (settings or DecodeSettings()).override(think_budget=think_budget, budget_mode=budget_mode,
+                                                    max_answer_tokens=max_answer_tokens, max_new_tokens=max_new_tokens)
     if isinstance(data, (str, Path)) and not Path(data).exists():
         raise InputError(f"Data file {data} does not exist; pass an EGM eval .jsonl file with --data.")
+    from egm_edge.artifacts import check_output_dir, prepare_output_dir
+
+    inputs = [p for p in (candidate, reference, data, image_root) if isinstance(p, (str, Path)) and not _is_url(p)]
+    check_output_dir(out_dir, force, inputs=inputs, own=is_validation_dir, resume=True)  # before any model loads
     t_start = time.perf_counter()
     kw = dict(model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
     cand = open_predictor(candidate, **kw)
@@ -229,10 +252,9 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     ids = sample_ids(samples)
     by_id = dict(zip(ids, samples))
     groups = {i: _group_of(s, key) for i, s in by_id.items()}
-    settings = _resolve_settings(cand, think_budget, budget_mode, max_answer_tokens, max_new_tokens)
+    settings = _resolve_settings(cand, asked)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir, force, inputs=inputs, own=is_validation_dir)
     rows, runs = {}, {}
     for side, pred in (("reference", ref), ("candidate", cand)):
         store = PredictionStore(out, side, config_hash(pred.fingerprint(), settings.to_dict()))
@@ -250,7 +272,7 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
             "candidate": stats.side_metrics([rows["candidate"][i] for i in gids if i in rows["candidate"]]),
             "delta": stats.paired(rows["candidate"], rows["reference"], gids, seed),
         }
-    failures, held = stats.gate(per_group, max_acc_drop, max_miou_drop, gate)
+    failures, held, too_small = stats.gate(per_group, max_acc_drop, max_miou_drop, gate, min_split_n)
     errors = {s: per_group["overall"][s]["errors"] for s in SIDES}
     verdict = "fail" if failures else "incomplete" if any(errors.values()) else "pass"
     data_info.update(n_samples=len(ids), split_by=split_by, limit=limit,
@@ -259,8 +281,10 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
         "verdict": verdict,
         "failures": failures,
         "held": held,
+        "too_small": too_small,
         "errors": errors,
-        "thresholds": {"max_acc_drop_points": max_acc_drop, "max_miou_drop_points": max_miou_drop, "rule": gate},
+        "thresholds": {"max_acc_drop_points": max_acc_drop, "max_miou_drop_points": max_miou_drop, "rule": gate,
+                       "min_split_n": min_split_n},
         "candidate": cand.describe(),
         "reference": ref.describe(),
         "tokenizer_check": tok_note,
@@ -268,7 +292,8 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
         "data": data_info,
         "runs": runs,
         "groups": per_group,
-        "notes": rep.notes(rows, settings, errors),
+        "split_mean": stats.split_mean(per_group),
+        "notes": rep.notes(rows, settings, errors) + _gate_notes(per_group, min_split_n),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     report = Report(verdict, failures, out, body)

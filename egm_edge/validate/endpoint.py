@@ -5,8 +5,9 @@ name unless one is given) and `<url>/v1/chat/completions`, nothing else. Each
 request is EGM's own: one user message with the image as a base64 PNG data URL
 (the exact pixels the local runners see, EXIF dropped) and the text
 `grounding.user_text(expression)`, greedy (temperature 0), `max_tokens`, plus the
-egm-edge extension `think_budget`/`budget_mode` only when a budget is set (other
-servers ignore it, which the report notices). The box is parsed from `content`
+egm-edge extension `think_budget` (null for unlimited, so an egm-edge server does not
+fall back to its bundle's budget) and `budget_mode` (other servers ignore them; the
+report notices a budget they did not keep). The box is parsed from `content`
 (after `reasoning_content` when the server splits reasoning out; the whole text
 when the reasoning is inlined). Connection errors, timeouts, 408/429 and 5xx are
 retried `retries` times with exponential backoff, then raise `EndpointError`;
@@ -136,8 +137,8 @@ class EndpointPredictor:
             "max_tokens": settings.max_new_tokens,
             "stream": False,
         }
-        if settings.think_budget is not None:
-            body["think_budget"] = settings.think_budget
+        if settings.think_budget is not None:  # null for unlimited, as egm-edge serve reads it
+            body["think_budget"] = settings.to_dict()["think_budget"]
             body["budget_mode"] = settings.budget_mode
         return body
 

@@ -16,35 +16,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from egm_edge.errors import CheckpointError, InputError
+from egm_edge.runtime.settings import BUILTIN, DecodeSettings  # the one decode-settings type, re-exported here
 
-DEFAULT_MAX_ANSWER_TOKENS = 128
-DEFAULT_MAX_NEW_TOKENS = 4096  # EGM's evaluation cap
+DEFAULT_MAX_ANSWER_TOKENS = BUILTIN.max_answer_tokens
+DEFAULT_MAX_NEW_TOKENS = BUILTIN.max_new_tokens  # EGM's evaluation cap
 SMALL_MODEL_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """The decode settings both sides run under: the same for candidate and reference."""
-
-    think_budget: int | None = None  # None: unlimited
-    budget_mode: str = "hard"
-    max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-
-    def __post_init__(self) -> None:
-        from egm_edge.runtime.budget import BudgetSpec
-
-        BudgetSpec(self.think_budget, self.budget_mode, self.max_answer_tokens)
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive whole number, got {self.max_new_tokens!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Predictor(Protocol):
@@ -57,7 +37,7 @@ class Predictor(Protocol):
 
     def tokenizer_sha256(self) -> str | None: ...
 
-    def defaults(self) -> dict[str, Any]: ...
+    def defaults(self) -> dict[str, Any]: ...  # decode defaults in DecodeSettings' JSON form ({} for none)
 
     def predict(self, image, expression: str, task: str, settings: DecodeSettings): ...
 
@@ -118,18 +98,12 @@ class BundlePredictor:
 
     def predict(self, image, expression: str, task: str, settings: DecodeSettings):
         if self._grounder is None:
-            from tokenizers import Tokenizer
-
-            from egm_edge.runtime.executors import make_executor
             from egm_edge.runtime.grounder import Grounder
 
             # No image-encoding cache: every sample pays for its vision pass, so latencies are per request.
-            tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
-            self._grounder = Grounder(self.bundle, make_executor(self.bundle, "auto"), tok, image_cache_size=0)
-        return self._grounder.ground(
-            image, expression, think_budget=settings.think_budget, task=task, budget_mode=settings.budget_mode,
-            max_answer_tokens=settings.max_answer_tokens, max_new_tokens=settings.max_new_tokens, exif_transpose=False,
-        )
+            # Grounder.open also checks the files against the manifest's sha256, so a swapped graph is not scored.
+            self._grounder = Grounder.open(self.path, image_cache_size=0)
+        return self._grounder.ground(image, expression, task=task, settings=settings, exif_transpose=False)
 
 
 class CheckpointPredictor:
@@ -180,10 +154,7 @@ class CheckpointPredictor:
         if self.small:
             torch.set_num_threads(1)
         try:
-            return self._runner.ground(
-                image, expression, think_budget=settings.think_budget, task=task, budget_mode=settings.budget_mode,
-                max_new_tokens=settings.max_new_tokens, max_answer_tokens=settings.max_answer_tokens, exif_transpose=False,
-            )
+            return self._runner.ground(image, expression, task=task, settings=settings, exif_transpose=False)
         finally:
             torch.set_num_threads(before)
 

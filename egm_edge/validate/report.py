@@ -37,7 +37,7 @@ def notes(rows: dict, settings, errors: dict) -> list[str]:
         if n:
             first = next((r["error"] for r in rows[side].values() if r.get("error")), "")
             out.append(f"{n} {side} samples failed and are not scored (first: {first}); rerun the same command to retry only them.")
-    if settings.think_budget is not None:
+    if isinstance(settings.think_budget, int):  # a number of tokens, not UNLIMITED
         for side, rs in rows.items():
             over = sum(1 for r in rs.values() if not r.get("error") and r.get("think_tokens") is not None
                        and r["think_tokens"] > settings.think_budget + 32)
@@ -51,10 +51,14 @@ def notes(rows: dict, settings, errors: dict) -> list[str]:
     return out
 
 
-def _table(groups: dict) -> list[str]:
+def _table(groups: dict, split_mean: dict | None = None) -> list[str]:
     head = ("| split | n | Acc@0.5 ref | Acc@0.5 cand | delta Acc (95% CI) | mIoU ref | mIoU cand | delta mIoU (95% CI) "
             "| same box | parse fail ref / cand | errors ref / cand | think tokens ref / cand | hit->miss | miss->hit |")
     lines = [head, "|" + "---|" * 14]
+    if split_mean:  # beside the pooled overall, which the loop writes last
+        r, c, d = split_mean["reference"], split_mean["candidate"], split_mean["delta"]
+        mean_row = (f"| **{split_mean['label']}** | {split_mean['n']} | {_f(r['acc'])} | {_f(c['acc'])} | {_f(d['acc_delta'])} | "
+                    f"{_f(r['miou'])} | {_f(c['miou'])} | {_f(d['miou_delta'])} |" + " - |" * 6)
     for name, g in groups.items():
         r, c, d = g["reference"], g["candidate"], g["delta"]
         lines.append(
@@ -64,6 +68,8 @@ def _table(groups: dict) -> list[str]:
             f"{r['errors']} / {c['errors']} | {_f(r['mean_think_tokens'], 1)} / {_f(c['mean_think_tokens'], 1)} | "
             f"{len(d['hit_to_miss'])} | {len(d['miss_to_hit'])} |"
         )
+    if split_mean:
+        lines.append(mean_row)
     return lines
 
 
@@ -96,16 +102,26 @@ def markdown(data: dict) -> str:
         f"- gate: a drop of more than {_points(data['thresholds']['max_acc_drop_points'])} of Acc@0.5 or "
         f"{_points(data['thresholds']['max_miou_drop_points'])} of mean IoU on any split or overall fails"
         + ("" if data["thresholds"].get("rule", "point") == "point" else
-           " when its paired 95% CI lies wholly below zero (rule `significant`; `--gate point` fails every such drop)"),
+           " when its paired 95% CI lies wholly below zero (rule `significant`; `--gate point` fails every such drop)")
+        + (f"; a split (or the overall) with fewer than {data['thresholds']['min_split_n']} paired samples is too small to gate"
+           if data["thresholds"].get("min_split_n") else ""),
         "",
     ]
     if data["failures"]:
         lines += ["## Gate failures", ""] + [f"- {f}" for f in data["failures"]] + [""]
     if data.get("held"):
         lines += ["## Drops over a limit but within sampling noise (not failing)", ""] + [f"- {f}" for f in data["held"]] + [""]
+    if data.get("too_small"):
+        lines += ["## Too small to gate (reported, not failing; `--min-split-n` sets the minimum)", ""]
+        lines += [f"- {f}" for f in data["too_small"]] + [""]
     if data["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
-    lines += ["## Accuracy (points; deltas are candidate minus reference over paired samples)", ""] + _table(data["groups"]) + [""]
+    sm = data.get("split_mean")
+    lines += ["## Accuracy (points; deltas are candidate minus reference over paired samples)", ""]
+    if sm:
+        lines += [f"**overall** is every sample pooled, and what the gate judges; **{sm['label']}** weighs each split equally, "
+                  "as EGM reports its headline figure (its delta is the mean of the split deltas).", ""]
+    lines += _table(data["groups"], sm) + [""]
     lines += ["## Latency per sample (measured on this machine; endpoints: request wall time)", ""] + _latency_table(data["groups"]) + [""]
     flips = data["groups"]["overall"]["delta"]
     for key, title in (("hit_to_miss", "Samples that flipped from hit to miss"), ("miss_to_hit", "Samples that flipped from miss to hit")):
@@ -173,8 +189,14 @@ def summary_text(report) -> str:
         f"mIoU {_f(dl['miou_delta'])} {_ci(dl['miou_delta_ci95'])}; same box {_f(dl['same_box_rate'], 3)}; "
         f"hit->miss {len(dl['hit_to_miss'])}, miss->hit {len(dl['miss_to_hit'])}",
     ]
+    sm = d.get("split_mean")
+    if sm:
+        lines.append(f"{sm['label']}: Acc@0.5 {_f(sm['reference']['acc'])} -> {_f(sm['candidate']['acc'])} "
+                     f"(delta {_f(sm['delta']['acc_delta'])}), mIoU {_f(sm['reference']['miou'])} -> {_f(sm['candidate']['miou'])} "
+                     f"(delta {_f(sm['delta']['miou_delta'])}); the pooled figures above are what the gate judges")
     lines += [f"FAIL {f}" for f in report.failures]
     lines += [f"held {f}" for f in d.get("held") or []]
+    lines += [f"not gated: {f}" for f in d.get("too_small") or []]
     lines += [f"note: {n}" for n in d["notes"]]
     lines.append(f"verdict: {report.verdict.upper()}; report: {Path(report.out_dir) / 'report.md'}")
     return "\n".join(lines)

@@ -49,9 +49,9 @@ def test_build_refuses_to_overwrite_without_force(tiny_bundle, capsys):
 
 
 def test_bad_budget_argument_exits_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["build", "--target", "cpu", "--export", str(tmp_path), "--out", str(tmp_path / "o"), "--think-budget", "lots"])
-    assert e.value.code == 2
+    rc = main(["build", "--target", "cpu", "--export", str(tmp_path), "--out", str(tmp_path / "o"), "--think-budget", "lots"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "think budget 'lots'" in err, err
 
 
 def test_ground_cli_on_a_bundle_draws_the_box(tiny_bundle, scene, tmp_path, capsys):

@@ -217,8 +217,8 @@ def test_clear_errors_before_any_work(tmp_path, small_checkpoint):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
-    with pytest.raises(EgmError, match="already holds"):
-        export(small_checkpoint, busy)
+    with pytest.raises(EgmError, match="not an egm-edge artifact"):
+        export(small_checkpoint, busy, force=True)
     with pytest.raises(EgmError, match="Not enough disk space"):
         check_disk_space(tmp_path, 1 << 60)
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from egm_edge.errors import InputError
@@ -86,3 +88,10 @@ def test_split_thinking():
     assert split_thinking("<think>\nx\n</think>y") == ("x", "y", True)
     assert split_thinking("still thinking") == ("still thinking", "", False)
     assert QWEN_STOP_THINKING.endswith("</think>\n\n")
+
+
+@pytest.mark.parametrize("expr, where", [("the caf\udce9 sign", "byte 0xe9"), ("a \ud800 b", "U+D800")])
+def test_expression_that_is_not_utf8_is_refused(expr, where):
+    # "\udce9": the byte 0xe9 in argv, as Python keeps undecodable bytes (surrogateescape); "\ud800": a lone surrogate.
+    with pytest.raises(InputError, match=re.escape(f"not valid UTF-8 text ({where}")):
+        user_text(expr)

@@ -100,8 +100,10 @@ def test_memory_estimate_refuses_before_loading(tmp_path, tiny_ckpt, monkeypatch
 def test_int4_block_size_refusal_names_the_way_out(tmp_path, tiny_ckpt_64, make_calib):
     import egm_edge
 
+    # Without a block quantize picks 64 itself (test_block_choice.py); a block of 128 asked for is refused.
     with pytest.raises(UnsupportedError, match="--block-size 64"):
-        egm_edge.quantize(tiny_ckpt_64, "int4_awq", make_calib(), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
+        egm_edge.quantize(tiny_ckpt_64, "int4_awq", make_calib(), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+                          block_size=128)
     assert not (tmp_path / "out").exists()
 
 

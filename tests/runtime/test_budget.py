@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egm_edge.errors import InputError
-from egm_edge.runtime.budget import BudgetPolicy, BudgetSpec, ThinkTokens
+from egm_edge.runtime.budget import BudgetPolicy, ThinkTokens
+from egm_edge.runtime.settings import UNLIMITED, DecodeSettings
 from egm_edge.runtime.sampling import Sampler, SamplingSpec
 
 STOP, THINK, ANS, CLOSE, NL, NL2 = 0, 5, 7, 100, 10, 11
@@ -37,79 +38,86 @@ def run(policy, model):
 
 
 def test_unlimited_budget_lets_the_model_close_itself():
-    p = BudgetPolicy(BudgetSpec(None), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(UNLIMITED), IDS, max_new_tokens=4096)
     out = run(p, fake_model(30, 8))
     assert p.think_tokens == 30 and p.answer_tokens == 8 and not p.budget_forced
     assert out == [THINK] * 30 + [CLOSE] + [ANS] * 8 + [STOP]
 
 
 def test_budget_zero_answers_at_once():
-    p = BudgetPolicy(BudgetSpec(0), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(0), IDS, max_new_tokens=4096)
     out = run(p, fake_model(30, 3))
     assert p.think_tokens == 0 and p.budget_forced
     assert out[:2] == [CLOSE, NL2]  # the leading newline of the close does not fit a zero budget
 
 
 def test_hard_budget_forces_the_natural_close():
-    p = BudgetPolicy(BudgetSpec(12, "hard"), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(12, "hard"), IDS, max_new_tokens=4096)
     out = run(p, fake_model(30, 3))
     assert p.think_tokens == 12 and p.budget_forced
     assert out[:14] == [THINK] * 11 + [NL, CLOSE, NL2]
 
 
 def test_qwen_mode_forces_the_stop_sentence_inside_the_budget():
-    p = BudgetPolicy(BudgetSpec(12, "qwen"), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(12, "qwen"), IDS, max_new_tokens=4096)
     out = run(p, fake_model(30, 3))
     assert p.think_tokens == 12
     assert out[:14] == [THINK] * 8 + [20, 21, 22, 23, CLOSE, NL2]
 
 
 def test_qwen_mode_degrades_to_hard_when_the_sentence_does_not_fit():
-    p = BudgetPolicy(BudgetSpec(2, "qwen"), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(2, "qwen"), IDS, max_new_tokens=4096)
     out = run(p, fake_model(30, 3))
     assert p.think_tokens == 2 and out[:4] == [THINK, NL, CLOSE, NL2]
 
 
 def test_budget_not_reached_is_not_forced():
-    p = BudgetPolicy(BudgetSpec(64), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(64), IDS, max_new_tokens=4096)
     run(p, fake_model(10, 3))
     assert not p.budget_forced and p.think_tokens == 10
 
 
 def test_mode_none_ignores_the_budget():
-    p = BudgetPolicy(BudgetSpec(3, "none"), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(3, "none"), IDS, max_new_tokens=4096)
     run(p, fake_model(10, 3))
     assert p.think_tokens == 10 and not p.budget_forced
 
 
 def test_answer_is_capped_separately():
-    p = BudgetPolicy(BudgetSpec(None, max_answer_tokens=5), IDS, max_new_tokens=4096)
+    p = BudgetPolicy(DecodeSettings(UNLIMITED, max_answer_tokens=5), IDS, max_new_tokens=4096)
     out = run(p, fake_model(4, 50))
     assert p.answer_tokens == 5 and p.truncated and out[-1] == STOP
 
 
 def test_total_never_exceeds_the_planned_sequence():
-    p = BudgetPolicy(BudgetSpec(None, max_answer_tokens=8), IDS, max_new_tokens=40)
+    p = BudgetPolicy(DecodeSettings(UNLIMITED, max_answer_tokens=8), IDS, max_new_tokens=40)
     out = run(p, fake_model(10_000, 6))
     assert len(out) <= 40 and p.budget_forced and p.answer_tokens == 6
 
 
 def test_too_little_room_is_a_clear_error():
     with pytest.raises(InputError, match="new tokens fit"):
-        BudgetPolicy(BudgetSpec(None, max_answer_tokens=128), IDS, max_new_tokens=50)
+        BudgetPolicy(DecodeSettings(UNLIMITED, max_answer_tokens=128), IDS, max_new_tokens=50)
 
 
-@pytest.mark.parametrize("kw", [dict(think_budget=-1), dict(mode="soft"), dict(max_answer_tokens=0)])
+@pytest.mark.parametrize("kw", [dict(think_budget=-1), dict(budget_mode="soft"), dict(max_answer_tokens=0)])
 def test_bad_specs(kw):
     with pytest.raises(InputError):
-        BudgetSpec(**kw)
+        DecodeSettings(**kw)
+
+
+def test_settings_not_given_take_the_builtin_defaults():
+    p = BudgetPolicy(DecodeSettings(), IDS, max_new_tokens=4096)
+    assert p.settings.unlimited and p.settings.budget_mode == "hard" and p.settings.max_answer_tokens == 128
+    run(p, fake_model(30, 3))
+    assert p.think_tokens == 30 and not p.budget_forced
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 200), st.sampled_from(["hard", "qwen", "none"]), st.integers(0, 300), st.integers(0, 40),
        st.integers(1, 32), st.integers(60, 600))
 def test_invariants(budget, mode, natural_think, natural_answer, max_answer, max_new):
-    p = BudgetPolicy(BudgetSpec(budget, mode, max_answer), IDS, max_new_tokens=max_new)
+    p = BudgetPolicy(DecodeSettings(budget, mode, max_answer), IDS, max_new_tokens=max_new)
     out = run(p, fake_model(natural_think, natural_answer))
     assert len(out) <= max_new
     if mode != "none":
@@ -139,3 +147,10 @@ def test_sampler_greedy_and_seeded():
     assert {s(logits) for _ in range(50)} == {1}
     with pytest.raises(InputError):
         SamplingSpec(top_p=0)
+
+
+def test_too_little_room_names_the_output_cap_too():
+    # The room can be short because of the caller's max_new_tokens, not only the planned sequence: say both.
+    with pytest.raises(InputError, match=r"Only 5 new tokens fit \(the max_new_tokens cap.*raise max_new_tokens") as e:
+        BudgetPolicy(DecodeSettings(UNLIMITED, max_answer_tokens=8), IDS, max_new_tokens=5)
+    assert "\n" not in str(e.value)

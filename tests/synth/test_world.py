@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from egm_edge.errors import InputError
+from egm_edge.errors import EgmError, InputError
 from egm_edge.synth import TYPES, draw, generate, read_jsonl, render, resolve
 from egm_edge.synth.expressions import is_clear, make_sample
 from egm_edge.synth.world import COLOURS, KINDS, MAX_SHAPES, MAX_SIDE, MIN_SHAPES, MIN_SIDE, OCCLUDER_RGB
@@ -47,8 +47,9 @@ def test_jsonl_records_are_egm_eval_format(tmp_path):
 
 def test_refuses_existing_output_and_bad_arguments(tmp_path):
     generate(tmp_path, 1, seed=0)
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(EgmError, match="already holds an artifact; pass --force"):
         generate(tmp_path, 1, seed=0)
+    assert generate(tmp_path, 2, seed=0, force=True).read_text().count("\n") == 2  # its own set, replaced on force
     with pytest.raises(InputError, match="at least 1"):
         generate(tmp_path / "x", 0, seed=0)
     with pytest.raises(InputError, match="amodal fraction"):

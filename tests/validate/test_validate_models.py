@@ -45,7 +45,8 @@ def test_cli_exit_status_and_bad_input(tiny_bundle, tiny_ckpt, dataset, tmp_path
     assert "verdict: PASS" in out and "report.md" in out
     assert main([*args[:5], "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main([*args[:2], str(tmp_path), *args[3:]]) == 2  # neither a bundle nor a checkpoint
+    (tmp_path / "plain").mkdir()
+    assert main([*args[:2], str(tmp_path / "plain"), *args[3:]]) == 2  # neither a bundle nor a checkpoint
     assert "neither a bundle" in capsys.readouterr().err
 
 
