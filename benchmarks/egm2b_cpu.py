@@ -243,7 +243,7 @@ def time_transformers(ckpt: Path, dtype: str, threads: int, repeats: int) -> dic
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    from egm_edge.grounding import qwen_chat_prompt, user_text
+    from egm_edge.grounding import chat_prompt, user_text
     from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image
     from tokenizers import Tokenizer
 
@@ -253,7 +253,7 @@ def time_transformers(ckpt: Path, dtype: str, threads: int, repeats: int) -> dic
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     image, _ = bench_image()
     prep = preprocess_image(image, ImageProcessorConfig.from_json(ckpt / "preprocessor_config.json"))
-    ids = torch.tensor([tok.encode(qwen_chat_prompt(user_text(EXPRESSION, "vanilla"), prep.n_image_tokens), add_special_tokens=False).ids])
+    ids = torch.tensor([tok.encode(chat_prompt(user_text(EXPRESSION, "vanilla"), prep.n_image_tokens), add_special_tokens=False).ids])
     pixels = torch.from_numpy(prep.pixel_values).to(model.dtype)
     grid = torch.tensor([prep.grid_thw])
     runs, tokens = [], None
@@ -507,11 +507,11 @@ def time_one(argv) -> int:
         from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image
 
         n = preprocess_image(bench_image()[0], ImageProcessorConfig.from_json(ckpt / "preprocessor_config.json")).n_image_tokens
-        from egm_edge.grounding import qwen_chat_prompt, user_text
+        from egm_edge.grounding import chat_prompt, user_text
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-        length = len(tok.encode(qwen_chat_prompt(user_text(EXPRESSION, "vanilla"), n), add_special_tokens=False).ids)
+        length = len(tok.encode(chat_prompt(user_text(EXPRESSION, "vanilla"), n), add_special_tokens=False).ids)
         r = time_ortgenai(a.work / "ortgenai-int4", length, a.threads, a.repeats)
     a.out.write_text(json.dumps(r))
     return 0

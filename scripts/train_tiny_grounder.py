@@ -6,7 +6,7 @@ are stream seed (sample i = `synth.draw(seed, i)`), the periodic quick eval uses
 stream seed+2; none of them is the final evaluation's seed (scripts/eval_tiny_grounder.py,
 default 20261122). Every training sample is fresh. Inputs are built exactly as
 the reference runner builds them at inference: `runtime.preprocess.preprocess_image`
-pixels, `grounding.qwen_chat_prompt` text, and assistant ids from
+pixels, `grounding.chat_prompt` text, and assistant ids from
 `synth.assistant_ids` (reasoning, close, answer, <|im_end|>); about 22% of the
 samples have their reasoning cut at a random token (0 included) and closed early,
 a third of those with Qwen's stop sentence, so a budget-forced close still
@@ -132,9 +132,9 @@ def parse_args(argv=None):
 
 
 def build_tokenizer_dir(out: Path, seed: int, vocab: int, template_path: Path) -> Path:
-    from egm_edge.grounding import QWEN_STOP_THINKING, qwen_chat_prompt, user_text
+    from egm_edge.grounding import chat_prompt, user_text
     from egm_edge.synth import assistant_text, draw
-    from egm_edge.synth.tokenizer import build_tokenizer, thinking_template, write_tokenizer_files
+    from egm_edge.synth.tokenizer import FAMILY, build_tokenizer, thinking_template, write_tokenizer_files
 
     if not template_path.is_file():
         # A clone without ../shared: reuse the template shipped with the committed checkpoint.
@@ -143,10 +143,10 @@ def build_tokenizer_dir(out: Path, seed: int, vocab: int, template_path: Path) -
         template = (default_model_dir() / "chat_template.jinja").read_text()
     else:
         template = thinking_template(template_path.read_text())
-    corpus = [QWEN_STOP_THINKING] * 20
+    corpus = [FAMILY.tokens.stop_thinking] * 20
     for i in range(3000):
         s = draw(seed + 1, i)
-        corpus.append(qwen_chat_prompt(user_text(s.expr.sent, s.task), 0))
+        corpus.append(chat_prompt(user_text(s.expr.sent, s.task), 0))
         corpus.append(assistant_text(s.scene, s.expr))
     tok = build_tokenizer(corpus, vocab)
     d = out / "tokenizer"
@@ -168,7 +168,7 @@ class Batcher:
     def example(self, i: int, step: int = 0):
         import numpy as np
 
-        from egm_edge.grounding import qwen_chat_prompt, user_text
+        from egm_edge.grounding import chat_prompt, user_text
         from egm_edge.runtime.preprocess import preprocess_image
         from egm_edge.synth import answer, assistant_ids, draw, reasoning, render
         from egm_edge.synth.dataset import draw_warmup
@@ -178,7 +178,7 @@ class Batcher:
         p_easy = self.easy * max(0.0, 1.0 - step / self.easy_until)
         s = draw_warmup(self.seed, i) if rng.random() < p_easy else draw(self.seed, i, self.amodal_fraction)
         pre = preprocess_image(render(s.scene), self.cfg)
-        prompt = self.tok.encode(qwen_chat_prompt(user_text(s.expr.sent, s.task), pre.n_image_tokens), add_special_tokens=False).ids
+        prompt = self.tok.encode(chat_prompt(user_text(s.expr.sent, s.task), pre.n_image_tokens), add_special_tokens=False).ids
         think = reasoning(s.scene, s.expr)
         cut, qwen_stop = None, False
         if rng.random() < self.truncate_fraction:

@@ -168,3 +168,61 @@ def test_param_counts_match_transformers_internvl():
     )
     model = transformers.InternVLForConditionalGeneration(transformers.InternVLConfig(**to_hf_config(spec)))
     assert _torch_counts(model) == {k: (v.matmul, v.other) for k, v in spec.params().items()}
+
+
+def test_families_and_supported_architectures_come_from_the_registry():
+    from egm_edge.models import FAMILIES, SUPPORTED
+    from egm_edge.models.families import families, family_names
+
+    assert FAMILIES == family_names() == ("qwen3_vl", "internvl")
+    assert set(SUPPORTED) == {a for f in families() for a in f.architectures}
+    with pytest.raises(CheckpointError, match="Unknown model family 'llava'"):
+        dataclasses.replace(get_spec("tiny"), family="llava")
+
+
+def test_a_registered_family_is_read_written_and_counted_through_its_record():
+    """A Qwen3-VL clone under another architecture name: its config reader, writer and vision count are the record's."""
+    from egm_edge.models.families import QWEN3_VL, register, unregister
+
+    toy = register(dataclasses.replace(QWEN3_VL, name="toy_vl", title="Toy-VL", architectures=("ToyVLForConditionalGeneration",),
+                                       model_types=()))
+    try:
+        spec = dataclasses.replace(get_spec("egm-2b"), family="toy_vl", name="toy")
+        cfg = to_hf_config(spec)
+        assert cfg["architectures"] == list(toy.architectures)
+        back = spec_from_config(cfg)
+        assert back.family == "toy_vl" and back.text == spec.text and back.vision == spec.vision
+        assert back is not get_spec("egm-2b")  # same numbers, another family: not the registry's model
+        assert spec.params() == get_spec("egm-2b").params()
+    finally:
+        unregister("toy_vl")
+    with pytest.raises(CheckpointError, match="ToyVLForConditionalGeneration"):
+        spec_from_config(cfg)
+
+
+def test_a_record_without_its_readers_is_one_sentence():
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.models.families import QWEN3_VL, register, unregister
+
+    register(dataclasses.replace(QWEN3_VL, name="bare", title="Bare", architectures=("BareForConditionalGeneration",),
+                                 model_types=(), config_writer="", vision_params=""))
+    try:
+        spec = dataclasses.replace(get_spec("tiny"), family="bare")
+        with pytest.raises(UnsupportedError, match="Bare family's record names no config_writer"):
+            to_hf_config(spec)
+        with pytest.raises(UnsupportedError, match="no vision_params"):
+            spec.params()
+    finally:
+        unregister("bare")
+
+
+def test_internvl_layout_follows_the_architecture():
+    """transformers' layout (text_config) for the record's hf_class, OpenGVLab's (llm_config) for the other name."""
+    cfg = to_hf_config(get_spec("egm-internvl3-1b"))
+    assert cfg["architectures"] == ["InternVLForConditionalGeneration"]
+    chat = {**{k: v for k, v in cfg.items() if k != "text_config"}, "architectures": ["InternVLChatModel"],
+            "llm_config": cfg["text_config"]}
+    chat["vision_config"] = {**cfg["vision_config"], "qkv_bias": True}
+    assert spec_from_config(chat) is get_spec("egm-internvl3-1b")
+    del chat["architectures"]
+    assert spec_from_config(chat) is get_spec("egm-internvl3-1b")  # no architecture: the keys show the layout

@@ -3,9 +3,11 @@
 Steps: check the export (manifest, stage, graphs); let ONNX Runtime apply its
 graph optimisations and save the optimised graphs (weights kept in external
 data files where the export had them); copy the tokenizer and the image
-processor config; write the bundle's generation config (stop tokens, think
-tags, default budget, caps); prove the bundle loads and grounds one image; only
-then write manifest.json and rename the directory into place.
+processor config; write the bundle's generation config (the family, its stop
+tokens and think tags from the family's record, default budget, caps); prove the
+bundle loads and grounds one image; only then write manifest.json and rename the
+directory into place. The family is the export manifest's (older exports: the
+architecture it records); its record must run the runtime stage.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ def _read_export(export_dir: Path) -> dict:
         if not (export_dir / name).is_file():
             raise CheckpointError(f"Export {export_dir} is missing {name}; run `egm-edge export` again.")
     return m
+
+
+def export_family(export_dir: Path, manifest: dict):
+    """The family record of an export: the family its manifest names, else (older exports) its architecture's."""
+    from egm_edge.models.families import family_of_config, get_family
+
+    if manifest.get("family"):
+        return get_family(manifest["family"])
+    arch = manifest.get("architecture")
+    return family_of_config({"architectures": [arch]} if arch else {}, f"the manifest of export {export_dir}")
 
 
 def optimize_graph(src: Path, dst: Path, external: bool, disabled_optimizers=()) -> None:
@@ -204,10 +216,12 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | str | None = None, bud
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     check_output_dir(out_dir, force, inputs=[export_dir])  # before anything is read: --out may never clobber the export
     em = _read_export(export_dir)
+    family = export_family(export_dir, em)
+    family.require("runtime", f"Export {export_dir}")
     # Validated before any work; a budget not given is the built-in one, unlimited (up to max_seq_len).
     defaults = DecodeSettings(think_budget, budget_mode, max_answer_tokens).resolved()
-    gen = GenerationConfig(think_budget=budget_to_json(defaults.think_budget), budget_mode=defaults.budget_mode,
-                           max_answer_tokens=defaults.max_answer_tokens, max_seq_len=max_seq_len)
+    gen = GenerationConfig.for_family(family, think_budget=budget_to_json(defaults.think_budget),
+                           budget_mode=defaults.budget_mode, max_answer_tokens=defaults.max_answer_tokens, max_seq_len=max_seq_len)
     t0 = time.perf_counter()
     timings = {}
     ort_settings = em.get("onnxruntime") or {}
@@ -248,6 +262,7 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | str | None = None, bud
         (tmp / "generation_config.json").write_text(json.dumps(gen.to_dict(), indent=2))
         manifest = dict(
             target="cpu",
+            family=family.name,
             name=name or out_dir.name,
             precision=em.get("precision", "full"),
             executor="onnxruntime",

@@ -7,7 +7,9 @@ the checkpoint or the calibration recipe, an output and a work directory that
 overlap, an output directory holding an artifact without force or anyone's
 files even with force; then an unknown recipe or target, a precision the target
 lacks (`targets.check_precision`: FP8 on Orin, NVFP4 before Blackwell), a
-KV-cache dtype it lacks, a recipe the export cannot lower, a recipe that needs
+KV-cache dtype it lacks, a recipe the export cannot lower, a checkpoint whose family
+record does not run every stage the build needs (plan, quantize unless "full",
+export, runtime), a recipe that needs
 CUDA on a machine without it, a missing calibration recipe, a plan that does
 not fit: the planner's verdict and its first alternative). Then each stage writes into the work directory
 (default: `<out>-stages/` beside the bundle) under a name derived from the hash
@@ -105,8 +107,11 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int |
 
         CalibrationRecipe.from_toml(calib)  # a shipped name or a file, checked (and parsed) before any work
     spec = spec_from_config(model_dir)
-    if spec.family != "qwen3_vl":
-        raise UnsupportedError(f"{model_dir} is a {spec.family} checkpoint; the export stage handles Qwen3-VL checkpoints only.")
+    from egm_edge.models.families import get_family
+
+    family = get_family(spec.family)
+    for stage in ("plan", *(("quantize",) if recipe != "full" else ()), "export", "runtime"):
+        family.require(stage, f"Checkpoint {model_dir}")
     quant, notes = None, []
     if recipe != "full":
         from egm_edge.quantize.policy import check_block_sizes, config_widths

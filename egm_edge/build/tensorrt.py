@@ -164,7 +164,7 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
                    max_batch_size: int = 8, progress: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> Path:
     """Write a GPU/Jetson bundle for `target` from an export; returns `out_dir` (see the module docstring)."""
     from egm_edge.artifacts import check_output_dir, file_hashes, staged_output, write_manifest
-    from egm_edge.build.cpu import _read_export
+    from egm_edge.build.cpu import _read_export, export_family
     from egm_edge.build.trt_contract import require_tensorrt_graphs
     from egm_edge.runtime.bundle import GenerationConfig
 
@@ -175,6 +175,8 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
     if target.kind not in ("gpu", "jetson"):
         raise UnsupportedError(f"Target {target.name} is a {target.kind} target; TensorRT bundles are for gpu and jetson targets.")
     em = _read_export(export_dir)
+    family = export_family(export_dir, em)
+    family.require("runtime", f"Export {export_dir}")
     inputs.append((em.get("inputs") or {}).get("checkpoint"))  # the TensorRT-LLM config reads it
     exported = em.get("precision", "full")
     if (exported == "full") != (plan.precision in ("fp32", "fp16", "bf16")) or (exported != "full" and exported != plan.precision):
@@ -193,7 +195,7 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
         proc = _cap_image_size(tmp / "preprocessor_config.json", plan.image.image_tokens)
         bp = build_plan(plan, target, em, proc, _graph_inputs(tmp / "vision.onnx"), file_hashes(tmp, files))
         (tmp / "build_plan.json").write_text(json.dumps(bp, indent=2))
-        gen = GenerationConfig(think_budget=plan.think_budget, budget_mode=budget_mode,
+        gen = GenerationConfig.for_family(family, think_budget=plan.think_budget, budget_mode=budget_mode,
                                max_answer_tokens=max_answer_tokens or plan.answer_tokens + 80, max_seq_len=bp["tokens"]["kv_max"])
         (tmp / "generation_config.json").write_text(json.dumps(gen.to_dict(), indent=2))
         trtllm = None

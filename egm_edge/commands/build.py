@@ -46,7 +46,7 @@ def register(p: argparse.ArgumentParser) -> None:
                                  "gpu/jetson target plans for all the model's context window holds and says how many tokens that is",
                               "none for --export on cpu, else 1024")
     p.add_argument("--budget-mode", choices=MODES, default="hard", help="default way to close a spent budget")
-    p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap on tokens after </think> (default 128 on cpu)")
+    p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap on answer tokens after the reasoning closes (default 128 on cpu)")
     p.add_argument("--max-seq-len", type=int, default=4096, metavar="N",
                    help="--export cpu: planned maximum of prompt + image + output tokens (default: 4096)")
     p.add_argument("--vision-int8", action="store_true",

@@ -31,10 +31,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expr", required=True, metavar="TEXT", help="referring expression, e.g. 'the red car on the left'")
     add_think_budget_argument(p, "maximum reasoning tokens", "the bundle's; unlimited with --model")
     p.add_argument("--budget-mode", choices=MODES, default="hard",
-                   help="how a spent budget closes the reasoning: hard '</think>' or Qwen's stop sentence (default: hard)")
+                   help="how a spent budget closes the reasoning: hard (the closing tag at once) or qwen (Qwen's stop sentence, then the tag) (default: hard)")
     p.add_argument("--task", choices=TASKS, default="vanilla", help="vanilla or amodal grounding (default: vanilla)")
     p.add_argument("--max-new-tokens", type=int, default=4096, metavar="N", help="cap on all output tokens (default: 4096, as EGM)")
-    p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap on tokens after '</think>' (default: 128)")
+    p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap on answer tokens after the reasoning closes (default: 128)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

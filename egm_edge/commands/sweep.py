@@ -37,7 +37,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="TOML", default=None, help="calibration recipe for quantized recipes (default calibration/synth.toml)")
     p.add_argument("--calib-with-reasoning", action="store_true",
                    help="calibrate quantized recipes on the full model's own reasoning (quantize --calib-with-reasoning)")
-    p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap after '</think>' (default 128)")
+    p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap on answer tokens after the reasoning closes (default 128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace another egm-edge artifact at --out (a sweep's own --out is resumed without it)")
 

@@ -39,7 +39,7 @@ def register(p: argparse.ArgumentParser) -> None:
                         f"small to gate (default {MIN_GATE_N}: below it the bootstrap calls a split where every sample flipped "
                         "significant though no exact test can; 1 gates every split)")
     add_think_budget_argument(p, "reasoning budget for both sides", "the candidate bundle's, else unlimited")
-    p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap after '</think>' (default: the candidate bundle's, else 128)")
+    p.add_argument("--max-answer-tokens", type=int, default=None, metavar="N", help="cap on answer tokens after the reasoning closes (default: the candidate bundle's, else 128)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on all output tokens (default 4096, as EGM)")
     p.add_argument("--limit", type=int, default=None, metavar="K", help="validate a seeded subset of K samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the bootstrap (default 0)")

@@ -34,10 +34,14 @@ from egm_edge.data.samples import (
     check_task,
 )
 from egm_edge.errors import InputError
+from egm_edge.models.families.internvl import INTERNVL
 
 _CORE = ("image", "sent", "bbox", "width", "height", "split", "task")
-_REF = re.compile(r"<ref>\s*[\"“]?(.+?)[\"”]?\s*</ref>", re.S)
-_BOX = re.compile(r"<box>\s*\[+([^\[\]]+)\]+\s*</box>", re.S)
+# InternVL-style conversations (EGM's InternVL data): the family record names the tags.
+_REF_OPEN, _REF_CLOSE = INTERNVL.ref_tag
+_BOX_OPEN, _BOX_CLOSE = INTERNVL.box_tag
+_REF = re.compile(re.escape(_REF_OPEN) + r"\s*[\"“]?(.+?)[\"”]?\s*" + re.escape(_REF_CLOSE), re.S)
+_BOX = re.compile(re.escape(_BOX_OPEN) + r"\s*\[+([^\[\]]+)\]+\s*" + re.escape(_BOX_CLOSE), re.S)
 _NUM = re.compile(r"[-+]?(?:\d*\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -105,15 +109,15 @@ def record_to_sample(rec: Any, *, base: Path, rooted: bool, default_split: str, 
     elif conv_text is not None and _REF.findall(conv_text):
         sent = _REF.findall(conv_text)[-1]
     else:
-        raise BadRecord("missing field", "the record has no 'sent' field (nor a <ref> in its conversations)")
+        raise BadRecord("missing field", f"the record has no 'sent' field (nor a {_REF_OPEN} in its conversations)")
     if "bbox" in rec:
         bbox = check_box(rec.pop("bbox"), width, height)
     elif "modal_bbox" in rec:
         bbox = check_box(rec["modal_bbox"], width, height, name="modal_bbox")
     elif conv_text is not None and _BOX.findall(conv_text):
-        bbox = check_box(_norm1000_box(_BOX.findall(conv_text)[-1], width, height), width, height, name="<box>")
+        bbox = check_box(_norm1000_box(_BOX.findall(conv_text)[-1], width, height), width, height, name=_BOX_OPEN)
     else:
-        raise BadRecord("missing field", "the record has no 'bbox' field (nor 'modal_bbox' or a <box> in its conversations)")
+        raise BadRecord("missing field", f"the record has no 'bbox' field (nor 'modal_bbox' or a {_BOX_OPEN} in its conversations)")
     sample_id = rec.pop("id", None)
     if sample_id is None:
         sample_id = rec.pop("question_id", None)

@@ -1,10 +1,10 @@
 """What export reads from a checkpoint directory: its config, precision, graph configs and weights.
 
 `inspect_checkpoint(dir)` checks the directory before anything heavy happens
-(config.json present and readable, architecture supported, weights present,
-quantized or not) and returns a frozen `CheckpointInfo`. `load_reference(info)`
-loads the PyTorch reference the graphs are exported from and validated against
-(transformers' Qwen3VLForConditionalGeneration in float32). Precision comes
+(config.json present and readable, of a family whose record runs the export stage,
+weights present, quantized or not) and returns a frozen `CheckpointInfo`.
+`load_reference(info)` loads the PyTorch reference the graphs are exported from and
+validated against (the family record's transformers class, `hf_class`, in float32). Precision comes
 from metadata (`manifest.json` of the quantize stage, `hf_quant_config.json`),
 never from file names.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 from egm_edge.errors import CheckpointError, UnsupportedError
 from egm_edge.runtime.vision_inputs import VisionGridConfig
 
-SUPPORTED_ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
-SUPPORTED_FAMILIES = ("qwen3_vl",)
 WEIGHT_SUFFIXES = (".safetensors",)
+# What the host side of an export drives (from the family record): the Qwen3-VL processor's patches, M-RoPE.
+LAYOUT = ("smart_resize", "mrope")
 # Small files a later stage (build) needs next to the graphs; copied into the export directory.
 SIDE_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja",
@@ -37,6 +37,19 @@ class CheckpointInfo:
     weight_files: tuple[str, ...]
     weight_bytes: int
     quant_config: dict = field(default_factory=dict)
+    family: str = ""  # the family registry's name for the checkpoint (`family_of_config`)
+
+    @property
+    def record(self):
+        """The family's record (`egm_edge.models.families.Family`)."""
+        from egm_edge.models.families import family_of_config, get_family
+
+        return get_family(self.family) if self.family else family_of_config(self.config, str(self.path / "config.json"))
+
+    @property
+    def architecture(self) -> str:
+        """config.json's architecture, as the checkpoint names it."""
+        return (self.config.get("architectures") or [self.record.architectures[0]])[0]
 
     @property
     def text(self) -> dict:
@@ -75,28 +88,31 @@ def _precision(path: Path) -> tuple[str, dict]:
 
 
 def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo:
-    """Check that `checkpoint_dir` is a Qwen3-VL checkpoint export can read; raise one clear sentence if not."""
+    """Check that `checkpoint_dir` is a checkpoint export can read; raise one clear sentence if not."""
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise CheckpointError(f"Checkpoint directory {path} does not exist; pass --checkpoint DIR holding config.json and *.safetensors.")
     config = _read_json(path / "config.json", "config.json with the model architecture")
     from egm_edge.models import spec_from_config
+    from egm_edge.models.families import get_family
 
     spec = spec_from_config(path)  # one sentence for an unknown architecture
-    if spec.family not in SUPPORTED_FAMILIES:
+    family = get_family(spec.family)
+    family.require("export", f"Checkpoint {path}")
+    if (family.preprocessor, family.positions) != LAYOUT:
         raise UnsupportedError(
-            f"Export does not support the {spec.family} family yet (checkpoint {path}); "
-            f"it exports: {', '.join(SUPPORTED_ARCHITECTURES)}."
+            f"Checkpoint {path} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} positions), "
+            f"but export validates and describes only {LAYOUT[0]} preprocessing with {LAYOUT[1]} positions."
         )
     for key in ("text_config", "vision_config"):
         if not isinstance(config.get(key), dict):
-            raise CheckpointError(f"{path / 'config.json'} has no {key}; it is not a complete Qwen3-VL config.")
+            raise CheckpointError(f"{path / 'config.json'} has no {key}; it is not a complete {family.title} config.")
     weights = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     if not weights:
         raise CheckpointError(f"Checkpoint {path} has no *.safetensors weights; export reads safetensors only.")
     precision, quant = _precision(path)
     size = sum((path / w).stat().st_size for w in weights)
-    return CheckpointInfo(path, config, precision, tuple(weights), size, quant)
+    return CheckpointInfo(path, config, precision, tuple(weights), size, quant, family.name)
 
 
 def vision_grid_config(model) -> VisionGridConfig:
@@ -146,10 +162,10 @@ def load_reference(info: CheckpointInfo):
         from egm_edge.quantize.loader import load_dequantized
 
         return load_dequantized(info.path, dtype=torch.float32, activations=True)
-    from transformers import Qwen3VLForConditionalGeneration
+    import transformers
 
     try:
-        model = Qwen3VLForConditionalGeneration.from_pretrained(info.path, dtype=torch.float32)
+        model = getattr(transformers, info.record.hf_class).from_pretrained(info.path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"transformers could not load {info.path} ({e}); check that the checkpoint is complete.") from None
     return model.eval()

@@ -1,4 +1,8 @@
-"""`export(checkpoint_dir, out_dir)`: the export stage, from a Qwen3-VL checkpoint to the ONNX IR directory.
+"""`export(checkpoint_dir, out_dir)`: the export stage, from a checkpoint to the ONNX IR directory.
+
+The checkpoint's family record says whether export runs it (`require("export")`), which
+transformers class is the reference (`hf_class`) and which module builds the graphs
+(`graphs`: VisionGraph, DecoderGraph and their export specs and IO names).
 
 Output directory (written in a temporary sibling and renamed into place; the
 manifest is written last, so a directory without one is not an export):
@@ -6,7 +10,7 @@ manifest is written last, so a directory without one is not an export):
     vision.onnx [+ vision.onnx.data]    see egm_edge.export.graphs for every input/output
     decoder.onnx [+ decoder.onnx.data]  weights in one external file when above EXTERNAL_DATA_THRESHOLD
     config.json, tokenizer*, preprocessor_config.json, generation_config.json, chat_template.jinja
-    manifest.json   stage "export": inputs (sha256), precision, opset, versions, timings,
+    manifest.json   stage "export": family, architecture, inputs (sha256), precision, opset, versions, timings,
                     runtime (decoder / vision configs the host needs), graphs, validation figures
 
 The graphs are checked against the PyTorch reference before the rename
@@ -35,7 +39,7 @@ def _fp32_estimate(info) -> int:
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "onnxruntime", int4_accuracy_level: int = 0,
            lm_head: str = "float", force: bool = False, decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
-    """Export a Qwen3-VL checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
+    """Export a checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
 
     `lowering` is the engine the graphs are for: "onnxruntime" (INT4 as MatMulNBits, CPU bundles) or "tensorrt"
     (blocked INT4 DequantizeLinear + MatMul); other precisions lower the same way for both.
@@ -87,7 +91,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         from egm_edge.export.validate import compare_with_onnxruntime, reference_outputs
 
         t = time.perf_counter()
-        refs = reference_outputs(model, info.path, vcfg, dcfg, steps=decode_steps, seed=seed)
+        refs = reference_outputs(model, info.path, vcfg, dcfg, steps=decode_steps, seed=seed, family=info.family)
         # The reference's weights go before ONNX Runtime loads its own copy: one model in memory at a time.
         del model
         gc.collect()
@@ -104,9 +108,7 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
     """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowered-layer counts).
     A quantized `lm_head` also replaces the model's own lm_head (untied) by its rounded float equivalent,
     so the validation that follows compares like with like."""
-    from egm_edge.export.graphs import (
-        DecoderGraph, VisionGraph, decoder_export_spec, decoder_io_names, vision_export_spec, vision_io_names,
-    )
+    g = info.record.code("graphs")  # the family's graph builders
     from egm_edge.export.onnx_io import check_disk_space, export_graph, weight_bytes
 
     replacements, translations, layers, post = {}, None, {}, None
@@ -140,8 +142,9 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
     graphs = {}
     with _swapped(model, replacements):
         for name, build, spec, io in (
-            ("vision", lambda: VisionGraph(model), lambda: vision_export_spec(vcfg), vision_io_names()),
-            ("decoder", lambda: DecoderGraph(model, dcfg["image_token_id"], fused_attention=fused), lambda: decoder_export_spec(dcfg), decoder_io_names(dcfg["num_layers"])),
+            ("vision", lambda: g.VisionGraph(model), lambda: g.vision_export_spec(vcfg), g.vision_io_names()),
+            ("decoder", lambda: g.DecoderGraph(model, dcfg["image_token_id"], fused_attention=fused), lambda: g.decoder_export_spec(dcfg),
+             g.decoder_io_names(dcfg["num_layers"])),
         ):
             module = build().eval()
             size = weight_bytes(module)
@@ -180,7 +183,8 @@ def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, i
         out,
         "export",
         manifest_version=MANIFEST_VERSION,
-        architecture="Qwen3VLForConditionalGeneration",
+        family=info.family,
+        architecture=info.architecture,
         precision=info.precision,
         graph_dtype="float32",
         opset=opset,

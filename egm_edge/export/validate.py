@@ -5,7 +5,8 @@ tokens are fed to both sides, so every step compares like with like):
 - "random": two images of different sizes in one call, random pixel patches and
   random text tokens around the image-pad runs;
 - "real": one rendered image of a third size through the Qwen3-VL preprocessing,
-  with the EGM grounding prompt when the checkpoint has a tokenizer.
+  with the family's EGM grounding prompt (its record's `chat_prompt`) when the
+  checkpoint has a tokenizer.
 ONNX Runtime runs vision.onnx -> decoder.onnx end to end on host-computed grid
 tensors and M-RoPE ids (egm_edge.runtime), the reference is transformers'
 model on the same pixels and tokens. Per output (image features, deepstack
@@ -122,7 +123,8 @@ def _processor_config(checkpoint: Path, vcfg: VisionGridConfig) -> ImageProcesso
     return ImageProcessorConfig(patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size, temporal_patch_size=vcfg.temporal_patch_size)
 
 
-def build_cases(checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, seed: int = 0) -> list[Case]:
+def build_cases(checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, seed: int = 0, *, family) -> list[Case]:
+    """The two cases of the module docstring; `family` (a name or a record) gives the real case's prompt."""
     rng = np.random.default_rng(seed)
     pcfg = _processor_config(checkpoint, vcfg)
     m2 = vcfg.spatial_merge_size**2
@@ -147,10 +149,12 @@ def build_cases(checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, seed: int 
     if (checkpoint / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
-        from egm_edge.grounding import qwen_chat_prompt, user_text
+        from egm_edge.models.families import get_family
 
+        fam = get_family(family)
         tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-        enc = tok.encode(qwen_chat_prompt(user_text("the largest round shape"), pre.n_image_tokens), add_special_tokens=False).ids
+        prompt = fam.chat_prompt(fam.user_text("the largest round shape"), pre.n_image_tokens)
+        enc = tok.encode(prompt, add_special_tokens=False).ids
         if sum(i == dcfg["image_token_id"] for i in enc) == pre.n_image_tokens:
             ids = np.asarray([enc], dtype=np.int64)
     if ids is None:
@@ -231,9 +235,10 @@ def _sessions(out_dir: Path, precision: str, backend: str):
     return mk("vision.onnx"), mk("decoder.onnx")
 
 
-def reference_outputs(model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, steps: int = 4, seed: int = 0) -> list:
+def reference_outputs(model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, steps: int = 4, seed: int = 0, *,
+                      family) -> list:
     """[(case, reference outputs)] for the validation cases; small enough to keep once the model is gone."""
-    return [(case, _reference(model, case, steps)) for case in build_cases(Path(checkpoint), vcfg, dcfg, seed)]
+    return [(case, _reference(model, case, steps)) for case in build_cases(Path(checkpoint), vcfg, dcfg, seed, family=family)]
 
 
 def compare_with_onnxruntime(out_dir: Path, refs: list, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
@@ -272,8 +277,8 @@ def compare_with_onnxruntime(out_dir: Path, refs: list, vcfg: VisionGridConfig, 
 
 
 def validate_export(out_dir: Path, model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, precision: str = "full",
-                    steps: int = 4, seed: int = 0, backend: str = "onnxruntime") -> dict:
+                    steps: int = 4, seed: int = 0, backend: str = "onnxruntime", *, family) -> dict:
     """`reference_outputs` then `compare_with_onnxruntime`, for callers that keep the model anyway."""
-    report = compare_with_onnxruntime(out_dir, reference_outputs(model, checkpoint, vcfg, dcfg, steps, seed), vcfg, dcfg,
+    report = compare_with_onnxruntime(out_dir, reference_outputs(model, checkpoint, vcfg, dcfg, steps, seed, family=family), vcfg, dcfg,
                                       precision, backend)
     return {**report, "seed": seed}

@@ -2,13 +2,14 @@
 
 Order (EGM's evaluation script): the first `"bbox_2d": [n, n, n, n]`; else the
 first bare `[n, n, n, n]`; else the last four numbers; else no box (IoU 0, kept
-in the average). InternVL answers `<box>[[x1, y1, x2, y2]]</box>`, tried first
-for that family. Model coordinates are in the `norm1000` frame (0..1000 of the
-original image); `to_pixels` maps them as EGM does: clip to [0, 1000],
-round(v * W / 1000), clip to the image, and widen a zero-width box by one pixel.
+in the average). A family whose record has a `box_tag` has it tried first (InternVL:
+`<box>[x1, y1, x2, y2]</box>`, the list also doubled). Model coordinates are in the
+`norm1000` frame (0..1000 of the original image); `to_pixels` maps them as EGM does:
+clip to [0, 1000], round(v * W / 1000), clip to the image, and widen a zero-width box
+by one pixel.
 
-When the output has a closing `</think>`, only the answer after it is parsed (a
-reasoning-aware server returns that as `content`); an output whose thinking never
+When the output has the family's closing think tag, only the answer after it is parsed
+(a reasoning-aware server returns that as `content`); an output whose thinking never
 closed is parsed whole, as EGM parses raw text, and says so in `closed`.
 The parser never raises on any text.
 """
@@ -18,18 +19,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
-from egm_edge.grounding.prompts import FAMILIES, check_choice, split_thinking
+from egm_edge.grounding.prompts import check_choice, split_thinking
+from egm_edge.models.families import get_family
 
 _NUM = r"[+-]?(?:\d*\.\d+|\d+)(?:[eE][+-]?\d+)?"
 _LIST4 = r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]"
 _BBOX2D = re.compile(r'"bbox_2d"\s*:\s*' + _LIST4, re.S)
 _BARE = re.compile(_LIST4, re.S)
-_INTERNVL = re.compile(r"<box>\s*\[\s*" + _LIST4 + r"\s*\]\s*</box>", re.S)
 _NUMS = re.compile(_NUM, re.S)
 
 FRAMES = ("norm1000", "pixels")
-METHODS = ("internvl_box", "bbox_2d", "bare_list", "last_four_numbers")
+METHODS = ("box_tag", "bbox_2d", "bare_list", "last_four_numbers")
+
+
+@lru_cache(maxsize=None)
+def _box_tag(tag: tuple[str, str]) -> re.Pattern:
+    """`open [n, n, n, n] close` for a family's answer tag; the list may be doubled (`[[...]]`)."""
+    start, end = tag
+    return re.compile(re.escape(start) + r"\s*(?:\[\s*)?" + _LIST4 + r"(?:\s*\])?\s*" + re.escape(end), re.S)
 
 
 @dataclass(frozen=True)
@@ -66,12 +75,13 @@ def _floats(groups) -> tuple[float, float, float, float] | None:
     return vals if len(vals) == 4 else None
 
 
-def find_numbers(text: str, family: str = "qwen3_vl") -> tuple[tuple[float, float, float, float] | None, str | None]:
+def find_numbers(text: str, family="qwen3_vl") -> tuple[tuple[float, float, float, float] | None, str | None]:
     """The four numbers EGM's order picks from `text`, and which rule picked them."""
-    if family == "internvl":
-        m = _INTERNVL.search(text)
+    tag = get_family(family).box_tag
+    if tag:
+        m = _box_tag(tag).search(text)
         if m:
-            return _floats(m.groups()), "internvl_box"
+            return _floats(m.groups()), "box_tag"
     m = _BBOX2D.search(text)
     if m:
         return _floats(m.groups()), "bbox_2d"
@@ -111,24 +121,24 @@ def to_norm1000(box, width: int, height: int) -> tuple[int, int, int, int]:
     return tuple(max(0, min(1000, int(round(v)))) for v in vals)
 
 
-def parse_box(text, width: int, height: int, family: str = "qwen3_vl", frame: str = "norm1000") -> ParseResult:
+def parse_box(text, width: int, height: int, family="qwen3_vl", frame: str = "norm1000") -> ParseResult:
     """Parse a model output into a pixel box on a `width` x `height` image; never raises on text.
 
     `frame` says what the numbers in the text mean: `norm1000` (EGM and Qwen3-VL) or
     `pixels` (models that answer in absolute pixels of the original image).
     """
-    check_choice(family, FAMILIES, "model family")
+    fam = get_family(family)
     check_choice(frame, FRAMES, "coordinate frame")
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if not isinstance(text, str):
         return ParseResult(None, None, frame, None, f"output is {type(text).__name__}, not text", False)
-    _, answer, closed = split_thinking(text)
+    _, answer, closed = split_thinking(text, fam)
     target = answer if closed else text
-    raw, method = find_numbers(target, family)
+    raw, method = find_numbers(target, fam)
     if raw is None:
         if closed and not answer:
-            reason = "the answer after </think> is empty"
+            reason = f"the answer after {fam.tokens.think_close} is empty"
         elif not target.strip():
             reason = "the output is empty"
         else:

@@ -1,32 +1,17 @@
-"""EGM prompts, exactly as EGM evaluates, and the Qwen3-VL Thinking chat prompt.
+"""EGM prompts, exactly as EGM evaluates, and the chat prompt around them, for any registered family.
 
-Pure Python. The strings here are part of the model's input distribution: a
-changed space changes accuracy, so tests pin them character for character.
+Pure Python. The strings themselves live in the family records (egm_edge.models.families),
+the only place that names a family's prompts and tokens; this module cleans the expression
+and asks the record. The strings are part of the model's input distribution: a changed
+space changes accuracy, so tests pin them character for character.
 """
 
 from __future__ import annotations
 
-FAMILIES = ("qwen3_vl", "internvl")
-TASKS = ("vanilla", "amodal")
+from egm_edge.models.families import TASKS, get_family
 
-_TEMPLATES = {
-    ("qwen3_vl", "vanilla"): "Locate {expr}, output its bbox coordinates using JSON format",
-    ("qwen3_vl", "amodal"): "Locate {expr} amodally, output its bbox coordinates using JSON format",
-    ("internvl", "vanilla"): "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expr}</ref>",
-    ("internvl", "amodal"): "Please provide the amodal bounding box coordinate of the region this sentence describes: <ref>{expr}</ref>",
-}
-
-# Qwen's own thinking-budget method: inserted when the budget runs out.
-QWEN_STOP_THINKING = (
-    "Considering the limited time by the user, I have to give the solution based on the thinking directly now.\n"
-    "</think>\n\n"
-)
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-# The Thinking template's generation prompt; the model's output then starts inside
-# the reasoning and contains only the closing tag.
-GENERATION_PROMPT = "<|im_start|>assistant\n<think>\n"
+__all__ = ["TASKS", "chat_prompt", "check_choice", "clean_expression", "format_answer",
+           "split_thinking", "user_text"]
 
 MAX_EXPRESSION_CHARS = 1000
 
@@ -63,23 +48,20 @@ def clean_expression(expression: str) -> str:
     return expr
 
 
-def user_text(expression: str, task: str = "vanilla", family: str = "qwen3_vl") -> str:
-    """The user-turn text EGM sends with the image for this family and task."""
-    check_choice(family, FAMILIES, "model family")
-    check_choice(task, TASKS, "task")
-    return _TEMPLATES[(family, task)].format(expr=clean_expression(expression))
+def user_text(expression: str, task: str = "vanilla", family="qwen3_vl") -> str:
+    """The user-turn text EGM sends with the image for this family (a name or a record) and task."""
+    fam = get_family(family)
+    return fam.user_text(clean_expression(expression), task)
 
 
-def qwen_chat_prompt(text: str, n_image_tokens: int) -> str:
-    """One user turn (image first, then text), no system prompt, Thinking generation prompt.
+def chat_prompt(text: str, n_image_tokens: int, family="qwen3_vl") -> str:
+    """One user turn (image first, then text), no system prompt, then the family's generation prompt.
 
-    Equals the Qwen3-VL chat template rendered with add_generation_prompt=True, with
-    the image placeholder expanded to `n_image_tokens` pads as the HF processor does.
+    Equals the family's chat template rendered with add_generation_prompt=True (for Qwen3-VL the
+    Thinking one), with the image placeholder expanded to `n_image_tokens` image tokens as the HF
+    processor does.
     """
-    if n_image_tokens < 0:
-        raise ValueError(f"n_image_tokens must be >= 0, got {n_image_tokens}")
-    image = "<|vision_start|>" + "<|image_pad|>" * n_image_tokens + "<|vision_end|>" if n_image_tokens else ""
-    return f"<|im_start|>user\n{image}{text}<|im_end|>\n{GENERATION_PROMPT}"
+    return get_family(family).chat_prompt(text, n_image_tokens)
 
 
 def format_answer(box_norm1000, label: str) -> str:
@@ -90,15 +72,16 @@ def format_answer(box_norm1000, label: str) -> str:
     return f'```json\n[\n\t{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], "label": {json.dumps(label)}}}\n]\n```'
 
 
-def split_thinking(text: str) -> tuple[str, str, bool]:
-    """(reasoning, answer, closed): the text before and after the last `</think>`.
+def split_thinking(text: str, family="qwen3_vl") -> tuple[str, str, bool]:
+    """(reasoning, answer, closed): the text before and after the last closing think tag of `family`.
 
     The generation prompt already opened the thinking, so an output without the
     closing tag is all reasoning (closed=False) and has no answer part.
     """
-    head, sep, tail = text.rpartition(THINK_CLOSE)
+    tokens = get_family(family).tokens
+    head, sep, tail = text.rpartition(tokens.think_close)
     if not sep:
         return text.strip(), "", False
-    if THINK_OPEN in head:
-        head = head.split(THINK_OPEN, 1)[1]
+    if tokens.think_open in head:
+        head = head.split(tokens.think_open, 1)[1]
     return head.strip(), tail.strip(), True

@@ -38,14 +38,14 @@ class GroundingResult:
 
     @classmethod
     def from_output(cls, text: str, width: int, height: int, *, think_tokens: int, answer_tokens: int,
-                    budget_forced: bool, family: str = "qwen3_vl", timings: dict | None = None,
+                    budget_forced: bool, family="qwen3_vl", timings: dict | None = None,
                     truncated: bool = False) -> "GroundingResult":
-        """Build a result from a model's decoded output text (parsing as EGM does)."""
+        """Build a result from a model's decoded output text (parsing as EGM does, with `family`'s tags)."""
         from egm_edge.grounding.parse import parse_box
         from egm_edge.grounding.prompts import split_thinking
 
         parsed = parse_box(text, width, height, family=family)
-        reasoning, answer, _ = split_thinking(text)
+        reasoning, answer, _ = split_thinking(text, family)
         return cls(
             box=parsed.box,
             box_norm1000=parsed.box_norm1000,

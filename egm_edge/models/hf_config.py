@@ -1,15 +1,18 @@
 """Hugging Face `config.json` <-> `ModelSpec`.
 
 Contract: `spec_from_config(config_dict | path)` reads a checkpoint's config
-(a directory holding config.json, the file itself, or the parsed dict) for
-Qwen3VLForConditionalGeneration, InternVLChatModel (OpenGVLab's remote-code
-format, read as data, never executed) or InternVLForConditionalGeneration (the
-transformers format), and returns the same `ModelSpec` type as the registry;
-missing keys take the transformers defaults. When the architecture equals a
-registry model, the registry's name and source are kept. Anything else raises
+(a directory holding config.json, the file itself, or the parsed dict), finds its
+family in the registry (`family_of_config`: by architecture, else model_type) and
+returns what the family's `config_reader` makes of it: the same `ModelSpec` type as
+the registry, missing keys taking the transformers defaults. The readers here are
+`qwen3_vl_spec` (Qwen3VLForConditionalGeneration) and `internvl_spec` (transformers'
+InternVLForConditionalGeneration layout, or OpenGVLab's remote-code InternVLChatModel
+layout, read as data, never executed). When the architecture equals a registry
+model, the registry's name and source are kept. Anything else raises
 `CheckpointError` with one sentence naming what was found and what is supported.
-`to_hf_config(spec)` writes the transformers config dict back (used to build
-tiny test checkpoints and to check the parameter counts against real modules).
+`to_hf_config(spec)` writes the transformers config dict back through the family's
+`config_writer` (used to build tiny test checkpoints and to check the parameter
+counts against real modules).
 """
 
 from __future__ import annotations
@@ -19,13 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from egm_edge.errors import CheckpointError
+from egm_edge.models.families import families, family_of_config, get_family
 from egm_edge.models.registry import REGISTRY, same_architecture
 from egm_edge.models.spec import ModelSpec, TextSpec, VisionSpec
 
-SUPPORTED = ("Qwen3VLForConditionalGeneration", "InternVLChatModel", "InternVLForConditionalGeneration")
-_SUPPORTED_TEXT = "egm-edge supports Qwen3VLForConditionalGeneration, InternVLChatModel and InternVLForConditionalGeneration (with a Qwen2 language model)"
 
-# Qwen3-VL special-token ids (identical in every Qwen3-VL checkpoint and the shared tokenizer).
+def supported_architectures() -> tuple[str, ...]:
+    """Every config.json architecture a registered family accepts."""
+    return tuple(a for f in families() for a in f.architectures)
+
+
+SUPPORTED = supported_architectures()  # the built-in families' architectures
+
+
+def _supported_text() -> str:
+    return f"egm-edge supports {', '.join(supported_architectures())} (InternVL with a Qwen2 language model)"
+
+
+# The ids of the Qwen3-VL tokenizer's special tokens that a Qwen3-VL config.json names (the keys of the
+# family record's `config_tokens`); identical in every Qwen3-VL checkpoint and the shared tokenizer.
 QWEN_TOKEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653}
 
 
@@ -78,7 +93,8 @@ def _tied(cfg: dict[str, Any], text: dict[str, Any], where: str) -> bool:
     return _get(text, "tie_word_embeddings", False, where, bool)
 
 
-def _qwen3_vl(cfg: dict[str, Any], where: str, name: str) -> ModelSpec:
+def qwen3_vl_spec(cfg: dict[str, Any], where: str, name: str) -> ModelSpec:
+    """The spec of a Qwen3-VL config (text_config with M-RoPE, vision_config with deepstack)."""
     tc, vc = _sub(cfg, "text_config", where), _sub(cfg, "vision_config", where)
     w = f"{where} text_config"
     # transformers 5 keeps rope settings in rope_parameters; older files in rope_scaling + rope_theta.
@@ -120,14 +136,14 @@ def _qwen3_vl(cfg: dict[str, Any], where: str, name: str) -> ModelSpec:
         num_position_embeddings=_get(vc, "num_position_embeddings", 2304, w),
         in_channels=_get(vc, "in_channels", 3, w),
     )
-    return ModelSpec("qwen3_vl", name, text, vision)
+    return ModelSpec(family_of_config(cfg, where).name, name, text, vision)
 
 
 def _qwen2_text(tc: dict[str, Any], cfg: dict[str, Any], where: str) -> TextSpec:
     arch = (tc.get("architectures") or [None])[0]
     if tc.get("model_type", "qwen2") != "qwen2" or arch not in (None, "Qwen2ForCausalLM"):
         found = arch or tc.get("model_type")
-        raise CheckpointError(f"Unsupported InternVL language model {found!r} in {where}; {_SUPPORTED_TEXT}.")
+        raise CheckpointError(f"Unsupported InternVL language model {found!r} in {where}; {_supported_text()}.")
     hidden = _get(tc, "hidden_size", 896, where)
     heads = _get(tc, "num_attention_heads", 14, where)
     return TextSpec(
@@ -146,7 +162,14 @@ def _qwen2_text(tc: dict[str, Any], cfg: dict[str, Any], where: str) -> TextSpec
     )
 
 
-def _internvl(cfg: dict[str, Any], where: str, name: str, hf_format: bool) -> ModelSpec:
+def internvl_spec(cfg: dict[str, Any], where: str, name: str) -> ModelSpec:
+    """The spec of an InternVL-3 config: transformers' layout (text_config) when the architecture is the class
+    that loads it (the record's hf_class), else OpenGVLab's remote-code layout (llm_config); without an
+    architecture, the layout its keys show."""
+    family = family_of_config(cfg, where)
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    hf_format = arch == family.hf_class if arch else "llm_config" not in cfg
     tc = _sub(cfg, "text_config" if hf_format else "llm_config", where)
     vc = dict(_sub(cfg, "vision_config", where))
     text = _qwen2_text(tc, cfg, f"{where} {'text_config' if hf_format else 'llm_config'}")
@@ -157,7 +180,7 @@ def _internvl(cfg: dict[str, Any], where: str, name: str, hf_format: bool) -> Mo
         raise CheckpointError(f"{where}: downsample_ratio={ratio!r} should be 1/n; the checkpoint's config.json is malformed.")
     qkv_bias = _get(vc, "attention_bias" if hf_format else "qkv_bias", True, w, bool)
     if not qkv_bias or vc.get("use_qk_norm") or vc.get("qk_normalization"):
-        raise CheckpointError(f"Unsupported InternViT variant in {w} (qkv bias off or QK norm on, as in InternViT-6B); {_SUPPORTED_TEXT}.")
+        raise CheckpointError(f"Unsupported InternViT variant in {w} (qkv bias off or QK norm on, as in InternViT-6B); {_supported_text()}.")
     vision = VisionSpec(
         depth=_get(vc, "num_hidden_layers", 24, w),
         hidden=_get(vc, "hidden_size", 1024, w),
@@ -173,24 +196,13 @@ def _internvl(cfg: dict[str, Any], where: str, name: str, hf_format: bool) -> Mo
         thumbnail=_get(cfg, "use_thumbnail", True, where, bool),
         in_channels=_get(vc, "num_channels", 3, w),
     )
-    return ModelSpec("internvl", name, text, vision)
+    return ModelSpec(family.name, name, text, vision)
 
 
 def spec_from_config(config: dict[str, Any] | str | Path) -> ModelSpec:
     """The `ModelSpec` of a Hugging Face checkpoint config (see the module docstring)."""
     cfg, where, name = _load(config)
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if isinstance(archs, list) and archs else None
-    model_type = cfg.get("model_type")
-    if arch == "Qwen3VLForConditionalGeneration" or (arch is None and model_type == "qwen3_vl"):
-        spec = _qwen3_vl(cfg, where, name)
-    elif arch == "InternVLChatModel" or (arch is None and model_type == "internvl_chat"):
-        spec = _internvl(cfg, where, name, hf_format=False)
-    elif arch == "InternVLForConditionalGeneration" or (arch is None and model_type == "internvl"):
-        spec = _internvl(cfg, where, name, hf_format=True)
-    else:
-        found = arch or (f"model_type {model_type}" if model_type else "no architecture")
-        raise CheckpointError(f"Unsupported architecture {found!r} in {where}; {_SUPPORTED_TEXT}.")
+    spec = family_of_config(cfg, where).code("config_reader")(cfg, where, name)
     for known in REGISTRY.values():
         if same_architecture(spec, known):
             return known
@@ -198,28 +210,42 @@ def spec_from_config(config: dict[str, Any] | str | Path) -> ModelSpec:
 
 
 def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
-    """The transformers config dict for `spec` (Qwen3VLForConditionalGeneration or InternVLForConditionalGeneration)."""
-    t, v = spec.text, spec.vision
-    text = {
+    """The transformers config dict for `spec`, written by its family's `config_writer`."""
+    return get_family(spec.family).code("config_writer")(spec)
+
+
+def _text_config(t: TextSpec) -> dict[str, Any]:
+    return {
         "hidden_size": t.hidden, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
         "num_key_value_heads": t.kv_heads, "head_dim": t.head_dim, "intermediate_size": t.intermediate,
         "vocab_size": t.vocab, "max_position_embeddings": t.max_positions, "hidden_act": "silu",
         "rms_norm_eps": 1e-6, "tie_word_embeddings": t.tied_embeddings,
     }
-    if spec.family == "qwen3_vl":
-        rope = {"rope_type": "default", "rope_theta": t.rope_theta}
-        if t.mrope_section:
-            rope.update(mrope_section=list(t.mrope_section), mrope_interleaved=t.mrope_interleaved)
-        text.update(model_type="qwen3_vl_text", attention_bias=t.qkv_bias, rope_parameters=rope)
-        vision = {
-            "model_type": "qwen3_vl_vision", "depth": v.depth, "hidden_size": v.hidden, "num_heads": v.heads,
-            "intermediate_size": v.intermediate, "patch_size": v.patch, "spatial_merge_size": v.merge,
-            "temporal_patch_size": v.temporal_patch, "out_hidden_size": v.out_hidden, "in_channels": v.in_channels,
-            "num_position_embeddings": v.num_position_embeddings, "deepstack_visual_indexes": list(v.deepstack),
-            "hidden_act": "gelu_pytorch_tanh",
-        }
-        return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "text_config": text,
-                "vision_config": vision, "tie_word_embeddings": t.tied_embeddings, **QWEN_TOKEN_IDS}
+
+
+def qwen3_vl_config(spec: ModelSpec) -> dict[str, Any]:
+    """Qwen3VLForConditionalGeneration's config layout, under the family's first architecture name."""
+    t, v = spec.text, spec.vision
+    text = _text_config(t)
+    rope = {"rope_type": "default", "rope_theta": t.rope_theta}
+    if t.mrope_section:
+        rope.update(mrope_section=list(t.mrope_section), mrope_interleaved=t.mrope_interleaved)
+    text.update(model_type="qwen3_vl_text", attention_bias=t.qkv_bias, rope_parameters=rope)
+    vision = {
+        "model_type": "qwen3_vl_vision", "depth": v.depth, "hidden_size": v.hidden, "num_heads": v.heads,
+        "intermediate_size": v.intermediate, "patch_size": v.patch, "spatial_merge_size": v.merge,
+        "temporal_patch_size": v.temporal_patch, "out_hidden_size": v.out_hidden, "in_channels": v.in_channels,
+        "num_position_embeddings": v.num_position_embeddings, "deepstack_visual_indexes": list(v.deepstack),
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+    return {"architectures": [get_family(spec.family).architectures[0]], "model_type": "qwen3_vl", "text_config": text,
+            "vision_config": vision, "tie_word_embeddings": t.tied_embeddings, **QWEN_TOKEN_IDS}
+
+
+def internvl_config(spec: ModelSpec) -> dict[str, Any]:
+    """transformers' InternVLForConditionalGeneration config layout (Qwen2 text), under the family's first architecture."""
+    t, v = spec.text, spec.vision
+    text = _text_config(t)
     text.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=t.rope_theta)
     vision = {
         "model_type": "internvl_vision", "hidden_size": v.hidden, "num_hidden_layers": v.depth,
@@ -227,6 +253,6 @@ def to_hf_config(spec: ModelSpec) -> dict[str, Any]:
         "image_size": [v.image_size, v.image_size], "attention_bias": True, "use_qk_norm": False,
         "num_channels": v.in_channels, "layer_scale_init_value": 0.1, "use_mean_pooling": True,
     }
-    return {"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl", "text_config": text,
+    return {"architectures": [get_family(spec.family).architectures[0]], "model_type": "internvl", "text_config": text,
             "vision_config": vision, "downsample_ratio": 1 / v.merge, "tie_word_embeddings": t.tied_embeddings,
             "max_dynamic_patch": v.max_tiles, "use_thumbnail": v.thumbnail}

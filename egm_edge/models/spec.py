@@ -2,11 +2,13 @@
 
 Contract: `ModelSpec` is a frozen dataclass (family, name, `TextSpec`, `VisionSpec`)
 that validates itself when built and round-trips through `to_dict`/`from_dict`
-(plain JSON types). `spec.params()` derives the parameter count of every part
+(plain JSON types); its family is a name in the family registry
+(`egm_edge.models.families`). `spec.params()` derives the parameter count of every part
 (embeddings, language-model blocks, lm_head, vision blocks, mergers) from the
 dimensions alone, split into matmul weights (what quantization touches) and
 other parameters (norms, biases, embeddings tables, position tables), exactly as
-the Hugging Face modules lay them out. Pure Python: no torch, no numpy.
+the Hugging Face modules lay them out; the vision tower's count is the function the
+family's record names (`vision_params`). Pure Python: no torch, no numpy.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from egm_edge.errors import CheckpointError
+from egm_edge.models.families import family_names, get_family
 
-FAMILIES = ("qwen3_vl", "internvl")
+FAMILIES = family_names()  # the built-in families; ModelSpec checks against the live registry
 PARTS = ("embeddings", "language_blocks", "lm_head", "vision_blocks", "mergers")
 SPEC_VERSION = 1
 
@@ -124,8 +127,8 @@ class ModelSpec:
     published_params_b: float | None = None  # size the model card states, billions
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise CheckpointError(f"Unknown model family {self.family!r}; egm-edge supports {', '.join(FAMILIES)}.")
+        if self.family not in family_names():
+            raise CheckpointError(f"Unknown model family {self.family!r}; egm-edge supports {', '.join(family_names())}.")
         if not self.name:
             raise CheckpointError("A model spec needs a name; pass one.")
         if self.vision.out_hidden != self.text.hidden:
@@ -152,7 +155,7 @@ class ModelSpec:
             # A tied lm_head is the embedding table itself: no parameters of its own.
             "lm_head": PartParams(0 if t.tied_embeddings else table, 0),
         }
-        parts.update(_vision_params(self.family, v, t.hidden))
+        parts.update(get_family(self.family).code("vision_params")(v, t.hidden))
         return parts
 
     def total_params(self) -> int:
@@ -196,25 +199,35 @@ def _add(*ps: PartParams) -> PartParams:
     return PartParams(sum(p.matmul for p in ps), sum(p.other for p in ps))
 
 
-def _vision_params(family: str, v: VisionSpec, llm_hidden: int) -> dict[str, PartParams]:
+def _vit_block(v: VisionSpec) -> tuple[PartParams, int]:
+    """(one ViT block, the patch embedding): LayerNorm x2 (weight+bias), fused qkv and output projection,
+    2-layer GELU MLP; the patch embedding is a convolution kept in 16-bit like the position table: "other"."""
     h = v.hidden
-    # One ViT block: LayerNorm x2 (weight+bias), fused qkv and output projection, 2-layer GELU MLP.
     block = _add(_linear(h, 3 * h), _linear(h, h), _linear(h, v.intermediate), _linear(v.intermediate, h), PartParams(0, 4 * h))
     if v.layer_scale:
         block = _add(block, PartParams(0, 2 * h))
-    # The patch embedding is a convolution kept in 16-bit like the position table: "other".
     patch_in = v.in_channels * v.temporal_patch * v.patch * v.patch
-    stem = patch_in * h + h
-    if family == "qwen3_vl":
-        stem += v.num_position_embeddings * h
-        merged = h * v.merge * v.merge
-        # Main merger normalises before the 2x2 shuffle (h), deepstack mergers after it (merged).
-        merger = _add(_linear(merged, merged), _linear(merged, v.out_hidden))
-        mergers = _add(merger, PartParams(0, 2 * h), *[_add(merger, PartParams(0, 2 * merged)) for _ in v.deepstack])
-    else:  # internvl: CLS token, position table over the tile's patches + CLS, pixel-shuffle MLP projector
-        n_pos = (v.image_size // v.patch) ** 2 + (1 if v.class_token else 0)
-        stem += n_pos * h + (h if v.class_token else 0)
-        merged = h * v.merge * v.merge
-        mergers = _add(PartParams(0, 2 * merged), _linear(merged, llm_hidden), _linear(llm_hidden, llm_hidden))
-    blocks = PartParams(v.depth * block.matmul, v.depth * block.other + stem)
-    return {"vision_blocks": blocks, "mergers": mergers}
+    return block, patch_in * h + h
+
+
+def qwen3_vl_vision_params(v: VisionSpec, llm_hidden: int) -> dict[str, PartParams]:
+    """Qwen3-VL's ViT: learned position table, a 2x2 patch merger and one more merger per deepstack layer."""
+    h = v.hidden
+    block, stem = _vit_block(v)
+    stem += v.num_position_embeddings * h
+    merged = h * v.merge * v.merge
+    # Main merger normalises before the 2x2 shuffle (h), deepstack mergers after it (merged).
+    merger = _add(_linear(merged, merged), _linear(merged, v.out_hidden))
+    mergers = _add(merger, PartParams(0, 2 * h), *[_add(merger, PartParams(0, 2 * merged)) for _ in v.deepstack])
+    return {"vision_blocks": PartParams(v.depth * block.matmul, v.depth * block.other + stem), "mergers": mergers}
+
+
+def internvl_vision_params(v: VisionSpec, llm_hidden: int) -> dict[str, PartParams]:
+    """InternViT: CLS token, position table over the tile's patches + CLS, pixel-shuffle MLP projector."""
+    h = v.hidden
+    block, stem = _vit_block(v)
+    n_pos = (v.image_size // v.patch) ** 2 + (1 if v.class_token else 0)
+    stem += n_pos * h + (h if v.class_token else 0)
+    merged = h * v.merge * v.merge
+    mergers = _add(PartParams(0, 2 * merged), _linear(merged, llm_hidden), _linear(llm_hidden, llm_hidden))
+    return {"vision_blocks": PartParams(v.depth * block.matmul, v.depth * block.other + stem), "mergers": mergers}

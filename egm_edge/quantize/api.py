@@ -1,11 +1,12 @@
-"""`quantize()`: the quantize stage, from a full-precision Qwen3-VL checkpoint to ModelOpt's unified HF checkpoint.
+"""`quantize()`: the quantize stage, from a full-precision checkpoint to ModelOpt's unified HF checkpoint.
 
 Contract: everything a user can get wrong is refused before the model is loaded
 (unknown recipe, nvfp4 without CUDA, unsupported or already-quantized checkpoint,
 an output directory holding an artifact without force, a calibration recipe with
 no usable samples, too little memory for the estimate). Then: load the model,
 render (and optionally let it reason on) the calibration set, materialise and
-hash it, quantize with ModelOpt under the project policy, check the quantizer
+hash it, quantize with ModelOpt under the project policy (module prefixes from the
+checkpoint's family record, `family_of_config`), check the quantizer
 census, export with `export_hf_checkpoint` into a staged directory, copy the
 tokenizer/processor/chat-template files, measure fidelity against the full model
 through `loader.load_dequantized`, write fidelity.json/.md and `manifest.json`
@@ -97,7 +98,8 @@ def checkpoint_dtype(cfg: dict[str, Any]) -> str:
     return "float32"
 
 
-def _calibration_key(recipe, spec: QuantSpec, tokenizer_sha: str, image_cfg, model_hashes: dict[str, str], samples) -> str:
+def _calibration_key(recipe, spec: QuantSpec, tokenizer_sha: str, image_cfg, model_hashes: dict[str, str], samples,
+                     family: str) -> str:
     from dataclasses import asdict
 
     from egm_edge.quantize.calibset import RENDER_VERSION
@@ -106,11 +108,20 @@ def _calibration_key(recipe, spec: QuantSpec, tokenizer_sha: str, image_cfg, mod
         st = Path(s.image).stat()
         return [str(s.image), st.st_size, st.st_mtime_ns, s.expression, s.task]
 
-    key = {"recipe": recipe.digest(), "render": RENDER_VERSION, "tokenizer": tokenizer_sha, "image": asdict(image_cfg),
+    key = {"recipe": recipe.digest(), "render": RENDER_VERSION, "family": family, "tokenizer": tokenizer_sha, "image": asdict(image_cfg),
            "reasoning": spec.calib_with_reasoning, "samples": [ident(s) for s in samples]}
     if spec.calib_with_reasoning:  # the model's own text: depends on its weights
         key["weights"] = {k: v for k, v in model_hashes.items() if k.endswith(".safetensors")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _keep_architectures(config_json: Path, source: dict[str, Any]) -> None:
+    """ModelOpt names the class it exported; a family whose architecture is another name keeps the source's,
+    so later stages find the same family record."""
+    out = json.loads(config_json.read_text())
+    if source.get("architectures") and out.get("architectures") != source["architectures"]:
+        out["architectures"] = source["architectures"]
+        config_json.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -165,7 +176,10 @@ def quantize(
             f"Recipe {spec.recipe} needs a CUDA GPU (ModelOpt's NVFP4 kernels) and this run is on {device}; "
             "run it on a GPU machine or choose fp8, int4_awq, w4a8_awq or int8_sq."
         )
-    cfg = read_model_config(model_dir)  # one sentence for a missing or unsupported checkpoint
+    cfg = read_model_config(model_dir, stage="quantize")  # one sentence for a missing or unsupported checkpoint
+    from egm_edge.models.families import family_of_config
+
+    family = family_of_config(cfg, f"checkpoint {model_dir}")
     if (model_dir / "hf_quant_config.json").is_file():
         raise CheckpointError(f"Checkpoint {model_dir} is already quantized (hf_quant_config.json); quantize the full-precision checkpoint.")
     if not (model_dir / "tokenizer.json").is_file():
@@ -196,7 +210,8 @@ def quantize(
     timings["load_s"] = time.perf_counter() - t0
 
     image_cfg = calibset.image_config_for(runner.image_config, calib_recipe.max_pixels, calib_recipe.min_pixels)
-    key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes, calib_samples + hold_samples)
+    key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes, calib_samples + hold_samples,
+                           family.name)
     calib_file = cache / f"calib-{key[:24]}.safetensors"
     t0 = time.perf_counter()
     if calib_file.is_file():
@@ -207,7 +222,7 @@ def quantize(
         rendered = []
         what = "rendering calibration" + (" + full-model reasoning" if spec.calib_with_reasoning else "")
         for s in _progress(calib_samples + hold_samples, what, progress):
-            r = calibset.render(s, sample_task(calib_recipe, s), runner.tokenizer, image_cfg, runner.image_token_id)
+            r = calibset.render(s, sample_task(calib_recipe, s), runner.tokenizer, image_cfg, runner.image_token_id, family)
             if spec.calib_with_reasoning:
                 r = calibset.with_reasoning(runner, r, calib_recipe.max_new_tokens)
             rendered.append(r)
@@ -220,8 +235,8 @@ def quantize(
 
     from egm_edge.quantize import fidelity as fid
 
-    policy.check_block_sizes(policy.linear_widths(model), spec)
-    linears = policy.linear_counts(model)
+    policy.check_block_sizes(policy.linear_widths(model, family), spec)
+    linears = policy.linear_counts(model, family)
     image_token_id = runner.image_token_id
     t0 = time.perf_counter()
     ref_logits = fid.reference_logits(model, hold_items, image_token_id) if fidelity and hold_items else []
@@ -229,7 +244,7 @@ def quantize(
 
     import modelopt.torch.quantization as mtq
 
-    quant_cfg = policy.build_modelopt_config(spec)
+    quant_cfg = policy.build_modelopt_config(spec, family)
     pdtype = next(model.parameters()).dtype
 
     def forward_loop(m):
@@ -241,7 +256,7 @@ def quantize(
     t0 = time.perf_counter()
     model = mtq.quantize(model, quant_cfg, forward_loop=forward_loop)
     timings["calibrate_s"] = time.perf_counter() - t0
-    census = policy.count_quantizers(model)
+    census = policy.count_quantizers(model, family)
     policy.check_counts(census, spec, linears)
 
     from modelopt.torch.export import export_hf_checkpoint
@@ -249,6 +264,7 @@ def quantize(
     with staged_output(out_dir, force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
         export_hf_checkpoint(model, export_dir=tmp)
+        _keep_architectures(tmp / "config.json", cfg)
         del model, runner
         gc.collect()
         for name in SIDE_FILES:
@@ -276,12 +292,13 @@ def quantize(
                 report["logits"] = fid.logit_agreement(qmodel, hold_items, ref_logits, image_token_id)
                 del qmodel
                 gc.collect()
-            fid.write_report(tmp, report)
+            fid.write_report(tmp, report, family)
             timings["fidelity_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         write_manifest(
             tmp,
             "quantize",
+            family=family.name,
             recipe={"name": spec.recipe, **spec.to_dict()},
             precision=spec.recipe,
             policy={"vision": spec.vision, "lm_head": "16-bit", "embeddings": "16-bit", "kv_cache": spec.kv_cache or "16-bit",

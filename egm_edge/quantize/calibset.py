@@ -1,9 +1,9 @@
 """The materialised calibration set: samples rendered exactly as at inference, stored once, hashed.
 
-Contract: `render(sample, task, tokenizer, image_config, image_token_id)` turns one
+Contract: `render(sample, task, tokenizer, image_config, image_token_id, family)` turns one
 `egm_edge.data.Sample` into `Rendered(input_ids, pixel_values, grid_thw)` with the
 same pieces the runtime and the reference runner use (`runtime.image.load_image`,
-`runtime.preprocess.preprocess_image`, `grounding.user_text` + `qwen_chat_prompt`,
+`runtime.preprocess.preprocess_image`, the family record's `user_text` + `chat_prompt`,
 the checkpoint's tokenizer.json). With reasoning, the full-precision model's own
 greedy continuation (reasoning, `</think>`, answer) is appended to the ids.
 `save(path, calib, holdout, meta)` writes one safetensors file whose sha256 is the
@@ -54,19 +54,21 @@ def image_config_for(image_config, max_pixels: int | str, min_pixels: int | str)
     return replace(image_config, **kw) if kw else image_config
 
 
-def render(sample, task: str, tokenizer, image_config, image_token_id: int) -> Rendered:
-    """`sample` rendered as the runtime renders a grounding request (see module docstring)."""
-    from egm_edge.grounding import qwen_chat_prompt, user_text
+def render(sample, task: str, tokenizer, image_config, image_token_id: int, family) -> Rendered:
+    """`sample` rendered as the runtime renders a grounding request for a `family` model (a name or a record)."""
+    from egm_edge.grounding import clean_expression
+    from egm_edge.models.families import get_family
     from egm_edge.runtime.image import load_image
     from egm_edge.runtime.preprocess import preprocess_image
 
-    text = user_text(sample.expression, task)
+    fam = get_family(family)
+    text = fam.user_text(clean_expression(sample.expression), task)
     pre = preprocess_image(load_image(sample.image), image_config)
-    ids = tokenizer.encode(qwen_chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
+    ids = tokenizer.encode(fam.chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
     n_pad = sum(1 for i in ids if i == image_token_id)
     if n_pad != pre.n_image_tokens:
         raise CheckpointError(
-            f"The tokenizer turned {pre.n_image_tokens} <|image_pad|> into {n_pad} image tokens (id {image_token_id}); "
+            f"The tokenizer turned {pre.n_image_tokens} {fam.tokens.image} into {n_pad} image tokens (id {image_token_id}); "
             "tokenizer.json and config.json of the checkpoint do not belong together."
         )
     return Rendered(np.asarray(ids, dtype=np.int64), pre.pixel_values.astype(np.float32, copy=False),
@@ -134,7 +136,7 @@ def stats(items: Sequence[Rendered]) -> dict[str, Any]:
 
 
 def model_inputs(item: Rendered, image_token_id: int, device, dtype) -> dict[str, Any]:
-    """Keyword arguments for Qwen3VLForConditionalGeneration.forward (batch of one)."""
+    """Keyword arguments for the model's forward (batch of one; the Qwen3-VL inputs: pixels, grid, M-RoPE mask)."""
     import torch
 
     ids = torch.as_tensor(item.input_ids, device=device).view(1, -1)

@@ -134,7 +134,8 @@ def summarize_snr(snr: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def write_report(out_dir: Path, report: dict[str, Any]) -> None:
+def write_report(out_dir: Path, report: dict[str, Any], family=None) -> None:
+    """fidelity.json, fidelity.md and fidelity.png; `family` (a name or record) shortens the plot's layer names."""
     out_dir = Path(out_dir)
     (out_dir / "fidelity.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
     lines = [f"# Fidelity of {report.get('recipe', 'the quantized checkpoint')} vs the full model", ""]
@@ -152,10 +153,25 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
         lines += ["| layer | SNR (dB) |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in sorted((report.get("weight_snr_db") or {}).items())]
     (out_dir / "fidelity.md").write_text("\n".join(lines) + "\n")
-    plot_snr(out_dir / "fidelity.png", report)
+    plot_snr(out_dir / "fidelity.png", report, family)
 
 
-def plot_snr(path: Path, report: dict[str, Any]) -> bool:
+def _short_name(name: str, family) -> str:
+    """A layer name without its family's language-model prefix; vision layers keep "visual." in front."""
+    if family is None:
+        return name
+    from egm_edge.models.families import get_family
+
+    fam = get_family(family)
+    if name.startswith(fam.language_prefix):
+        return name[len(fam.language_prefix):]
+    for prefix in fam.vision_prefixes:
+        if name.startswith(prefix):
+            return "visual." + name[len(prefix):]
+    return name
+
+
+def plot_snr(path: Path, report: dict[str, Any], family=None) -> bool:
     """Weight SNR per quantized layer as a bar chart; False (and nothing written) without matplotlib."""
     snr = {k: v for k, v in (report.get("weight_snr_db") or {}).items() if math.isfinite(v)}
     try:
@@ -170,7 +186,7 @@ def plot_snr(path: Path, report: dict[str, Any]) -> bool:
     names = list(snr)
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 3.6))
     ax.bar(range(len(names)), [snr[n] for n in names], color="#4c72b0")
-    ax.set_xticks(range(len(names)), [n.replace("model.language_model.", "").replace("model.visual.", "visual.") for n in names],
+    ax.set_xticks(range(len(names)), [_short_name(n, family) for n in names],
                   rotation=90, fontsize=6)
     ax.set_ylabel("weight SNR (dB)")
     lg = report.get("logits") or {}

@@ -1,7 +1,8 @@
-"""Run a ModelOpt unified HF checkpoint of Qwen3-VL as a PyTorch reference (transformers cannot load it correctly).
+"""Run a ModelOpt unified HF checkpoint as a PyTorch reference (transformers cannot load it correctly).
 
 Contract: `load_dequantized(model_dir, dtype=torch.float32, activations=True)` builds
-Qwen3VLForConditionalGeneration from config.json and loads every *.safetensors
+the family record's transformers class (`hf_class`; Qwen3VLForConditionalGeneration for
+Qwen3-VL) from config.json, for a family the quantize stage runs, and loads every *.safetensors
 shard, dequantizing quantized Linear weights itself; the format is read from each
 tensor (dtype, shape, companion scales), never from file names:
 - FP8 e4m3 `weight` * `weight_scale` (per tensor or per output channel);
@@ -138,10 +139,12 @@ def _activation_kind(stored_dtype, extras: dict) -> str | None:
 
 
 def load_dequantized(model_dir, dtype=None, *, activations: bool = True):
-    """Qwen3VLForConditionalGeneration with dequantized weights (and input fake-quant hooks); eval mode."""
+    """The family's model with dequantized weights (and input fake-quant hooks); eval mode."""
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
     from transformers.initialization import no_init_weights
+
+    from egm_edge.models.families import family_of_config
 
     dtype = dtype or torch.float32
     model_dir = Path(model_dir)
@@ -150,12 +153,13 @@ def load_dequantized(model_dir, dtype=None, *, activations: bool = True):
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path} is missing or not JSON ({e}); pass a quantized checkpoint directory.") from None
-    if "Qwen3VLForConditionalGeneration" not in (raw.get("architectures") or []):
-        raise CheckpointError(f"Checkpoint {model_dir} is {raw.get('architectures')}; the dequantizing loader supports Qwen3VLForConditionalGeneration only.")
+    family = family_of_config(raw, str(cfg_path))
+    family.require("quantize", f"Checkpoint {model_dir}")
+    model_class = getattr(transformers, family.hf_class)
     raw.pop("quantization_config", None)  # built as a plain model; this loader applies the numerics
-    config = Qwen3VLConfig.from_dict(raw)
+    config = model_class.config_class.from_dict(raw)
     with no_init_weights():
-        model = Qwen3VLForConditionalGeneration(config)
+        model = model_class(config)
     model = model.to(dtype).eval()
 
     plain, extras = split_checkpoint(read_tensors(model_dir))

@@ -1,19 +1,20 @@
 """The project's quantization policy on top of ModelOpt's configs, and the quantizer census that enforces it.
 
 Contract:
-- `build_modelopt_config(spec)` = deep copy of the recipe's ModelOpt config, then
-  the KV-cache entries (ModelOpt's own KV config), then `policy_entries(spec)` LAST,
+- `build_modelopt_config(spec, family)` = deep copy of the recipe's ModelOpt config, then
+  the KV-cache entries (ModelOpt's own KV config), then `policy_entries(spec, family)` LAST,
   so no earlier pattern can re-enable a quantizer the policy turned off. ModelOpt
   applies `quant_cfg` entries in list order, later ones winning.
-- Policy: the vision tower (`model.visual.*`: patch embed, blocks, merger and
-  deepstack mergers) stays 16-bit unless `vision="fp8"` (then its Linear layers
-  get the FP8 weight/input formats of FP8_DEFAULT_CFG); `lm_head` and every
-  embedding stay unquantized.
-- `count_quantizers(model)` counts enabled quantizers per group (language_model,
+- Policy: the vision tower and projector (the family record's `vision_prefixes`; for
+  Qwen3-VL `model.visual.*`: patch embed, blocks, merger and deepstack mergers) stay
+  16-bit unless `vision="fp8"` (then their Linear layers get the FP8 weight/input
+  formats of FP8_DEFAULT_CFG, the record's `vision_stem` staying off); `lm_head` and
+  every embedding stay unquantized.
+- `count_quantizers(model, family)` counts enabled quantizers per group (language_model,
   vision, lm_head, embeddings, kv_cache) and kind (weight, input, output, kv, attn);
   `check_counts` raises an EgmError when the census contradicts the spec.
-Module names are those of transformers' Qwen3VLForConditionalGeneration (5.23):
-`model.visual.*`, `model.language_model.{embed_tokens,layers.N.*}`, `lm_head`.
+Module names are those of the family's transformers class (the record's `language_prefix`,
+`vision_prefixes`); `family` is a registry name or a `Family` record.
 """
 
 from __future__ import annotations
@@ -22,30 +23,31 @@ import copy
 from typing import Any
 
 from egm_edge.errors import EgmError, UnsupportedError
+from egm_edge.models.families import get_family
 from egm_edge.quantize.recipes import KV_CACHE, QuantSpec
 
-VISION_PREFIX = "model.visual."
-LANGUAGE_PREFIX = "model.language_model."
 GROUPS = ("language_model", "vision", "lm_head", "embeddings", "kv_cache")
 KINDS = ("weight", "input", "output", "kv", "attn")
 
 
-def policy_entries(spec: QuantSpec, fp8_weight: Any = None, fp8_input: Any = None) -> list[dict[str, Any]]:
+def policy_entries(spec: QuantSpec, family, fp8_weight: Any = None, fp8_input: Any = None) -> list[dict[str, Any]]:
     """The project's entries, appended after ModelOpt's and the KV config's (see module docstring)."""
+    fam = get_family(family)
     entries: list[dict[str, Any]] = []
     if spec.vision == "fp8":
         if fp8_weight is None or fp8_input is None:
             raise ValueError("vision='fp8' needs the FP8 weight and input quantizer formats")
-        entries += [
-            {"quantizer_name": f"{VISION_PREFIX}*weight_quantizer", "parent_class": "nn.Linear", "cfg": copy.deepcopy(fp8_weight)},
-            {"quantizer_name": f"{VISION_PREFIX}*input_quantizer", "parent_class": "nn.Linear", "cfg": copy.deepcopy(fp8_input)},
-            # Attention BMM quantizers of the vision tower are not a KV cache: keep them off.
-            {"quantizer_name": f"{VISION_PREFIX}*_bmm_quantizer", "enable": False},
-            {"quantizer_name": f"{VISION_PREFIX}*output_quantizer", "enable": False},
-            {"quantizer_name": f"{VISION_PREFIX}patch_embed*", "enable": False},
-        ]
+        for prefix in fam.vision_prefixes:
+            entries += [
+                {"quantizer_name": f"{prefix}*weight_quantizer", "parent_class": "nn.Linear", "cfg": copy.deepcopy(fp8_weight)},
+                {"quantizer_name": f"{prefix}*input_quantizer", "parent_class": "nn.Linear", "cfg": copy.deepcopy(fp8_input)},
+                # Attention BMM quantizers of the vision tower are not a KV cache: keep them off.
+                {"quantizer_name": f"{prefix}*_bmm_quantizer", "enable": False},
+                {"quantizer_name": f"{prefix}*output_quantizer", "enable": False},
+            ]
+        entries.append({"quantizer_name": f"{fam.vision_stem}*", "enable": False})
     else:
-        entries.append({"quantizer_name": f"{VISION_PREFIX}*", "enable": False})
+        entries += [{"quantizer_name": f"{prefix}*", "enable": False} for prefix in fam.vision_prefixes]
     entries += [
         {"quantizer_name": "lm_head*", "enable": False},
         {"quantizer_name": "*lm_head*", "enable": False},
@@ -55,8 +57,8 @@ def policy_entries(spec: QuantSpec, fp8_weight: Any = None, fp8_input: Any = Non
     return entries
 
 
-def build_modelopt_config(spec: QuantSpec) -> dict[str, Any]:
-    """The full ModelOpt config for `spec`: recipe config, KV entries, then the policy (last)."""
+def build_modelopt_config(spec: QuantSpec, family) -> dict[str, Any]:
+    """The full ModelOpt config for `spec` on a model of `family`: recipe config, KV entries, then the policy (last)."""
     import modelopt.torch.quantization as mtq
 
     recipe = spec.recipe_spec
@@ -77,7 +79,7 @@ def build_modelopt_config(spec: QuantSpec) -> dict[str, Any]:
         fp8 = mtq.FP8_DEFAULT_CFG["quant_cfg"]
         fp8_w = _last_entry(fp8, "*weight_quantizer")["cfg"]
         fp8_i = _last_entry(fp8, "*input_quantizer")["cfg"]
-    entries += policy_entries(spec, fp8_w, fp8_i)
+    entries += policy_entries(spec, family, fp8_w, fp8_i)
     cfg["quant_cfg"] = entries
     return cfg
 
@@ -98,15 +100,16 @@ def _last_entry(entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
     raise UnsupportedError(f"ModelOpt's FP8_DEFAULT_CFG has no {name!r} entry; install nvidia-modelopt 0.47.")
 
 
-def quantizer_group(name: str) -> str:
-    """Which census group a quantizer (by its full module name) belongs to."""
+def quantizer_group(name: str, family) -> str:
+    """Which census group a quantizer (by its full module name) of a `family` model belongs to."""
+    fam = get_family(family)
     if name.startswith("lm_head.") or ".lm_head." in name:
         return "lm_head"
-    if name.startswith(VISION_PREFIX):
+    if name.startswith(fam.vision_prefixes):
         return "vision"
     if "embed_tokens" in name or "pos_embed" in name:
         return "embeddings"
-    if name.startswith(LANGUAGE_PREFIX):
+    if name.startswith(fam.language_prefix):
         if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")):
             return "kv_cache"
         return "language_model"
@@ -130,7 +133,7 @@ def empty_census() -> dict[str, dict[str, int]]:
     return {g: {k: 0 for k in KINDS} for g in (*GROUPS, "other")}
 
 
-def count_quantizers(model) -> dict[str, dict[str, int]]:
+def count_quantizers(model, family) -> dict[str, dict[str, int]]:
     """Enabled quantizers per group and kind (a SequentialQuantizer counts once if any stage is on)."""
     from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 
@@ -145,18 +148,18 @@ def count_quantizers(model) -> dict[str, dict[str, int]]:
         else:
             continue
         if on:
-            census[quantizer_group(name)][quantizer_kind(name)] += 1
+            census[quantizer_group(name, family)][quantizer_kind(name)] += 1
     return census
 
 
-def linear_counts(model) -> dict[str, int]:
+def linear_counts(model, family) -> dict[str, int]:
     """nn.Linear modules per group: what a recipe is expected to quantize."""
     import torch
 
     out = {"language_model": 0, "vision": 0, "lm_head": 0, "layers": 0}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            g = quantizer_group(name + ".weight_quantizer")
+            g = quantizer_group(name + ".weight_quantizer", family)
             if g in out:
                 out[g] += 1
     out["layers"] = int(model.config.text_config.num_hidden_layers)
@@ -195,12 +198,12 @@ def check_counts(census: dict[str, dict[str, int]], spec: QuantSpec, linears: di
         )
 
 
-def linear_widths(model) -> dict[str, int]:
+def linear_widths(model, family) -> dict[str, int]:
     """Input width of every language-model Linear, by module name."""
     import torch
 
     return {name: mod.in_features for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and quantizer_group(name + ".weight_quantizer") == "language_model"}
+            if isinstance(mod, torch.nn.Linear) and quantizer_group(name + ".weight_quantizer", family) == "language_model"}
 
 
 def config_widths(cfg: dict[str, Any]) -> dict[str, int]:

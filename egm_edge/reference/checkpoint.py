@@ -1,14 +1,14 @@
 """Tiny random Qwen3-VL checkpoints for tests, built locally from a config (model hubs are unreachable).
 
-Contract: `write_tiny_checkpoint(out_dir, tokenizer_dir)` writes a directory that
-`transformers.Qwen3VLForConditionalGeneration.from_pretrained` and
-`egm_edge.reference.ReferenceRunner.open` load like a real EGM checkpoint:
-config.json (architectures, every special-token id read from the tokenizer),
-model.safetensors, generation_config.json, the tokenizer files, a Thinking
-chat_template.jinja and preprocessor_config.json. The vocabulary size is the
-tokenizer's, so the real 151k-token Qwen tokenizer and small custom tokenizers
-that keep Qwen's special tokens by name both work. torch/transformers are
-imported inside the function.
+Contract: `write_tiny_checkpoint(out_dir, tokenizer_dir, family=...)` writes a directory that
+the family's transformers class (`hf_class` of its record, Qwen3VLForConditionalGeneration for
+Qwen3-VL) and `egm_edge.reference.ReferenceRunner.open` load like a real EGM checkpoint:
+config.json (the record's first architecture, every special-token id its `config_tokens`
+name read from the tokenizer), model.safetensors, generation_config.json, the tokenizer
+files, the record's chat_template.jinja and preprocessor_config.json. The vocabulary size
+is the tokenizer's, so the real 151k-token Qwen tokenizer and small custom tokenizers
+that keep Qwen's special tokens by name both work. torch/transformers are imported
+inside the function.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from egm_edge.errors import CheckpointError
+from egm_edge.errors import CheckpointError, UnsupportedError
+from egm_edge.models.families import get_family
 from egm_edge.runtime.preprocess import ImageProcessorConfig
 
 # Shapes of the test model: small enough to build, load and decode in well under a second.
@@ -51,59 +52,19 @@ TINY_VISION: dict[str, Any] = {
     "hidden_act": "gelu_pytorch_tanh",
 }
 
-# Tokens a Qwen3-VL checkpoint cannot work without; their ids come from the tokenizer.
-REQUIRED_TOKENS = {
-    "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
-}
-IM_END = "<|im_end|>"
-END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
-# EGM's Thinking template: one user turn (images and text in order), assistant turns with
-# their reasoning, and a generation prompt that opens the thinking.
-THINKING_CHAT_TEMPLATE = r"""{%- for message in messages -%}
-{%- if message.role == 'system' -%}
-{{- '<|im_start|>system\n' + (message.content if message.content is string else message.content | map(attribute='text') | join('')) + '<|im_end|>\n' -}}
-{%- elif message.role == 'user' -%}
-{{- '<|im_start|>user\n' -}}
-{%- if message.content is string -%}
-{{- message.content -}}
-{%- else -%}
-{%- for part in message.content -%}
-{%- if part.type == 'image' or 'image' in part or 'image_url' in part -%}
-{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}
-{%- elif 'text' in part -%}
-{{- part.text -}}
-{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{{- '<|im_end|>\n' -}}
-{%- elif message.role == 'assistant' -%}
-{%- set content = message.content if message.content is string else message.content | map(attribute='text') | join('') -%}
-{%- if message.reasoning_content is string -%}
-{{- '<|im_start|>assistant\n<think>\n' + message.reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') + '<|im_end|>\n' -}}
-{%- else -%}
-{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|im_start|>assistant\n<think>\n' -}}
-{%- endif -%}
-"""
 
-
-def special_token_ids(tokenizer_json: str | Path) -> dict[str, int]:
-    """Vocabulary size and the special-token ids a Qwen3-VL config needs, read from tokenizer.json."""
+def special_token_ids(tokenizer_json: str | Path, family="qwen3_vl") -> dict[str, int]:
+    """Vocabulary size and the special-token ids the family's config.json names (its record's `config_tokens`),
+    eos (the first stop token) and pad (the last one), read from tokenizer.json."""
     from tokenizers import Tokenizer
 
+    fam = get_family(family)
     tok = Tokenizer.from_file(str(tokenizer_json))
     ids: dict[str, int] = {"vocab_size": tok.get_vocab_size(with_added_tokens=True)}
     missing = []
-    for key, token in {**REQUIRED_TOKENS, "eos_token_id": IM_END}.items():
+    for key, token in {**fam.config_tokens, "eos_token_id": fam.tokens.stop[0]}.items():
         tid = tok.token_to_id(token)
         if tid is None:
             missing.append(token)
@@ -111,10 +72,10 @@ def special_token_ids(tokenizer_json: str | Path) -> dict[str, int]:
             ids[key] = tid
     if missing:
         raise CheckpointError(
-            f"Tokenizer {tokenizer_json} lacks the Qwen3-VL special tokens {', '.join(missing)}; "
-            "use a tokenizer that keeps Qwen's special tokens by name."
+            f"Tokenizer {tokenizer_json} lacks the {fam.title} special tokens {', '.join(missing)}; "
+            f"use a tokenizer that keeps {fam.title}'s special tokens by name."
         )
-    pad = tok.token_to_id(END_OF_TEXT)
+    pad = tok.token_to_id(fam.tokens.stop[-1])
     ids["pad_token_id"] = ids["eos_token_id"] if pad is None else pad
     # Ids are dense from 0 in a tokenizers vocabulary, but a sparse custom one must still fit the embedding.
     ids["vocab_size"] = max(ids["vocab_size"], max(v for k, v in ids.items() if k != "vocab_size") + 1)
@@ -137,6 +98,14 @@ def _copy_tokenizer(tokenizer_dir: Path, dst: Path) -> None:
             shutil.copyfile(src, dst / name)
 
 
+def _name_architecture(config_json: Path, architecture: str) -> None:
+    """transformers names the class it saved; a family whose architecture is another name gets its own."""
+    cfg = json.loads(config_json.read_text(encoding="utf-8"))
+    if cfg.get("architectures") != [architecture]:
+        cfg["architectures"] = [architecture]
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def write_tiny_checkpoint(
     out_dir: str | Path,
     tokenizer_dir: str | Path,
@@ -148,8 +117,10 @@ def write_tiny_checkpoint(
     dtype: str = "float32",
     min_pixels: int = 65536,
     max_pixels: int = 262144,
+    family="qwen3_vl",
 ) -> Path:
-    """Write a random-weight Qwen3VLForConditionalGeneration checkpoint; returns `out_dir`.
+    """Write a random-weight checkpoint of `family` (a name or a record; the Qwen3-VL layout: its `hf_class`
+    built from TINY_TEXT / TINY_VISION, config.json naming the record's first architecture); returns `out_dir`.
 
     text / vision override keys of TINY_TEXT / TINY_VISION. Image pixels are capped
     at `max_pixels` (256 image tokens at most by default) to keep tests fast. The
@@ -157,13 +128,18 @@ def write_tiny_checkpoint(
     nothing that looks like a checkpoint.
     """
     import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
 
+    fam = get_family(family)
+    if fam.preprocessor != "smart_resize" or fam.positions != "mrope":
+        raise UnsupportedError(f"Tiny test checkpoints are written in the Qwen3-VL layout (smart-resize images, M-RoPE); "
+                               f"the {fam.title} family is {fam.preprocessor} / {fam.positions}.")
+    model_class = getattr(transformers, fam.hf_class)
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"Output directory {out_dir} is not empty; choose a new directory.")
-    ids = special_token_ids(tokenizer_dir / "tokenizer.json")
+    ids = special_token_ids(tokenizer_dir / "tokenizer.json", fam)
     text_cfg = {**TINY_TEXT, **(text or {}), "vocab_size": ids["vocab_size"], "pad_token_id": ids["pad_token_id"]}
     vision_cfg = {**TINY_VISION, **(vision or {})}
     vision_cfg.setdefault("out_hidden_size", text_cfg["hidden_size"])
@@ -171,20 +147,17 @@ def write_tiny_checkpoint(
         raise CheckpointError(
             f"vision out_hidden_size={vision_cfg['out_hidden_size']} must equal text hidden_size={text_cfg['hidden_size']}."
         )
-    config = Qwen3VLConfig(
+    config = model_class.config_class(
         text_config=text_cfg,
         vision_config=vision_cfg,
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
+        **{key: ids[key] for key in fam.config_tokens},
         tie_word_embeddings=tie_word_embeddings,
     )
     config.eos_token_id = ids["eos_token_id"]
     config.pad_token_id = ids["pad_token_id"]
 
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+    model = model_class(config).to(getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = sorted({ids["eos_token_id"], ids["pad_token_id"]})
     model.generation_config.pad_token_id = ids["pad_token_id"]
     model.generation_config.do_sample = False
@@ -193,8 +166,9 @@ def write_tiny_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        _name_architecture(tmp / "config.json", fam.architectures[0])
         _copy_tokenizer(tokenizer_dir, tmp)
-        (tmp / "chat_template.jinja").write_text(THINKING_CHAT_TEMPLATE, encoding="utf-8")
+        (tmp / "chat_template.jinja").write_text(fam.chat_template, encoding="utf-8")
         patch = ImageProcessorConfig(
             patch_size=vision_cfg["patch_size"],
             merge_size=vision_cfg["spatial_merge_size"],

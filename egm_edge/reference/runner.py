@@ -1,10 +1,11 @@
-"""The reference runner: a local Qwen3-VL checkpoint decoded greedily with PyTorch + transformers.
+"""The reference runner: a local checkpoint decoded greedily with PyTorch + transformers.
 
-Contract: `ReferenceRunner.open(model_dir)` loads a Qwen3VLForConditionalGeneration
-checkpoint (safetensors only, no remote code, nothing downloaded; a ModelOpt
-quantized checkpoint goes through `egm_edge.quantize.loader.load_dequantized`).
+Contract: `ReferenceRunner.open(model_dir)` loads a checkpoint of a family whose record
+runs the reference stage (Qwen3-VL today) with the record's transformers class
+(safetensors only, no remote code, nothing downloaded; a ModelOpt quantized checkpoint
+goes through `egm_edge.quantize.loader.load_dequantized`).
 Inputs are built as the HF processor builds them but without torchvision:
-`egm_edge.runtime.preprocess` for pixels, `grounding.qwen_chat_prompt` for the
+`egm_edge.runtime.preprocess` for pixels, the family record's `chat_prompt` for the
 text, the checkpoint's tokenizer.json through `tokenizers`. Decoding shares the
 runtime's pieces (`runtime.budget.BudgetPolicy`, `runtime.sampling.Sampler`), so
 the thinking budget and token choice here are the ones the deployed runtime
@@ -19,33 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from egm_edge.errors import CheckpointError, InputError
+from egm_edge.errors import CheckpointError, InputError, UnsupportedError
+from egm_edge.models.families import Family, family_of_config, get_family
 from egm_edge.runtime.preprocess import ImageProcessorConfig, PreprocessedImage, preprocess_image
 
-SUPPORTED_ARCHITECTURE = "Qwen3VLForConditionalGeneration"
-SUPPORTED_MODEL_TYPE = "qwen3_vl"
 DTYPES = ("float32", "bfloat16", "float16")
+# What this runner drives (from the family record): the Qwen3-VL processor's pixels and 3-D M-RoPE positions.
+LAYOUT = ("smart_resize", "mrope")
 
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """config.json of a supported checkpoint, or a CheckpointError saying what was found instead."""
+def read_model_config(model_dir: Path, stage: str = "reference") -> dict[str, Any]:
+    """config.json of a checkpoint whose family runs `stage`, or one sentence saying what was found instead:
+    a CheckpointError for an architecture no family claims, an UnsupportedError for a family `stage` does not run."""
+    model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise CheckpointError(f"Model directory {model_dir} does not exist; pass a local Qwen3-VL checkpoint directory.")
+        raise CheckpointError(f"Model directory {model_dir} does not exist; pass a local Hugging Face checkpoint directory.")
     from egm_edge.artifacts import read_json
 
     cfg = read_json(model_dir / "config.json", restore="restore the checkpoint's config.json",
                     missing=f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory.")
-    archs = cfg.get("architectures") or []
-    mtype = cfg.get("model_type")
-    if SUPPORTED_ARCHITECTURE not in archs or mtype != SUPPORTED_MODEL_TYPE:
-        found = ", ".join(map(str, archs)) or "no architectures"
-        raise CheckpointError(
-            f"Checkpoint {model_dir} is {found} (model_type {mtype!r}); the reference runner supports "
-            f"{SUPPORTED_ARCHITECTURE} (model_type '{SUPPORTED_MODEL_TYPE}') only."
+    family = family_of_config(cfg, f"checkpoint {model_dir}")
+    family.require(stage, f"Checkpoint {model_dir}")
+    if (family.preprocessor, family.positions) != LAYOUT:
+        raise UnsupportedError(
+            f"Checkpoint {model_dir} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} "
+            f"positions), but the reference runner drives only {LAYOUT[0]} preprocessing with {LAYOUT[1]} positions."
         )
     return cfg
 
@@ -97,24 +100,32 @@ class Prompt:
 class ReferenceRunner:
     """A loaded checkpoint plus its tokenizer and image settings; reusable across requests."""
 
-    def __init__(self, model, tokenizer, image_config: ImageProcessorConfig, model_dir: Path, device: str):
+    def __init__(self, model, tokenizer, image_config: ImageProcessorConfig, model_dir: Path, device: str,
+                 family: Family | str | None = None):
         from egm_edge.runtime.budget import ThinkTokens
+        from egm_edge.runtime.bundle import GenerationConfig
 
+        # The family a model in hand belongs to, when not given: its config's architecture (or model_type).
+        self.family = get_family(family) if family is not None else family_of_config(model.config.to_dict(), "the model's config")
         self.model = model
         self.tokenizer = tokenizer
         self.image_config = image_config
         self.model_dir = model_dir
         self.device = device
         self.image_token_id = int(model.config.image_token_id)
-        self.think_ids = ThinkTokens.from_tokenizer(tokenizer)
+        t = self.family.tokens
+        generation = GenerationConfig(family=self.family.name, think_open=t.think_open, think_close=t.think_close,
+                                      stop_tokens=tuple(t.stop))
+        self.think_ids = ThinkTokens.from_tokenizer(tokenizer, generation)
 
     # -- loading -------------------------------------------------------------------------
 
     @classmethod
     def open(cls, model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> "ReferenceRunner":
-        """Load a local Qwen3-VL checkpoint (see the module docstring for what is refused)."""
+        """Load a local checkpoint (see the module docstring for what is refused)."""
         model_dir = Path(model_dir)
         cfg = read_model_config(model_dir)
+        family = family_of_config(cfg, f"checkpoint {model_dir}")
         if dtype not in DTYPES:
             raise InputError(f"Unknown dtype {dtype!r}. Choose from: {', '.join(DTYPES)}.")
         if not (model_dir / "tokenizer.json").is_file():
@@ -133,8 +144,6 @@ class ReferenceRunner:
 
         tdtype = getattr(torch, dtype)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
-            from egm_edge.errors import UnsupportedError
-
             raise UnsupportedError(f"Device {device!r} was asked for but this machine has no CUDA; use --device cpu.")
         if quantized:
             try:
@@ -146,27 +155,28 @@ class ReferenceRunner:
                 ) from None
             model = load_dequantized(model_dir, dtype=tdtype)
         else:
-            model = _load_hf(model_dir, tdtype)
+            model = _load_hf(model_dir, tdtype, family)
         model = model.to(device).eval()
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        return cls(model, tokenizer, image_config, model_dir, device)
+        return cls(model, tokenizer, image_config, model_dir, device, family)
 
     # -- inputs ----------------------------------------------------------------------------
 
     def build_prompt(self, image, expression: str, task: str = "vanilla", *, exif_transpose: bool = True) -> Prompt:
         """Load + preprocess the image and tokenize the EGM prompt for it."""
-        from egm_edge.grounding import qwen_chat_prompt, user_text
+        from egm_edge.grounding import clean_expression
         from egm_edge.runtime.image import load_image
 
         t0 = time.perf_counter()
-        text = user_text(expression, task)  # validates expression and task before any pixel work
+        fam = self.family
+        text = fam.user_text(clean_expression(expression), task)  # validates expression and task before any pixel work
         img = load_image(image, exif_transpose=exif_transpose)
         pre = preprocess_image(img, self.image_config)
-        ids = self.tokenizer.encode(qwen_chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
+        ids = self.tokenizer.encode(fam.chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
         n_pad = sum(1 for i in ids if i == self.image_token_id)
         if n_pad != pre.n_image_tokens:
             raise CheckpointError(
-                f"The tokenizer in {self.model_dir} turned {pre.n_image_tokens} <|image_pad|> into {n_pad} image tokens "
+                f"The tokenizer in {self.model_dir} turned {pre.n_image_tokens} {fam.tokens.image} into {n_pad} image tokens "
                 f"(id {self.image_token_id}); tokenizer.json and config.json do not belong together."
             )
         return Prompt(ids, pre, _ms(t0))
@@ -272,14 +282,14 @@ class ReferenceRunner:
         return torch.cat([text, rope], dim=0), int(deltas.reshape(-1)[0])
 
     def decode_text(self, tokens: Sequence[int]) -> str:
-        """Output text as EGM reads it: special tokens skipped, `</think>` kept (it may be flagged special)."""
+        """Output text as EGM reads it: special tokens skipped, the reasoning's close tag kept (it may be flagged special)."""
         close = self.think_ids.think_close
         body = [t for t in tokens if t not in self.think_ids.stop]
         if close in body:
             k = body.index(close)
             return (
                 self.tokenizer.decode(body[:k], skip_special_tokens=True)
-                + "</think>"
+                + self.family.tokens.think_close
                 + self.tokenizer.decode(body[k + 1 :], skip_special_tokens=True)
             )
         return self.tokenizer.decode(body, skip_special_tokens=True)
@@ -345,14 +355,14 @@ def _settings(settings, think_budget, budget_mode, max_new_tokens, max_answer_to
         sampling=sampling).resolved()
 
 
-def _load_hf(model_dir: Path, dtype):
-    from transformers import Qwen3VLForConditionalGeneration
+def _load_hf(model_dir: Path, dtype, family: Family):
+    import transformers
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return Qwen3VLForConditionalGeneration.from_pretrained(
+        return getattr(transformers, family.hf_class).from_pretrained(
             model_dir, dtype=dtype, local_files_only=True, trust_remote_code=False, use_safetensors=True
         )
     except (OSError, ValueError) as e:

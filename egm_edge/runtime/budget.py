@@ -7,8 +7,8 @@ models, tensors or executors; it is tested with a scripted fake model.
 
 Modes (DESIGN.md):
 - `hard`: when the reasoning reaches the budget, force the natural close
-  "\\n</think>\\n\\n" (the Thinking template's own separator).
-- `qwen`: force Qwen's stop-thinking sentence, then the close. If the budget is
+  "\\n</think>\\n\\n" (the Thinking template's own separator; `Family.hard_close`).
+- `qwen`: force Qwen's stop-thinking sentence, then the close (`FamilyTokens.stop_thinking`). If the budget is
   too small to hold the sentence, it degrades to `hard`.
 - `none`: no budget; the model thinks until it closes the reasoning itself.
 
@@ -18,6 +18,10 @@ exceed the budget; budget 0 answers at once; the answer is capped separately by
 from the bundle's planned maximum sequence), reserving room for the close and
 the answer. The policy reads whole `DecodeSettings` (egm_edge.runtime.settings);
 fields not given take the built-in defaults there.
+
+The token texts come from the bundle, never from here: `ThinkTokens.from_tokenizer`
+reads the closing tag and the stop tokens from the bundle's generation_config.json
+and the forced texts from its family's record (egm_edge.models.families).
 """
 
 from __future__ import annotations
@@ -25,19 +29,19 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from egm_edge.errors import InputError
+from egm_edge.errors import CheckpointError, InputError
+from egm_edge.models.families import get_family
 from egm_edge.runtime.settings import MAX_BUDGET, MODES, UNLIMITED, DecodeSettings
 
 __all__ = ["MAX_BUDGET", "MODES", "BudgetPolicy", "DecodeSettings", "ThinkTokens"]
-HARD_CLOSE_TEXT = "\n</think>\n\n"
 
 
 @dataclass(frozen=True)
 class ThinkTokens:
     """Token ids the policy needs, read from the tokenizer (never hard-coded).
 
-    hard_close: ids of "\\n</think>\\n\\n"; qwen_close: ids of the stop sentence +
-    "</think>\\n\\n"; stop: ids that end generation (<|im_end|>, <|endoftext|>).
+    hard_close: ids of the family's hard close ("\\n</think>\\n\\n" for Qwen3-VL); qwen_close: ids
+    of its stop-thinking sentence, which ends with the close; stop: ids that end generation.
     """
 
     think_close: int
@@ -46,24 +50,33 @@ class ThinkTokens:
     stop: tuple[int, ...]
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "ThinkTokens":
-        """Build from a `tokenizers.Tokenizer` (or anything with token_to_id/encode)."""
-        from egm_edge.grounding import QWEN_STOP_THINKING
+    def from_tokenizer(cls, tok, generation=None) -> "ThinkTokens":
+        """Build from a `tokenizers.Tokenizer` (or anything with token_to_id/encode) and a bundle's
+        `GenerationConfig` (its closing tag and stop tokens by name, its family's forced texts);
+        without one, the Qwen3-VL defaults."""
+        if generation is None:
+            from egm_edge.runtime.bundle import GenerationConfig
 
-        def tid(name):
-            i = tok.token_to_id(name)
-            if i is None:
-                raise InputError(f"The tokenizer has no {name!r} token; it is not a Qwen3 Thinking tokenizer.")
-            return i
+            generation = GenerationConfig()
+        family = get_family(generation.family)
 
         def enc(text):
             return tuple(tok.encode(text, add_special_tokens=False).ids)
 
-        close = tid("</think>")
-        stop = tuple(i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")) if i is not None)
+        close = tok.token_to_id(generation.think_close)
+        if close is None:
+            raise InputError(f"The tokenizer has no {generation.think_close!r} token; it is not a {family.title} Thinking tokenizer.")
+        stop = tuple(i for i in (tok.token_to_id(name) for name in generation.stop_tokens) if i is not None)
         if not stop:
-            raise InputError("The tokenizer has neither <|im_end|> nor <|endoftext|>; cannot tell when to stop.")
-        return cls(close, enc(HARD_CLOSE_TEXT), enc(QWEN_STOP_THINKING), stop)
+            names = ", ".join(generation.stop_tokens) or "(none named)"
+            raise InputError(f"The tokenizer has none of the stop tokens {names}; cannot tell when to stop.")
+        hard, sentence = enc(family.hard_close), enc(family.tokens.stop_thinking)
+        if close not in hard or close not in sentence:
+            raise CheckpointError(
+                f"The bundle's generation_config.json closes the reasoning with {generation.think_close!r}, but the "
+                f"{family.title} family closes it with {family.tokens.think_close!r}; the bundle mixes files, rebuild it."
+            )
+        return cls(close, hard, sentence, stop)
 
     def _split(self, seq: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
         k = seq.index(self.think_close)

@@ -11,12 +11,14 @@ Layout (written by `egm-edge build`, DESIGN.md "Pipeline"):
                                dynamic-int8 Linears, which the CPU executor uses for prompts
       tokenizer.json           the model's tokenizer (every special id is read from it)
       preprocessor_config.json the HF image-processor values (min/max pixels, patch, merge)
-      generation_config.json   stop tokens, think tags, default budget and mode, caps
+      generation_config.json   model family, think tags, stop tokens (by name), default budget and mode, caps
 
 manifest["runtime"] holds what the host needs to drive the graphs: `decoder`
 (num_layers, num_kv_heads, head_dim, hidden_size, vocab_size, num_deepstack,
 image_token_id) and `vision` (egm_edge.runtime.vision_inputs.VisionGridConfig).
-A directory without manifest.json is not a bundle. `open_bundle` reads the manifest
+generation_config.json's family names the record (egm_edge.models.families) whose prompts
+and forced texts the runtime uses; its think tags and stop tokens are read from it, not
+assumed. A directory without manifest.json is not a bundle. `open_bundle` reads the manifest
 and configs only; `Grounder.open` also checks every file against the sha256 the
 manifest records (egm_edge.runtime.integrity) before loading the graphs.
 """
@@ -26,7 +28,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from egm_edge.errors import CheckpointError
+from egm_edge.errors import CheckpointError, InputError
+from egm_edge.models.families import QWEN3_VL, Family, family_names, get_family
 from egm_edge.runtime.preprocess import ImageProcessorConfig
 from egm_edge.runtime.vision_inputs import VisionGridConfig
 
@@ -59,16 +62,24 @@ class DecoderShape:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decode defaults shipped with a bundle; per-request arguments override them."""
+    """Decode defaults shipped with a bundle; per-request arguments override them. The family and its
+    token texts default to the Qwen3-VL record's; `for_family` fills them from another record."""
 
-    family: str = "qwen3_vl"
-    think_open: str = "<think>"
-    think_close: str = "</think>"
-    stop_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
+    family: str = QWEN3_VL.name
+    think_open: str = QWEN3_VL.tokens.think_open
+    think_close: str = QWEN3_VL.tokens.think_close
+    stop_tokens: tuple[str, ...] = QWEN3_VL.tokens.stop
     think_budget: int | None = None  # None = unlimited
     budget_mode: str = "hard"
     max_answer_tokens: int = 128
     max_seq_len: int = 4096  # planned maximum of prompt + image tokens + output
+
+    @classmethod
+    def for_family(cls, family, **kw) -> "GenerationConfig":
+        """The config for a family (a name or a record), its think tags and stop tokens from the record."""
+        f = get_family(family)
+        return cls(family=f.name, think_open=f.tokens.think_open, think_close=f.tokens.think_close,
+                   stop_tokens=f.tokens.stop, **kw)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,6 +118,17 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @property
+    def family(self) -> Family:
+        """The record of the family generation_config.json names; one sentence when this egm-edge lacks it."""
+        try:
+            return get_family(self.generation.family)
+        except InputError:
+            raise CheckpointError(
+                f"Bundle {self.path} is for the model family {self.generation.family!r}, which this egm-edge does not "
+                f"know (it knows {', '.join(family_names())}); rebuild the bundle or upgrade egm-edge."
+            ) from None
 
 
 def _read(path: Path, what: str) -> dict:

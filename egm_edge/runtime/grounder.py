@@ -16,6 +16,12 @@ sampler and the thinking-budget policy; the executor only runs graphs.
 - A repeated image (same pixels after preprocessing) reuses its encoding from a
   small LRU cache, so several expressions on one camera frame pay for the vision
   tower once.
+
+The prompt, the image token and the forced budget texts come from the family record
+the bundle's generation_config.json names (egm_edge.models.families); its think tags
+and stop tokens from that file. The loop drives Qwen3-VL-style models only (smart_resize
+preprocessing, M-RoPE positions): a bundle of a family whose record does not list the
+runtime stage is refused at open.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
-from egm_edge.grounding import GroundingResult, qwen_chat_prompt, user_text
+from egm_edge.errors import CheckpointError, InputError, UnsupportedError
+from egm_edge.grounding import GroundingResult, user_text
 from egm_edge.runtime.budget import BudgetPolicy, ThinkTokens
 from egm_edge.runtime.bundle import Bundle, load_tokenizer, open_bundle
 from egm_edge.runtime.executors import make_executor
@@ -67,16 +74,28 @@ class _Detok:
         return delta
 
 
+def _runtime_family(bundle: Bundle):
+    """The bundle's family record, refused in one sentence when this loop cannot drive it."""
+    family = bundle.family
+    family.require("runtime", f"The bundle at {bundle.path}")
+    if (family.preprocessor, family.positions) != ("smart_resize", "mrope"):
+        raise UnsupportedError(
+            f"The bundle at {bundle.path} is a {family.title} model ({family.preprocessor} preprocessing, "
+            f"{family.positions} positions), but the runtime drives only smart_resize preprocessing with mrope positions."
+        )
+    return family
+
+
 class Grounder:
     def __init__(self, bundle: Bundle, executor, tokenizer, image_cache_size: int = 4):
         self.bundle, self.executor, self.tok = bundle, executor, tokenizer
-        self.ids = ThinkTokens.from_tokenizer(tokenizer)
-        self.image_token_id = tokenizer.token_to_id("<|image_pad|>")
+        self.family = _runtime_family(bundle)
+        self.ids = ThinkTokens.from_tokenizer(tokenizer, bundle.generation)
+        image = self.family.tokens.image
+        self.image_token_id = tokenizer.token_to_id(image)
         if self.image_token_id is None or self.image_token_id != bundle.decoder.image_token_id:
-            from egm_edge.errors import CheckpointError
-
             raise CheckpointError(
-                f"The bundle's tokenizer maps <|image_pad|> to {self.image_token_id}, but its decoder expects "
+                f"The bundle's tokenizer maps {image} to {self.image_token_id}, but its decoder expects "
                 f"{bundle.decoder.image_token_id}; the bundle mixes files from different models, rebuild it."
             )
         self._cache: OrderedDict[str, tuple] = OrderedDict()
@@ -88,9 +107,11 @@ class Grounder:
         """Load a bundle after checking its files against the sha256 its manifest records.
 
         A file unchanged since its last good hash (same size, mtime, change time, inode) is not read again;
-        `verify=True` re-reads and hashes every file (egm_edge.runtime.integrity).
+        `verify=True` re-reads and hashes every file (egm_edge.runtime.integrity). A bundle of a family the
+        runtime does not drive is refused before any file is hashed or graph loaded.
         """
         bundle = open_bundle(bundle_dir)
+        _runtime_family(bundle)
         check_files(bundle.path, bundle.manifest, full=verify)
         tok = load_tokenizer(bundle.file("tokenizer.json"))
         return cls(bundle, make_executor(bundle, executor, threads=threads), tok, image_cache_size=image_cache_size)
@@ -107,7 +128,7 @@ class Grounder:
         return DecodeSettings.from_generation_config(gen).override(max_new_tokens=gen.max_seq_len)
 
     def ground(self, image, expression: str, think_budget=None, task: str = "vanilla", **kw) -> GroundingResult:
-        text = user_text(expression, task=task, family=self.bundle.generation.family)
+        text = user_text(expression, task=task, family=self.family)
         return self.generate(image, text, think_budget=think_budget, **kw)
 
     def ground_batch(self, requests, **kw) -> list[GroundingResult]:
@@ -128,7 +149,7 @@ class Grounder:
         return result
 
     def stream(self, image, expression: str, think_budget=None, task: str = "vanilla", **kw) -> Iterator[TokenEvent]:
-        text = user_text(expression, task=task, family=self.bundle.generation.family)
+        text = user_text(expression, task=task, family=self.family)
         return self._run(image, text, think_budget=think_budget, **kw)
 
     def stream_text(self, image, text: str, **kw) -> Iterator[TokenEvent]:
@@ -158,13 +179,11 @@ class Grounder:
         img = load_image(image, exif_transpose=exif_transpose)
         width, height = img.size
         prep = preprocess_image(img, self.bundle.image_processor)
-        prompt = qwen_chat_prompt(text, prep.n_image_tokens)
+        prompt = self.family.chat_prompt(text, prep.n_image_tokens)
         prompt_ids = np.asarray([self.tok.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
         n_prompt = prompt_ids.shape[1]
         room = min(gen.max_seq_len - n_prompt, settings.max_new_tokens)
         if room <= 0:
-            from egm_edge.errors import InputError
-
             raise InputError(
                 f"The prompt takes {n_prompt} tokens ({prep.n_image_tokens} for the image), at or over the bundle's "
                 f"planned maximum sequence of {gen.max_seq_len}; use a smaller image or a bundle built for longer sequences."
@@ -179,8 +198,6 @@ class Grounder:
         positions, deltas = rope_index(prompt_ids, [prep.grid_thw], self.image_token_id, self.bundle.vision.spatial_merge_size)
         limit = self.bundle.decoder.rope_positions
         if limit and int(positions.max()) + room >= limit:
-            from egm_edge.errors import InputError
-
             raise InputError(
                 f"This prompt plus up to {room} new tokens reaches rotary position {int(positions.max()) + room}, past the "
                 f"{limit} positions this bundle's decoder has tables for; lower --max-new-tokens or use a smaller image."
@@ -248,7 +265,7 @@ class Grounder:
         result = GroundingResult.from_output(
             text_out, width, height,
             think_tokens=policy.think_tokens, answer_tokens=policy.answer_tokens,
-            budget_forced=policy.budget_forced, family=self.bundle.generation.family, timings=timings,
+            budget_forced=policy.budget_forced, family=self.family, timings=timings,
             truncated=policy.truncated,
         )
         yield TokenEvent(-1, "", "content", False, result=result)

@@ -102,7 +102,7 @@ def parse_request(body: dict, cfg) -> ChatRequest:
         raise HttpError(400, f"Exactly one image is supported per request, got {len(images)}.")
     text = "".join(texts).strip()
     if not text:
-        raise HttpError(400, "The request has no text; send the grounding prompt, e.g. 'Locate the dog, output its bbox coordinates using JSON format'.")
+        raise HttpError(400, "The request has no text; send the grounding prompt after the image, as EGM's evaluation does.")
     if len(text) > MAX_TEXT_CHARS:
         raise HttpError(400, f"The text has {len(text)} characters, over the limit of {MAX_TEXT_CHARS}.")
     url = _check_unicode(images[0], "image URL")

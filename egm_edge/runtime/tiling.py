@@ -24,10 +24,11 @@ import numpy as np
 from PIL import Image
 
 from egm_edge.errors import CheckpointError, InputError
+from egm_edge.models.families.internvl import INTERNVL
 
-IMG_START = "<img>"
-IMG_END = "</img>"
-IMG_CONTEXT = "<IMG_CONTEXT>"  # also the per-image placeholder the chat template writes
+IMG_START = INTERNVL.tokens.image_start
+IMG_END = INTERNVL.tokens.image_end
+IMG_CONTEXT = INTERNVL.tokens.image  # also the per-image placeholder the chat template writes
 
 _PIL_FILTERS = (0, 1, 2, 3, 4, 5)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 
@@ -230,7 +231,7 @@ def image_token_count(n_tiles: int, cfg: TilingConfig | None = None) -> int:
 
 def image_placeholder(n_tiles: int, cfg: TilingConfig | None = None) -> str:
     """What InternVLProcessor puts in place of one image's `<IMG_CONTEXT>`: no newline (the chat template adds it)."""
-    return IMG_START + IMG_CONTEXT * image_token_count(n_tiles, cfg) + IMG_END
+    return INTERNVL.image_placeholder.format(tokens=IMG_CONTEXT * image_token_count(n_tiles, cfg))
 
 
 def expand_image_placeholders(text: str, tiles_per_image: Sequence[int], cfg: TilingConfig | None = None) -> str:

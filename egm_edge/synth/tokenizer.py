@@ -7,6 +7,8 @@ flags (<think>/</think> are not "special", so decoding keeps them). Every byte i
 in the alphabet, so any text encodes. `write_tokenizer_files(tok, dir, template)`
 writes tokenizer.json, tokenizer_config.json (eos <|im_end|>, pad <|endoftext|>)
 and chat_template.jinja. Ids are whatever training produced: read them by name.
+The token texts, the generation prompt and the default template come from the
+Qwen3-VL family record (egm_edge.models.families).
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-# Qwen3's added tokens in Qwen's order; True = "special" (skipped by skip_special_tokens).
-QWEN3_ADDED_TOKENS = (
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True),
-    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True),
-    ("<|vision_pad|>", True), ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-    ("<tool_response>", False), ("</tool_response>", False), ("<think>", False), ("</think>", False),
-)
+from egm_edge.models.families import QWEN3_VL
+
 # Qwen2/Qwen3's pre-tokenizer split: words, single digits, punctuation runs, newlines, spaces.
 QWEN_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# The Thinking template opens the reasoning in the generation prompt.
-_INSTRUCT_GEN = "{{- '<|im_start|>assistant\\n' }}"
-_THINKING_GEN = "{{- '<|im_start|>assistant\\n<think>\\n' }}"
+FAMILY = QWEN3_VL  # the tiny grounder is a Qwen3-VL model: its tokens and prompts come from that record
+
+
+def _jinja_output(text: str) -> str:
+    """The jinja statement a chat template writes `text` with (newlines escaped, as Qwen's templates write them)."""
+    return "{{- '" + text.replace("\n", "\\n") + "' }}"
+
+
+# The Thinking template opens the reasoning in the generation prompt; the instruct one stops before it.
+_THINKING_GEN = _jinja_output(FAMILY.generation_prompt)
+_INSTRUCT_GEN = _jinja_output(FAMILY.generation_prompt.removesuffix(FAMILY.tokens.think_open + "\n"))
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 768):
@@ -50,7 +52,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 768):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    for name, special in QWEN3_ADDED_TOKENS:
+    for name, special in FAMILY.added_tokens:
         t = AddedToken(name, special=special, normalized=False, lstrip=False, rstrip=False, single_word=False)
         (tok.add_special_tokens if special else tok.add_tokens)([t])
     return tok
@@ -59,31 +61,34 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 768):
 def thinking_template(instruct_template: str) -> str:
     """The Qwen3-VL instruct template with the Thinking generation prompt."""
     if _INSTRUCT_GEN not in instruct_template:
-        raise ValueError("the chat template has no '<|im_start|>assistant\\n' generation prompt to extend")
+        raise ValueError(f"the chat template has no {_INSTRUCT_GEN} generation prompt to extend")
     return instruct_template.replace(_INSTRUCT_GEN, _THINKING_GEN)
 
 
-def write_tokenizer_files(tok, out_dir, chat_template: str, model_max_length: int = 4096) -> None:
+def write_tokenizer_files(tok, out_dir, chat_template: str = FAMILY.chat_template, model_max_length: int = 4096) -> None:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja (by default the record's Thinking template)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
+    # Qwen ends a turn with its first stop token and pads with the other (<|endoftext|>), not a special of its own.
+    eos, pad = FAMILY.tokens.stop[0], FAMILY.tokens.stop[-1]
     added = {
         str(tok.token_to_id(name)): {
             "content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": special,
         }
-        for name, special in QWEN3_ADDED_TOKENS
+        for name, special in FAMILY.added_tokens
     }
     config = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
-        "additional_special_tokens": [n for n, s in QWEN3_ADDED_TOKENS if s and n not in ("<|endoftext|>",)],
+        "additional_special_tokens": [n for n, s in FAMILY.added_tokens if s and n != pad],
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
+        "eos_token": eos,
         "errors": "replace",
         "model_max_length": model_max_length,
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,

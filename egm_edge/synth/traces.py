@@ -17,14 +17,15 @@ the first member of the group in reading order, an unreasoned guess.
 assistant token ids as the runtime's budget policy produces them: reasoning ids
 (optionally cut after `cut` tokens), the close (the hard "\\n</think>\\n\\n" or
 Qwen's stop sentence, each tokenized on its own as the policy does), the answer
-and <|im_end|>. Ids are always read from the tokenizer.
+and <|im_end|>. Ids are always read from the tokenizer; the texts from the Qwen3-VL
+family record (the tiny grounder's, `egm_edge.synth.tokenizer.FAMILY`).
 """
 
 from __future__ import annotations
 
-from egm_edge.grounding import QWEN_STOP_THINKING, format_answer, to_norm1000
-from egm_edge.runtime.budget import HARD_CLOSE_TEXT
+from egm_edge.grounding import format_answer, to_norm1000
 from egm_edge.synth.expressions import ORDINALS, Expression, axis_key, members
+from egm_edge.synth.tokenizer import FAMILY
 from egm_edge.synth.world import Scene
 
 # Listing a relational group along the relation's direction puts the target first: it is
@@ -130,7 +131,7 @@ def answer(scene: Scene, e: Expression) -> str:
 
 def assistant_text(scene: Scene, e: Expression) -> str:
     """The full natural output: reasoning, close, answer (no end-of-turn token)."""
-    return reasoning(scene, e) + HARD_CLOSE_TEXT + answer(scene, e)
+    return reasoning(scene, e) + FAMILY.hard_close + answer(scene, e)
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -142,8 +143,9 @@ def assistant_ids(tok, reasoning_text: str, answer_text: str, cut: int | None = 
     r = _ids(tok, reasoning_text)
     if cut is not None:
         r = r[: max(0, int(cut))]
-    close = _ids(tok, QWEN_STOP_THINKING if qwen_stop else HARD_CLOSE_TEXT)
-    end = tok.token_to_id("<|im_end|>")
+    close = _ids(tok, FAMILY.tokens.stop_thinking if qwen_stop else FAMILY.hard_close)
+    end_of_turn = FAMILY.tokens.stop[0]
+    end = tok.token_to_id(end_of_turn)
     if end is None:
-        raise ValueError("the tokenizer has no <|im_end|> token")
+        raise ValueError(f"the tokenizer has no {end_of_turn} token")
     return r + close + _ids(tok, answer_text) + [end]

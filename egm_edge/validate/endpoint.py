@@ -28,6 +28,7 @@ from http.client import HTTPException
 from typing import Any
 
 from egm_edge.errors import EgmError, InputError
+from egm_edge.models.families import get_family
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
@@ -64,7 +65,7 @@ class EndpointPredictor:
         self.base = base_url(url)
         self.api_key = api_key
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
-        self.family = family
+        self.family = get_family(family).name  # an unknown family is refused before any request
         self.model_name = model_name or self._discover_model()
 
     # -- HTTP -------------------------------------------------------------------------------------------------
@@ -158,8 +159,9 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
         return ""
 
 
-def result_from_response(resp: dict, width: int, height: int, wall_ms: float, *, family: str = "qwen3_vl", where: str = "the endpoint"):
-    """A GroundingResult from a chat completion; think tokens from usage (None when the server does not say)."""
+def result_from_response(resp: dict, width: int, height: int, wall_ms: float, *, family="qwen3_vl", where: str = "the endpoint"):
+    """A GroundingResult from a chat completion; think tokens from usage (None when the server does not say).
+    A reasoning split out by the server is joined back with `family`'s closing think tag."""
     from egm_edge.grounding import GroundingResult
 
     try:
@@ -169,7 +171,8 @@ def result_from_response(resp: dict, width: int, height: int, wall_ms: float, *,
         raise EndpointError(f"{where} answered JSON without choices[0].message ({json.dumps(resp)[:120]}).") from None
     content = msg.get("content") or ""
     reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-    text = f"{reasoning}</think>\n\n{content}" if reasoning else content
+    close = get_family(family).tokens.think_close
+    text = f"{reasoning}{close}\n\n{content}" if reasoning else content
     usage = resp.get("usage") or {}
     details = usage.get("completion_tokens_details") or {}
     egm = resp.get("egm") or {}
@@ -186,6 +189,6 @@ def result_from_response(resp: dict, width: int, height: int, wall_ms: float, *,
         budget_forced=bool(egm.get("budget_forced", False)), family=family, timings=timings,
         truncated=choice.get("finish_reason") == "length",
     )
-    if not reasoning and "</think>" not in content:
+    if not reasoning and close not in content:
         r.answer = content.strip()  # a server that hides the reasoning returns only the answer
     return r

@@ -18,6 +18,24 @@ def test_bundle_layout_and_manifest(tiny_bundle):
     b = open_bundle(tiny_bundle)
     assert b.generation.max_seq_len == 1024 and b.generation.max_answer_tokens == 16
     assert b.decoder.num_layers >= 1 and b.vision.spatial_merge_size == 2
+    # The family and its token texts come from the Qwen3-VL record, through the export manifest.
+    from egm_edge.models.families import get_family
+
+    tokens = get_family("qwen3_vl").tokens
+    assert m["family"] == b.generation.family == "qwen3_vl"
+    assert (b.generation.think_open, b.generation.think_close, b.generation.stop_tokens) == (
+        tokens.think_open, tokens.think_close, tuple(tokens.stop))
+
+
+def test_the_family_of_an_export_and_the_runtime_gate(tmp_path):
+    from egm_edge.build.cpu import export_family
+    from egm_edge.errors import UnsupportedError
+
+    assert export_family(tmp_path, {"family": "qwen3_vl", "architecture": "x"}).name == "qwen3_vl"
+    # Exports written before the manifest named the family: the architecture it records.
+    assert export_family(tmp_path, {"architecture": "Qwen3VLForConditionalGeneration"}).name == "qwen3_vl"
+    with pytest.raises(UnsupportedError, match="runtime stage does not run yet"):
+        export_family(tmp_path, {"family": "internvl"}).require("runtime", "Export x")
 
 
 def test_graphs_are_ort_optimised(tiny_bundle):

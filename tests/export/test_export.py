@@ -31,15 +31,17 @@ def _image_inputs(ckpt: Path, size, seed=1):
 def _prompt_ids(ckpt: Path, n_image_tokens: int) -> list[int]:
     from tokenizers import Tokenizer
 
-    from egm_edge.grounding import qwen_chat_prompt, user_text
+    from egm_edge.models.families import get_family
 
+    fam = get_family("qwen3_vl")
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    return tok.encode(qwen_chat_prompt(user_text("the red circle"), n_image_tokens), add_special_tokens=False).ids
+    return tok.encode(fam.chat_prompt(fam.user_text("the red circle"), n_image_tokens), add_special_tokens=False).ids
 
 
 def test_manifest_records_inputs_graphs_and_passing_figures(exported, small_checkpoint):
     m = json.loads((exported / "manifest.json").read_text())
     assert m["stage"] == "export" and m["precision"] == "full" and m["opset"] >= 18
+    assert m["family"] == "qwen3_vl" and m["architecture"] == "Qwen3VLForConditionalGeneration"
     assert m["inputs"]["sha256"]["model.safetensors"] and m["inputs"]["sha256"]["config.json"]
     assert set(m["graphs"]) == {"vision", "decoder"}
     assert m["graphs"]["decoder"]["external_data"] is None and not list(exported.glob("*.data"))
@@ -171,7 +173,8 @@ def test_validation_miss_raises_with_figures(exported, small_checkpoint, monkeyp
     with torch.no_grad():  # a corrupted reference stands in for a broken graph
         model.lm_head.weight.mul_(-1)
     with pytest.raises(EgmError, match=r"disagree with the PyTorch reference.*cosine"):
-        validate.validate_export(exported, model, small_checkpoint, VisionGridConfig.from_dict(m["vision"]), m["decoder"], steps=1)
+        validate.validate_export(exported, model, small_checkpoint, VisionGridConfig.from_dict(m["vision"]), m["decoder"], steps=1,
+                                 family="qwen3_vl")
 
 
 def test_big_graphs_keep_weights_in_one_side_file(tmp_path, monkeypatch):
@@ -208,6 +211,14 @@ def test_clear_errors_before_any_work(tmp_path, small_checkpoint):
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     with pytest.raises(EgmError, match="Unsupported architecture"):
         export(other, tmp_path / "out")
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.models import get_spec, to_hf_config
+
+    internvl = tmp_path / "internvl"  # a family the registry knows whose record does not list export yet
+    internvl.mkdir()
+    (internvl / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-1b"))))
+    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's export stage does not run yet"):
+        export(internvl, tmp_path / "out")
     quant = tmp_path / "quant"
     shutil.copytree(small_checkpoint, quant)
     (quant / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))

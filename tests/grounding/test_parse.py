@@ -43,12 +43,36 @@ def test_floats_signs_and_exponents():
     assert r.box == (0.0, 100.0, 300.0, 400.0)
 
 
-def test_internvl_box():
-    text = "The sentence refers to the cat.<box>[[150, 250, 550, 750]]</box>"
+@pytest.mark.parametrize("inner", ["[[150, 250, 550, 750]]", "[150, 250, 550, 750]", " [ [150,250,550,750] ] "])
+def test_internvl_box(inner):
+    text = f"Another box [1, 2, 3, 4] first. The sentence refers to the cat.<box>{inner}</box>"
     r = parse_box(text, 200, 100, family="internvl")
-    assert r.method == "internvl_box" and r.box == (30.0, 25.0, 110.0, 75.0)
-    # The Qwen family has no <box> rule; it still finds the bare inner list.
-    assert parse_box(text, 200, 100).method == "bare_list"
+    assert r.method == "box_tag" and r.box == (30.0, 25.0, 110.0, 75.0)
+    # The Qwen family has no box tag; it takes the first bare list.
+    assert parse_box(text, 200, 100).method == "bare_list" and parse_box(text, 200, 100).raw == (1, 2, 3, 4)
+
+
+def test_box_tag_and_think_tags_come_from_the_record():
+    from dataclasses import replace
+
+    from egm_edge.models.families import INTERNVL, register, unregister
+
+    toy = replace(INTERNVL, name="toy_tagger", architectures=("ToyTagger",), model_types=("toy_tagger",),
+                  box_tag=("<loc>", "</loc>"), tokens=replace(INTERNVL.tokens, think_open="<r>", think_close="</r>"))
+    register(toy)
+    try:
+        r = parse_box("[1, 2, 3, 4] <box>[5, 6, 7, 8]</box></r>x <loc>[10, 20, 30, 40]</loc>", 1000, 1000, family="toy_tagger")
+        assert r.closed and r.method == "box_tag" and r.raw == (10, 20, 30, 40)
+        assert "after </r> is empty" in parse_box("thinking</r>", 100, 100, family="toy_tagger").reason
+    finally:
+        unregister("toy_tagger")
+
+
+def test_unknown_family_is_refused():
+    from egm_edge.errors import InputError
+
+    with pytest.raises(InputError, match="Unknown model family 'llava'"):
+        parse_box("[1, 2, 3, 4]", 10, 10, family="llava")
 
 
 @pytest.mark.parametrize(

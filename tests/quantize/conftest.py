@@ -25,10 +25,10 @@ CORPUS = [
 
 
 def _tokenizer_dir(root):
-    from egm_edge.reference.checkpoint import THINKING_CHAT_TEMPLATE
+    from egm_edge.models.families import get_family
     from egm_edge.synth.tokenizer import build_tokenizer, write_tokenizer_files
 
-    write_tokenizer_files(build_tokenizer(CORPUS, vocab_size=320), root, THINKING_CHAT_TEMPLATE)
+    write_tokenizer_files(build_tokenizer(CORPUS, vocab_size=320), root, get_family("qwen3_vl").chat_template)
     return root
 
 
@@ -82,7 +82,7 @@ def calib_items(tmp_path_factory, tiny_ckpt):
     tok = Tokenizer.from_file(str(tiny_ckpt / "tokenizer.json"))
     icfg = ImageProcessorConfig.from_json(tiny_ckpt / "preprocessor_config.json")
     image_token = tok.token_to_id("<|image_pad|>")
-    items = [calibset.render(s, sample_task(recipe, s), tok, icfg, image_token) for s in calib + hold]
+    items = [calibset.render(s, sample_task(recipe, s), tok, icfg, image_token, "qwen3_vl") for s in calib + hold]
     return items, image_token
 
 
@@ -125,22 +125,22 @@ def _quantize(root, ckpt, calib_items, recipe, kv_cache, vision) -> Quantized:
     probe = calibset.model_inputs(items[-1], image_token, "cpu", torch.float32)
     with torch.inference_mode():
         full = model(**probe).logits[0]
-    linears = policy.linear_counts(model)
+    linears = policy.linear_counts(model, "qwen3_vl")
 
     def loop(m):
         with torch.inference_mode():
             for it in items[:-2]:
                 m(**calibset.model_inputs(it, image_token, "cpu", torch.float32))
 
-    model = mtq.quantize(model, policy.build_modelopt_config(spec), forward_loop=loop)
-    census = policy.count_quantizers(model)
+    model = mtq.quantize(model, policy.build_modelopt_config(spec, "qwen3_vl"), forward_loop=loop)
+    census = policy.count_quantizers(model, "qwen3_vl")
     # Export shares one smoothing scale among Linears fed by the same norm and re-quantizes them;
     # apply that step first so the fake-quantized model computes what the checkpoint holds.
     requantize_resmooth_fused_llm_layers(model)
     with torch.inference_mode():
         fake = model(**probe).logits[0]
         weights = {n: m.weight_quantizer(m.weight).detach().clone() for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and policy.quantizer_group(n + ".weight_quantizer") == "language_model"}
+                   if isinstance(m, torch.nn.Linear) and policy.quantizer_group(n + ".weight_quantizer", "qwen3_vl") == "language_model"}
     out = root / "ckpt"
     export_hf_checkpoint(model, export_dir=out)
     return Quantized(out, fake, full, census, linears, spec, weights)

@@ -75,6 +75,13 @@ def test_unknown_recipe_and_bad_checkpoint(tmp_path, tiny_ckpt, make_calib):
     (tmp_path / "llama" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
     with pytest.raises(CheckpointError, match="Qwen3VLForConditionalGeneration"):
         egm_edge.quantize(tmp_path / "llama", "fp8", make_calib(), tmp_path / "out")
+    from egm_edge.models import get_spec, to_hf_config
+
+    (tmp_path / "internvl").mkdir()  # a family the registry knows but whose record does not list quantize
+    (tmp_path / "internvl" / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-1b"))))
+    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's quantize stage does not run yet"):
+        egm_edge.quantize(tmp_path / "internvl", "fp8", make_calib(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_calibration_source_without_samples(tmp_path, tiny_ckpt, make_calib):

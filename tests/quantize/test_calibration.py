@@ -104,7 +104,8 @@ def test_render_equals_the_reference_runner_and_set_round_trips(tmp_path, tiny_c
     calib, hold, _ = select_samples(recipe, tmp_path / "src")
     items = []
     for s in calib + hold:
-        r = calibset.render(s, sample_task(recipe, s), runner.tokenizer, runner.image_config, runner.image_token_id)
+        r = calibset.render(s, sample_task(recipe, s), runner.tokenizer, runner.image_config, runner.image_token_id,
+                            runner.family)
         p = runner.build_prompt(s.image, s.expression, sample_task(recipe, s))
         assert r.input_ids.tolist() == p.ids and np.array_equal(r.pixel_values, p.image.pixel_values)
         items.append(r)

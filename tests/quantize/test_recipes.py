@@ -70,7 +70,7 @@ QWEN3VL_QUANTIZERS = [
 
 
 def test_groups_and_kinds():
-    groups = [quantizer_group(n) for n in QWEN3VL_QUANTIZERS]
+    groups = [quantizer_group(n, "qwen3_vl") for n in QWEN3VL_QUANTIZERS]
     assert groups == ["vision"] * 5 + ["embeddings", "language_model", "kv_cache", "language_model", "language_model", "lm_head"]
     assert quantizer_kind(QWEN3VL_QUANTIZERS[2]) == "kv" and quantizer_kind(QWEN3VL_QUANTIZERS[8]) == "attn"
 
@@ -91,7 +91,7 @@ def _final_enable(entries, name):
 def test_policy_disables_vision_lm_head_embeddings_last(vision):
     # A base config that enables everything, then the KV config, then the policy.
     entries = [{"quantizer_name": "*", "cfg": {"num_bits": 8}}, {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": (4, 3)}}]
-    entries += policy_entries(QuantSpec("fp8", "fp8", vision), {"num_bits": (4, 3)}, {"num_bits": (4, 3)})
+    entries += policy_entries(QuantSpec("fp8", "fp8", vision), "qwen3_vl", {"num_bits": (4, 3)}, {"num_bits": (4, 3)})
     on = {n: _final_enable(entries, n) for n in QWEN3VL_QUANTIZERS}
     assert not on["lm_head.weight_quantizer"]
     assert not on["model.language_model.embed_tokens.weight_quantizer"]
@@ -100,6 +100,30 @@ def test_policy_disables_vision_lm_head_embeddings_last(vision):
     assert on["model.language_model.layers.3.self_attn.k_bmm_quantizer"]
     vis = on["model.visual.merger.linear_fc2.weight_quantizer"], on["model.visual.deepstack_merger_list.1.linear_fc1.weight_quantizer"]
     assert vis == ((True, True) if vision == "fp8" else (False, False))
+
+
+# InternVL-3's module names in transformers' InternVLForConditionalGeneration: two vision prefixes (tower, projector).
+INTERNVL_QUANTIZERS = [
+    "model.vision_tower.embeddings.patch_embeddings.projection.weight_quantizer",
+    "model.vision_tower.encoder.layer.0.attention.q_proj.weight_quantizer",
+    "model.multi_modal_projector.linear_1.weight_quantizer",
+    "model.language_model.layers.1.self_attn.q_proj.weight_quantizer",
+    "model.language_model.layers.1.self_attn.v_bmm_quantizer",
+    "lm_head.weight_quantizer",
+]
+
+
+@pytest.mark.parametrize("vision", VISION_MODES)
+def test_policy_prefixes_come_from_the_family_record(vision):
+    """The same policy on another family's module names: its vision prefixes and stem, its language prefix."""
+    assert [quantizer_group(n, "internvl") for n in INTERNVL_QUANTIZERS] == [
+        "vision", "vision", "vision", "language_model", "kv_cache", "lm_head"]
+    assert quantizer_group(INTERNVL_QUANTIZERS[2], "qwen3_vl") == "other"  # not a Qwen3-VL module
+    entries = [{"quantizer_name": "*", "cfg": {"num_bits": 8}}]
+    entries += policy_entries(QuantSpec("fp8", None, vision), "internvl", {"num_bits": (4, 3)}, {"num_bits": (4, 3)})
+    on = {n: _final_enable(entries, n) for n in INTERNVL_QUANTIZERS}
+    assert not on[INTERNVL_QUANTIZERS[0]] and on[INTERNVL_QUANTIZERS[3]] and not on["lm_head.weight_quantizer"]
+    assert (on[INTERNVL_QUANTIZERS[1]], on[INTERNVL_QUANTIZERS[2]]) == ((True, True) if vision == "fp8" else (False, False))
 
 
 def test_importing_the_stage_and_its_command_stays_torch_free():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from egm_edge.errors import CheckpointError
-from egm_edge.grounding import qwen_chat_prompt, user_text
+from egm_edge.models.families import get_family
 from egm_edge.reference.checkpoint import special_token_ids, write_tiny_checkpoint
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -34,9 +34,10 @@ def test_config_ids_come_from_the_tokenizer(tiny_checkpoint):
 def test_chat_template_renders_the_egm_thinking_prompt(tiny_checkpoint):
     jinja2 = pytest.importorskip("jinja2")
     tpl = jinja2.Environment().from_string((tiny_checkpoint / "chat_template.jinja").read_text())
-    text = user_text("the red square")
+    fam = get_family("qwen3_vl")
+    text = fam.user_text("the red square")
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    assert tpl.render(messages=msgs, add_generation_prompt=True) == qwen_chat_prompt(text, 1)
+    assert tpl.render(messages=msgs, add_generation_prompt=True) == fam.chat_prompt(text, 1)
     done = msgs + [{"role": "assistant", "reasoning_content": "It is red.", "content": "ANSWER"}]
     assert tpl.render(messages=done).endswith("<|im_start|>assistant\n<think>\nIt is red.\n</think>\n\nANSWER<|im_end|>\n")
 

@@ -99,6 +99,14 @@ def test_unsupported_checkpoints_are_refused(tmp_path, tiny_checkpoint, monkeypa
     (llama / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
     with pytest.raises(CheckpointError, match="LlamaForCausalLM.*supports Qwen3VLForConditionalGeneration"):
         ReferenceRunner.open(llama)
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.models import get_spec, to_hf_config
+
+    internvl = tmp_path / "internvl"  # the registry knows the family; its record does not list the reference stage
+    internvl.mkdir()
+    (internvl / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-1b"))))
+    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's reference stage does not run yet"):
+        ReferenceRunner.open(internvl)
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

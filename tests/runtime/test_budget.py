@@ -135,6 +135,30 @@ def test_real_tokenizer_ids(qwen_tokenizer_dir):
     assert ids.qwen_close[-2:] == (151668, 271) and 151645 in ids.stop
 
 
+def test_think_tokens_read_the_bundles_generation_config(qwen_tokenizer_dir):
+    """The closing tag and the stop tokens are the bundle's (by name); the forced texts its family record's."""
+    from tokenizers import Tokenizer
+
+    from egm_edge.errors import CheckpointError
+    from egm_edge.models.families import QWEN3_VL
+    from egm_edge.runtime.bundle import GenerationConfig
+
+    tok = Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+    assert GenerationConfig() == GenerationConfig.for_family("qwen3_vl")
+    assert ThinkTokens.from_tokenizer(tok, GenerationConfig()) == ThinkTokens.from_tokenizer(tok)
+    ids = ThinkTokens.from_tokenizer(tok, GenerationConfig(stop_tokens=("<|endoftext|>",)))
+    assert ids.stop == (tok.token_to_id("<|endoftext|>"),)
+    assert ids.qwen_close == tuple(tok.encode(QWEN3_VL.tokens.stop_thinking, add_special_tokens=False).ids)
+    assert ids.hard_close == tuple(tok.encode(QWEN3_VL.hard_close, add_special_tokens=False).ids)
+    with pytest.raises(InputError, match=r"no '<\|fim_end\|>' token; it is not a Qwen3-VL Thinking tokenizer\.$"):
+        ThinkTokens.from_tokenizer(tok, GenerationConfig(think_close="<|fim_end|>"))
+    with pytest.raises(InputError, match="none of the stop tokens <eos>; cannot tell when to stop"):
+        ThinkTokens.from_tokenizer(tok, GenerationConfig(stop_tokens=("<eos>",)))
+    # A closing tag the family's forced texts do not end with: the bundle mixes files.
+    with pytest.raises(CheckpointError, match="closes the reasoning with '<think>'.*rebuild it"):
+        ThinkTokens.from_tokenizer(tok, GenerationConfig(think_close="<think>"))
+
+
 def test_sampler_greedy_and_seeded():
     logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
     assert Sampler(SamplingSpec())(logits) == 1

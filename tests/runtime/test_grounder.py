@@ -105,3 +105,50 @@ def test_missing_and_incomplete_bundles(tmp_path, tiny_bundle):
     export_dir = json.loads((tiny_bundle / "manifest.json").read_text())["inputs"]["export"]
     with pytest.raises(CheckpointError, match="'export' artifact, not a bundle"):
         Grounder.open(export_dir)
+
+
+def test_prompt_tokens_and_stops_come_from_the_bundle_and_its_family(grounder):
+    from dataclasses import replace
+
+    from egm_edge.models.families import QWEN3_VL
+
+    assert grounder.family is QWEN3_VL
+    assert grounder.image_token_id == grounder.tok.token_to_id(QWEN3_VL.tokens.image) == grounder.bundle.decoder.image_token_id
+    gen = grounder.bundle.generation
+    assert (gen.family, gen.think_close, gen.stop_tokens) == (QWEN3_VL.name, QWEN3_VL.tokens.think_close, QWEN3_VL.tokens.stop)
+    one_stop = replace(grounder.bundle, generation=replace(gen, stop_tokens=gen.stop_tokens[:1]))
+    g = Grounder(one_stop, grounder.executor, grounder.tok)
+    assert g.ids.stop == (grounder.tok.token_to_id(gen.stop_tokens[0]),)
+
+
+def test_a_family_the_runtime_does_not_drive_is_refused(grounder, tiny_bundle, tmp_path):
+    from dataclasses import replace
+
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.models.families import QWEN3_VL, register, unregister
+
+    def with_family(name):
+        return replace(grounder.bundle, generation=replace(grounder.bundle.generation, family=name))
+
+    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's runtime stage does not run yet") as e:
+        Grounder(with_family("internvl"), grounder.executor, grounder.tok)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="model family 'llava', which this egm-edge does not know"):
+        Grounder(with_family("llava"), grounder.executor, grounder.tok)
+    # A record that claims the runtime but needs another preprocessor: still refused, in one sentence.
+    register(replace(QWEN3_VL, name="toy_tiles", title="Toy", architectures=("ToyTiles",), preprocessor="tiling"))
+    try:
+        with pytest.raises(UnsupportedError, match="drives only smart_resize preprocessing"):
+            Grounder(with_family("toy_tiles"), grounder.executor, grounder.tok)
+    finally:
+        unregister("toy_tiles")
+    # Grounder.open refuses before hashing files or loading graphs (the edited config would fail the hash check).
+    copy = tmp_path / "internvl_bundle"
+    copy.mkdir()
+    for f in tiny_bundle.iterdir():
+        if f.name != "generation_config.json":
+            (copy / f.name).symlink_to(f)
+    gen = json.loads((tiny_bundle / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**gen, "family": "internvl"}))
+    with pytest.raises(UnsupportedError, match=r"The bundle at .*internvl_bundle is a model of the InternVL-3 family"):
+        Grounder.open(copy)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from egm_edge.synth.tokenizer import QWEN3_ADDED_TOKENS, build_tokenizer, thinking_template, write_tokenizer_files
+from egm_edge.models.families import QWEN3_VL
+from egm_edge.synth.tokenizer import build_tokenizer, thinking_template, write_tokenizer_files
 
 CORPUS = ["Locate the red circle, output its bbox coordinates using JSON format", "The red circle is at [12, 345, 678, 900]."] * 20
 
@@ -17,7 +18,7 @@ def tok():
 
 
 def test_special_tokens_by_name_and_roundtrip(tok):
-    for name, _ in QWEN3_ADDED_TOKENS:
+    for name, _ in QWEN3_VL.added_tokens:
         tid = tok.token_to_id(name)
         assert tid is not None
         assert tok.encode(name, add_special_tokens=False).ids == [tid]
@@ -44,3 +45,24 @@ def test_written_files(tmp_path, tok, qwen_tokenizer_dir):
     assert (tmp_path / "chat_template.jinja").read_text().count("<|im_start|>assistant\\n<think>\\n") == 1
     with pytest.raises(ValueError):
         thinking_template("no generation prompt here")
+
+
+def test_the_record_matches_the_committed_tiny_grounder():
+    """The committed checkpoint's added tokens (order, special flags) and eos/pad are the Qwen3-VL record's:
+    rebuilding its tokenizer from the record changes nothing."""
+    from egm_edge.assets import default_model_dir
+
+    d = default_model_dir()
+    shipped = json.loads((d / "tokenizer.json").read_text())["added_tokens"]
+    assert [(t["content"], t["special"]) for t in shipped] == list(QWEN3_VL.added_tokens)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == QWEN3_VL.tokens.stop[0] and cfg["pad_token"] == QWEN3_VL.tokens.stop[-1]
+    ids = [t["id"] for t in shipped]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))  # appended after the merges, in the record's order
+
+
+def test_default_template_is_the_records(tmp_path, tok):
+    write_tokenizer_files(tok, tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == QWEN3_VL.chat_template
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["additional_special_tokens"] == [n for n, s in QWEN3_VL.added_tokens if s][1:]

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from egm_edge.grounding import QWEN_STOP_THINKING, iou, parse_box, split_thinking, to_norm1000
-from egm_edge.runtime.budget import HARD_CLOSE_TEXT
+from egm_edge.grounding import iou, parse_box, split_thinking, to_norm1000
+from egm_edge.models.families import QWEN3_VL
 from egm_edge.synth import answer, assistant_ids, assistant_text, draw, reasoning
 from egm_edge.synth.traces import box_norm, candidates, fmt_box
+
+HARD_CLOSE_TEXT = QWEN3_VL.hard_close
+QWEN_STOP_THINKING = QWEN3_VL.tokens.stop_thinking
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from egm_edge.grounding import qwen_chat_prompt, user_text
+    from egm_edge.grounding import chat_prompt, user_text
     from egm_edge.synth.tokenizer import build_tokenizer
 
     corpus = []
     for i in range(200):
         s = draw(100, i)
-        corpus += [qwen_chat_prompt(user_text(s.expr.sent, s.task), 0), assistant_text(s.scene, s.expr)]
+        corpus += [chat_prompt(user_text(s.expr.sent, s.task), 0), assistant_text(s.scene, s.expr)]
     return build_tokenizer(corpus + [QWEN_STOP_THINKING], 400)
 
 

@@ -162,3 +162,13 @@ def test_url_forms_and_responses():
     assert r.box == (0.0, 0.0, 199.0, 99.0) and r.think_tokens is None
     bare = {"choices": [{"message": {"content": '{"bbox_2d": [0, 0, 500, 500]}', "reasoning_content": None}}]}
     assert result_from_response(bare, 200, 100, 1.0).answer == '{"bbox_2d": [0, 0, 500, 500]}'
+
+
+def test_family_reads_its_record():
+    """InternVL answers in its box tag; a split-out reasoning is joined back with the family's closing tag."""
+    resp = {"choices": [{"message": {"content": "[1, 2, 3, 4] <box>[[100, 100, 500, 500]]</box>",
+                                     "reasoning_content": "the left one"}}]}
+    r = result_from_response(resp, 200, 100, 1.0, family="internvl")
+    assert r.box == (20.0, 10.0, 100.0, 50.0) and r.parse_method == "box_tag" and r.reasoning == "the left one"
+    with pytest.raises(InputError, match="Unknown model family 'llava'"):
+        EndpointPredictor("http://127.0.0.1:9", family="llava")  # refused before any request
