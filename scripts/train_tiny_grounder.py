@@ -282,6 +282,7 @@ def main(argv=None) -> int:
     from transformers import Qwen3VLForConditionalGeneration
 
     from egm_edge.reference.checkpoint import write_tiny_checkpoint
+    from egm_edge.models.families import QWEN3_VL
     from egm_edge.reference.runner import _image_config, read_model_config
 
     torch.set_num_threads(args.threads)
@@ -295,7 +296,7 @@ def main(argv=None) -> int:
                               min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
         shutil.copyfile(tokdir / "chat_template.jinja", init / "chat_template.jinja")
     tok = Tokenizer.from_file(str(init / "tokenizer.json"))
-    image_config = _image_config(init, read_model_config(init))
+    image_config = _image_config(init, read_model_config(init), QWEN3_VL)
     src = out / "last" if args.resume and (out / "last").exists() else init
     weights = args.init_from if src == init and args.init_from else src
     model = Qwen3VLForConditionalGeneration.from_pretrained(weights, dtype=torch.float32, local_files_only=True).to(device)

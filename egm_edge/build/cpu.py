@@ -3,7 +3,8 @@
 Steps: check the export (manifest, stage, graphs); let ONNX Runtime apply its
 graph optimisations and save the optimised graphs (weights kept in external
 data files where the export had them); copy the tokenizer and the image
-processor config; write the bundle's generation config (the family, its stop
+processor config (Qwen3-VL's, or InternVL's GotOcr2 tiling, whose TilingConfig the manifest's
+runtime.vision carries for the runtime); write the bundle's generation config (the family, its stop
 tokens and think tags from the family's record, default budget, caps); prove the
 bundle loads and grounds one image; only then write manifest.json and rename the
 directory into place. The family is the export manifest's (older exports: the
@@ -163,18 +164,24 @@ def prefill_fidelity(decoder: Path, prefill: Path, dcfg: dict, tokens: int = 24)
             "tokens": tokens}
 
 
-def vision_fidelity(reference: Path, candidate: Path, vision_config: dict) -> dict:
+def vision_fidelity(reference: Path, candidate: Path, vision_config: dict, family=None) -> dict:
     """Cosine and relative max error of `candidate`'s vision outputs against `reference`'s on the smoke image
-    (`vision_config`: the export manifest's runtime.vision)."""
+    (`vision_config`: the export manifest's runtime.vision; `family`'s preprocessor says how to read it,
+    Qwen3-VL's patches by default)."""
     import numpy as np
     import onnxruntime as ort
 
-    from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image
-    from egm_edge.runtime.vision_inputs import VisionGridConfig, vision_grid_inputs
+    if family is not None and family.preprocessor == "tiling":
+        from egm_edge.runtime.tiling import TilingConfig, tile_image
 
-    prep = preprocess_image(_smoke_image(), ImageProcessorConfig.from_json(reference.parent / "preprocessor_config.json"))
-    grid = vision_grid_inputs([prep.grid_thw], VisionGridConfig.from_dict(vision_config))
-    feeds = {"pixel_patches": prep.pixel_values.astype(np.float32), **grid}
+        feeds = {"pixel_values": tile_image(_smoke_image(), TilingConfig.from_dict(vision_config))}
+    else:
+        from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image
+        from egm_edge.runtime.vision_inputs import VisionGridConfig, vision_grid_inputs
+
+        prep = preprocess_image(_smoke_image(), ImageProcessorConfig.from_json(reference.parent / "preprocessor_config.json"))
+        grid = vision_grid_inputs([prep.grid_thw], VisionGridConfig.from_dict(vision_config))
+        feeds = {"pixel_patches": prep.pixel_values.astype(np.float32), **grid}
     outs = []
     for path in (reference, candidate):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -240,7 +247,8 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | str | None = None, bud
         vision = {"precision": "float32"}
         if vision_int8:
             vision = {"precision": "int8-dynamic",
-                      "fidelity_vs_float32": vision_fidelity(export_dir / "vision.onnx", tmp / "vision.onnx", em["runtime"]["vision"])}
+                      "fidelity_vs_float32": vision_fidelity(export_dir / "vision.onnx", tmp / "vision.onnx", em["runtime"]["vision"],
+                                                            family)}
             say(f"int8 vision tower vs float32: {vision['fidelity_vs_float32']}")
         prefill = None
         if prefill_int8:

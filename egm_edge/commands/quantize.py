@@ -1,4 +1,4 @@
-"""`egm-edge quantize`: ModelOpt PTQ of a Qwen3-VL checkpoint into a unified HF checkpoint with a fidelity report."""
+"""`egm-edge quantize`: ModelOpt PTQ of an EGM checkpoint (a family whose record lists the quantize stage) into a unified HF checkpoint with a fidelity report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 from egm_edge.quantize.recipes import KV_CACHE, RECIPES, VISION_MODES
 
 NAME = "quantize"
-HELP = "Quantize a Qwen3-VL checkpoint with NVIDIA ModelOpt (fp8, int4_awq, w4a8_awq, int8_sq, nvfp4) into a unified HF checkpoint."
+HELP = "Quantize an EGM checkpoint with NVIDIA ModelOpt (fp8, int4_awq, w4a8_awq, int8_sq, nvfp4) into a unified HF checkpoint."
 ORDER = 20
 
 

@@ -1,4 +1,4 @@
-"""The export stage: a Qwen3-VL checkpoint to the ONNX IR (vision.onnx, decoder.onnx, manifest.json).
+"""The export stage: a checkpoint (Qwen3-VL, InternVL-3) to the ONNX IR (vision.onnx, decoder.onnx, manifest.json).
 
 Public call: `egm_edge.export(checkpoint_dir, out_dir, ...)`, the same as
 `egm_edge.export.export(...)` (see `egm_edge.export.pipeline.export`). The

@@ -18,8 +18,9 @@ from egm_edge.errors import CheckpointError, UnsupportedError
 from egm_edge.runtime.vision_inputs import VisionGridConfig
 
 WEIGHT_SUFFIXES = (".safetensors",)
-# What the host side of an export drives (from the family record): the Qwen3-VL processor's patches, M-RoPE.
-LAYOUT = ("smart_resize", "mrope")
+# What the host side of an export drives, as (preprocessor, positions) of the family record: the Qwen3-VL
+# processor's patches with M-RoPE, or InternVL's 448 px tiles with 1-D RoPE.
+LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 # Small files a later stage (build) needs next to the graphs; copied into the export directory.
 SIDE_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja",
@@ -99,10 +100,11 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo:
     spec = spec_from_config(path)  # one sentence for an unknown architecture
     family = get_family(spec.family)
     family.require("export", f"Checkpoint {path}")
-    if (family.preprocessor, family.positions) != LAYOUT:
+    if (family.preprocessor, family.positions) not in LAYOUTS:
+        known = "; ".join(f"{a} preprocessing with {b} positions" for a, b in LAYOUTS)
         raise UnsupportedError(
             f"Checkpoint {path} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} positions), "
-            f"but export validates and describes only {LAYOUT[0]} preprocessing with {LAYOUT[1]} positions."
+            f"but export validates and describes only {known}."
         )
     for key in ("text_config", "vision_config"):
         if not isinstance(config.get(key), dict):
@@ -113,6 +115,33 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo:
     precision, quant = _precision(path)
     size = sum((path / w).stat().st_size for w in weights)
     return CheckpointInfo(path, config, precision, tuple(weights), size, quant, family.name)
+
+
+def host_configs(model, info: CheckpointInfo) -> tuple:
+    """(vision config, decoder config) the host needs to drive the graphs, chosen by the family's preprocessor:
+    a `VisionGridConfig` (smart_resize) or a `TilingConfig` (tiling), and the decoder facts dict."""
+    if info.record.preprocessor == "tiling":
+        from egm_edge.export.graphs_internvl import internvl_decoder_config
+
+        return tiling_config(model, info.path), internvl_decoder_config(model)
+    return vision_grid_config(model), decoder_config(model)
+
+
+def tiling_config(model, checkpoint: Path):
+    """The runtime's `TilingConfig`: the checkpoint's GotOcr2 preprocessor_config.json (defaults without one) with the
+    tile, patch and pixel-shuffle geometry of the loaded model, which the vision graph is exported for."""
+    from dataclasses import replace
+
+    from egm_edge.export.graphs_internvl import tile_geometry
+    from egm_edge.runtime.tiling import TilingConfig
+
+    pre = checkpoint / "preprocessor_config.json"
+    base = TilingConfig.from_json(pre) if pre.is_file() else TilingConfig()
+    tile, side, shuffle = tile_geometry(model.config)
+    if pre.is_file() and base.tile_size != tile:
+        raise CheckpointError(f"{pre} tiles images at {base.tile_size} px but the vision tower takes {tile} px tiles; "
+                              "restore the model's preprocessor_config.json.")
+    return replace(base, tile_size=tile, patch_size=tile // side, downsample_ratio=1.0 / shuffle)
 
 
 def vision_grid_config(model) -> VisionGridConfig:

@@ -23,6 +23,10 @@ its Qwen2 structure (qkv bias, no qk-norm, 1-D RoPE, no deepstack) from the mode
 The decoder graph is the one of `egm_edge.export.graphs` (same IO table) with K = 0
 deepstack features and position_ids [3, B, S] of which only row 0 is read (1-D RoPE):
 the runtime passes three equal rows of plain positions.
+
+The export stage reads this module through the family record's `graphs` field, by the names
+Qwen3-VL's module has: VisionGraph, vision_export_spec (from the export's TilingConfig),
+vision_io_names, DecoderGraph, decoder_export_spec, decoder_io_names.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from egm_edge.errors import UnsupportedError
+from egm_edge.export import graphs as _graphs
 
 
 def internvl_vision_io_names() -> tuple[list[str], list[str]]:
@@ -125,9 +130,17 @@ class InternVLVisionGraph(nn.Module):
 
 def internvl_vision_export_spec(hf_config) -> tuple[tuple, tuple, dict]:
     """(sample args, dynamic_shapes, dimension names) for exporting InternVLVisionGraph (N tiles dynamic)."""
-    t = tile_geometry(hf_config)[0]
+    return _vision_spec(tile_geometry(hf_config)[0], int(hf_config.vision_config.num_channels))
+
+
+def vision_export_spec(tiling) -> tuple[tuple, tuple, dict]:
+    """`internvl_vision_export_spec` from the export's `TilingConfig` (its tile size is the model's; RGB tiles)."""
+    return _vision_spec(tiling.tile_size, 3)
+
+
+def _vision_spec(t: int, channels: int) -> tuple[tuple, tuple, dict]:
     gen = torch.Generator().manual_seed(0)
-    args = (torch.randn(2, int(hf_config.vision_config.num_channels), t, t, generator=gen),)  # 2 tiles: torch.export specialises 0 and 1
+    args = (torch.randn(2, channels, t, t, generator=gen),)  # 2 tiles: torch.export specialises 0 and 1
     shapes = ({0: torch.export.Dim.DYNAMIC},)
     dims = {"pixel_values": ["tiles", None, None, None], "image_features": ["image_tokens", None],
             "deepstack_features": [None, "image_tokens", None]}
@@ -147,3 +160,9 @@ def internvl_decoder_config(model) -> dict:
         "tokens_per_tile": tokens_per_tile(cfg),
         "cache_dtype": "float32",
     }
+
+
+# The export stage reads these names from the family's graph module (its record's `graphs`), as for Qwen3-VL's.
+VisionGraph = InternVLVisionGraph
+vision_io_names = internvl_vision_io_names
+DecoderGraph, decoder_export_spec, decoder_io_names = _graphs.DecoderGraph, _graphs.decoder_export_spec, _graphs.decoder_io_names

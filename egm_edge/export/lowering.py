@@ -307,9 +307,10 @@ def quantized_linears(checkpoint_dir, model: nn.Module, backend: str = "onnxrunt
     """{module path: QuantizedLinear} for every quantized Linear of the checkpoint (empty for a full one)."""
     if backend not in LOWERINGS:
         raise UnsupportedError(f"Unknown export lowering {backend!r}. Choose from: {', '.join(LOWERINGS)}.")
-    from egm_edge.quantize.loader import read_tensors, split_checkpoint
+    from egm_edge.quantize.loader import read_tensors, split_checkpoint, to_model_names
 
-    plain, extras = split_checkpoint(read_tensors(checkpoint_dir))
+    # Names as the model has them: transformers saves some families under other prefixes (InternVL).
+    plain, extras = split_checkpoint(to_model_names(read_tensors(checkpoint_dir), model))
     modules = dict(model.named_modules())
     out = {}
     for prefix, ex in sorted(extras.items()):

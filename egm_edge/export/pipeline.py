@@ -1,8 +1,11 @@
 """`export(checkpoint_dir, out_dir)`: the export stage, from a checkpoint to the ONNX IR directory.
 
 The checkpoint's family record says whether export runs it (`require("export")`), which
-transformers class is the reference (`hf_class`) and which module builds the graphs
-(`graphs`: VisionGraph, DecoderGraph and their export specs and IO names).
+transformers class is the reference (`hf_class`), which module builds the graphs
+(`graphs`: VisionGraph, DecoderGraph and their export specs and IO names) and what the
+host drives (`preprocessor`, `positions`): Qwen3-VL's patches + grid tensors with M-RoPE, or
+InternVL's tiles (`pixel_values`) with 1-D RoPE; the manifest's runtime.vision is then a
+`VisionGridConfig` or a `TilingConfig` (egm_edge.runtime.tiling) as a dict.
 
 Output directory (written in a temporary sibling and renamed into place; the
 manifest is written last, so a directory without one is not an export):
@@ -50,7 +53,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     `force` replaces an existing artifact at `out_dir` (never a folder of other files, never the checkpoint); `decode_steps` and `seed` shape the validation run.
     """
     from egm_edge.artifacts import check_output_dir, staged_output
-    from egm_edge.export.checkpoint import SIDE_FILES, decoder_config, inspect_checkpoint, load_reference, vision_grid_config
+    from egm_edge.export.checkpoint import SIDE_FILES, host_configs, inspect_checkpoint, load_reference
     from egm_edge.export.onnx_io import OPSET, check_disk_space, check_environment
 
     say = progress or (lambda _msg: None)
@@ -82,11 +85,15 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         t = time.perf_counter()
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
-        vcfg, dcfg = vision_grid_config(model), decoder_config(model)
+        vcfg, dcfg = host_configs(model, info)
         graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend, int4_accuracy_level, lm_head)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
+        if info.record.preprocessor == "tiling" and not (tmp / "preprocessor_config.json").is_file():
+            import json  # the tiling the runtime runs, as a GotOcr2 preprocessor_config.json (from_dict round-trips it)
+
+            (tmp / "preprocessor_config.json").write_text(json.dumps(vcfg.to_dict(), indent=2) + "\n")
         say("validating ONNX Runtime against PyTorch")
         from egm_edge.export.validate import compare_with_onnxruntime, reference_outputs
 

@@ -4,12 +4,14 @@ Two cases, each a prefill plus `steps` greedy decode steps (the reference's
 tokens are fed to both sides, so every step compares like with like):
 - "random": two images of different sizes in one call, random pixel patches and
   random text tokens around the image-pad runs;
-- "real": one rendered image of a third size through the Qwen3-VL preprocessing,
+- "real": one rendered image of a third size through the family's preprocessing,
   with the family's EGM grounding prompt (its record's `chat_prompt`) when the
   checkpoint has a tokenizer.
-ONNX Runtime runs vision.onnx -> decoder.onnx end to end on host-computed grid
-tensors and M-RoPE ids (egm_edge.runtime), the reference is transformers'
-model on the same pixels and tokens. Per output (image features, deepstack
+The family's layout picks the host side: Qwen3-VL's patches, grid tensors and M-RoPE ids
+(a `VisionGridConfig`), or InternVL's tiles (`tile_image`; random pixels in the "random"
+case, 3 tiles over two images) with three equal rows of plain positions (a `TilingConfig`).
+ONNX Runtime runs vision.onnx -> decoder.onnx end to end on them (egm_edge.runtime), the
+reference is transformers' model on the same pixels and tokens. Per output (image features, deepstack
 features, prefill logits, decode logits, final KV cache): cosine similarity
 and max abs error relative to the reference's max magnitude. Thresholds are
 per precision (`THRESHOLDS`); a miss raises EgmError quoting the figures.
@@ -24,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from egm_edge.errors import EgmError
-from egm_edge.runtime.mrope import decode_position_ids, rope_index
+from egm_edge.runtime.mrope import decode_position_ids, plain_position_ids, rope_index
 from egm_edge.runtime.preprocess import ImageProcessorConfig, preprocess_image, smart_resize
+from egm_edge.runtime.tiling import TilingConfig, image_token_count, tile_image
 from egm_edge.runtime.vision_inputs import VisionGridConfig, vision_grid_inputs
 
 
@@ -74,9 +77,10 @@ IMAGE_SIZES = {"random": ((256, 320), (352, 224)), "real": ((300, 410),)}  # (he
 @dataclass(frozen=True)
 class Case:
     name: str
-    pixel_patches: np.ndarray
+    pixel_patches: np.ndarray  # Qwen3-VL patches [N, patch_dim], or tiles [N, 3, T, T] (`tiles` given)
     grids: tuple[tuple[int, int, int], ...]
     input_ids: np.ndarray  # [1, S]
+    tiles: tuple[int, ...] = ()  # tiles per image, for a tiling family
 
 
 def _metric(got: np.ndarray, ref: np.ndarray) -> dict:
@@ -123,8 +127,64 @@ def _processor_config(checkpoint: Path, vcfg: VisionGridConfig) -> ImageProcesso
     return ImageProcessorConfig(patch_size=vcfg.patch_size, merge_size=vcfg.spatial_merge_size, temporal_patch_size=vcfg.temporal_patch_size)
 
 
-def build_cases(checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, seed: int = 0, *, family) -> list[Case]:
+def _family_prompt(checkpoint: Path, family, n_image_tokens: int, image_token_id: int) -> np.ndarray | None:
+    """The family's EGM prompt for one image, tokenized by the checkpoint's tokenizer (None without one, or when
+    the tokenizer does not keep the image token whole)."""
+    if not (checkpoint / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    from egm_edge.models.families import get_family
+
+    fam = get_family(family)
+    tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    prompt = fam.chat_prompt(fam.user_text("the largest round shape"), n_image_tokens)
+    enc = tok.encode(prompt, add_special_tokens=False).ids
+    if sum(i == image_token_id for i in enc) != n_image_tokens:
+        return None
+    return np.asarray([enc], dtype=np.int64)
+
+
+def _tiling_cases(checkpoint: Path, tcfg: TilingConfig, dcfg: dict, seed: int, family) -> list[Case]:
+    """The two cases for a tiling family: random tiles (2 + 1, two images) and a rendered image through `tile_image`."""
+    from egm_edge.models.families import get_family
+
+    rng = np.random.default_rng(seed)
+    fam = get_family(family)
+    marks = (None, None)
+    if (checkpoint / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+        marks = (tok.token_to_id(fam.tokens.image_start), tok.token_to_id(fam.tokens.image_end))
+    special = {dcfg["image_token_id"], *(m for m in marks if m is not None)}
+    vocab = min(dcfg["vocab_size"], 50_000)
+
+    def text(n: int) -> list[int]:
+        return [int(i) if int(i) not in special else 0 for i in rng.integers(0, vocab, n)]
+
+    def prompt(before, tiles, after):
+        ids = list(before)
+        for n in tiles:
+            run = [dcfg["image_token_id"]] * image_token_count(n, tcfg)
+            ids += ([marks[0]] if marks[0] is not None else []) + run + ([marks[1]] if marks[1] is not None else [])
+        return np.asarray([ids + list(after)], dtype=np.int64)
+
+    tiles = (2, 1)
+    pixels = rng.standard_normal((sum(tiles), 3, tcfg.tile_size, tcfg.tile_size)).astype(np.float32)
+    cases = [Case("random", pixels, (), prompt(text(5), tiles, text(7)), tiles)]
+    (h, w), = IMAGE_SIZES["real"]
+    real = tile_image(_render(h, w, rng), tcfg)
+    n = real.shape[0]
+    ids = _family_prompt(checkpoint, family, image_token_count(n, tcfg), dcfg["image_token_id"])
+    cases.append(Case("real", real, (), ids if ids is not None else prompt(text(4), (n,), text(12)), (n,)))
+    return cases
+
+
+def build_cases(checkpoint: Path, vcfg: VisionGridConfig | TilingConfig, dcfg: dict, seed: int = 0, *, family) -> list[Case]:
     """The two cases of the module docstring; `family` (a name or a record) gives the real case's prompt."""
+    if isinstance(vcfg, TilingConfig):
+        return _tiling_cases(Path(checkpoint), vcfg, dcfg, seed, family)
     rng = np.random.default_rng(seed)
     pcfg = _processor_config(checkpoint, vcfg)
     m2 = vcfg.spatial_merge_size**2
@@ -145,18 +205,7 @@ def build_cases(checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, seed: int 
 
     (h, w), = IMAGE_SIZES["real"]
     pre = preprocess_image(_render(h, w, rng), pcfg)
-    ids = None
-    if (checkpoint / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        from egm_edge.models.families import get_family
-
-        fam = get_family(family)
-        tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-        prompt = fam.chat_prompt(fam.user_text("the largest round shape"), pre.n_image_tokens)
-        enc = tok.encode(prompt, add_special_tokens=False).ids
-        if sum(i == dcfg["image_token_id"] for i in enc) == pre.n_image_tokens:
-            ids = np.asarray([enc], dtype=np.int64)
+    ids = _family_prompt(checkpoint, family, pre.n_image_tokens, dcfg["image_token_id"])
     if ids is None:
         ids = _prompt(text(4), [pre.n_image_tokens], text(12), dcfg)
     cases.append(Case("real", pre.pixel_values, (pre.grid_thw,), ids))
@@ -168,12 +217,19 @@ def _reference(model, case: Case, steps: int) -> dict:
 
     image_id = model.config.image_token_id
     ids = torch.from_numpy(case.input_ids)
-    grid = torch.tensor(case.grids, dtype=torch.long)
     pix = torch.from_numpy(case.pixel_patches)
     with torch.no_grad():
-        vis = model.model.visual(pix, grid_thw=grid)
-        out = model(input_ids=ids, pixel_values=pix, image_grid_thw=grid, mm_token_type_ids=(ids == image_id).int(),
-                    use_cache=True, logits_to_keep=PREFILL_ROWS)
+        if case.tiles:  # InternVL: features of every tile in order, no deepstack; transformers' own 1-D positions
+            feats = model.get_image_features(pixel_values=pix).pooler_output
+            feats = feats.reshape(-1, feats.shape[-1])
+            deep = feats.new_zeros((0, *feats.shape))
+            inputs = {"pixel_values": pix}
+        else:
+            grid = torch.tensor(case.grids, dtype=torch.long)
+            vis = model.model.visual(pix, grid_thw=grid)
+            feats, deep = vis.pooler_output, torch.stack(list(vis.deepstack_features))
+            inputs = {"pixel_values": pix, "image_grid_thw": grid, "mm_token_type_ids": (ids == image_id).int()}
+        out = model(input_ids=ids, **inputs, use_cache=True, logits_to_keep=PREFILL_ROWS)
         logits, cache = out.logits, out.past_key_values
         prefill = logits.numpy()
         tokens, step_logits = [], []
@@ -185,8 +241,8 @@ def _reference(model, case: Case, steps: int) -> dict:
             step_logits.append(logits[:, -1].numpy())
         kv = np.concatenate([np.concatenate([l.keys.numpy().ravel(), l.values.numpy().ravel()]) for l in cache.layers])
     return {
-        "image_features": vis.pooler_output.numpy(),
-        "deepstack_features": torch.stack(list(vis.deepstack_features)).numpy(),
+        "image_features": feats.numpy(),
+        "deepstack_features": deep.numpy(),
         "prefill_logits": prefill[:, -PREFILL_ROWS:],
         "tokens": tokens,
         "decode_logits": np.stack(step_logits),
@@ -194,11 +250,16 @@ def _reference(model, case: Case, steps: int) -> dict:
     }
 
 
-def _ort(vision, decoder, case: Case, tokens: list[int], vcfg: VisionGridConfig, dcfg: dict) -> dict:
-    feats, deep = vision.run(["image_features", "deepstack_features"], {"pixel_patches": case.pixel_patches, **vision_grid_inputs(case.grids, vcfg)})
+def _ort(vision, decoder, case: Case, tokens: list[int], vcfg: VisionGridConfig | TilingConfig, dcfg: dict) -> dict:
     ids = case.input_ids
     s = ids.shape[1]
-    pos, delta = rope_index(ids, case.grids, dcfg["image_token_id"], vcfg.spatial_merge_size)
+    if case.tiles:
+        feats, deep = vision.run(["image_features", "deepstack_features"], {"pixel_values": case.pixel_patches})
+        pos, delta = plain_position_ids(s), np.zeros(1, np.int64)
+    else:
+        feats, deep = vision.run(["image_features", "deepstack_features"],
+                                 {"pixel_patches": case.pixel_patches, **vision_grid_inputs(case.grids, vcfg)})
+        pos, delta = rope_index(ids, case.grids, dcfg["image_token_id"], vcfg.spatial_merge_size)
     n_layers, kvh, hd = dcfg["num_layers"], dcfg["num_kv_heads"], dcfg["head_dim"]
     past = [np.zeros((1, kvh, 0, hd), np.float32) for _ in range(2 * n_layers)]
     names = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
@@ -259,7 +320,7 @@ def compare_with_onnxruntime(out_dir: Path, refs: list, vcfg: VisionGridConfig, 
         outputs = {k: _metric(got[k], ref[k]) for k in ("image_features", "deepstack_features", "prefill_logits", "decode_logits", "kv_cache")}
         agree = [int(a == b) for a, b in zip(got["greedy"], ref["tokens"])]
         report["cases"][case.name] = {
-            "grids": [list(g) for g in case.grids],
+            **({"tiles": list(case.tiles)} if case.tiles else {"grids": [list(g) for g in case.grids]}),
             "prompt_tokens": int(case.input_ids.shape[1]),
             "outputs": outputs,
             "greedy_agreement": sum(agree) / max(len(agree), 1),

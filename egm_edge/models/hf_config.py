@@ -246,7 +246,8 @@ def internvl_config(spec: ModelSpec) -> dict[str, Any]:
     """transformers' InternVLForConditionalGeneration config layout (Qwen2 text), under the family's first architecture."""
     t, v = spec.text, spec.vision
     text = _text_config(t)
-    text.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=t.rope_theta)
+    text.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=t.rope_theta,
+                rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta})
     vision = {
         "model_type": "internvl_vision", "hidden_size": v.hidden, "num_hidden_layers": v.depth,
         "num_attention_heads": v.heads, "intermediate_size": v.intermediate, "patch_size": [v.patch, v.patch],
@@ -255,4 +256,5 @@ def internvl_config(spec: ModelSpec) -> dict[str, Any]:
     }
     return {"architectures": [get_family(spec.family).architectures[0]], "model_type": "internvl", "text_config": text,
             "vision_config": vision, "downsample_ratio": 1 / v.merge, "tie_word_embeddings": t.tied_embeddings,
-            "max_dynamic_patch": v.max_tiles, "use_thumbnail": v.thumbnail}
+            "image_seq_length": (v.image_size // v.patch // v.merge) ** 2, "max_dynamic_patch": v.max_tiles,
+            "use_thumbnail": v.thumbnail}

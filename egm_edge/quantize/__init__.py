@@ -1,4 +1,4 @@
-"""Quantize stage: ModelOpt PTQ of a Qwen3-VL checkpoint into ModelOpt's unified HF checkpoint.
+"""Quantize stage: ModelOpt PTQ of a checkpoint (a family whose record runs quantize) into ModelOpt's unified HF checkpoint.
 
 Public call: `egm_edge.quantize(model_dir, recipe, calibration, out_dir, *, kv_cache=None,
 vision="16bit", calib_with_reasoning=False, force=False)`, the same as

@@ -2,8 +2,11 @@
 
 Contract: `load_dequantized(model_dir, dtype=torch.float32, activations=True)` builds
 the family record's transformers class (`hf_class`; Qwen3VLForConditionalGeneration for
-Qwen3-VL) from config.json, for a family the quantize stage runs, and loads every *.safetensors
-shard, dequantizing quantized Linear weights itself; the format is read from each
+Qwen3-VL, InternVLForConditionalGeneration for InternVL-3) from config.json, for a family the
+quantize stage runs, and loads every *.safetensors shard, stored names translated to the
+model's by transformers' own save-time renaming (`saved_names`: an InternVL checkpoint stores
+`language_model.model.*`, `vision_tower.*`, ... for the model's `model.language_model.*`, ...),
+dequantizing quantized Linear weights itself; the format is read from each
 tensor (dtype, shape, companion scales), never from file names:
 - FP8 e4m3 `weight` * `weight_scale` (per tensor or per output channel);
 - INT8 `weight` * per-output-channel `weight_scale` (SmoothQuant);
@@ -48,6 +51,38 @@ def read_tensors(model_dir: Path) -> dict:
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():
                 out[k] = h.get_tensor(k)
+    return out
+
+
+def saved_names(model) -> dict[str, str]:
+    """Model parameter/buffer name -> the name transformers' `save_pretrained` (and so ModelOpt's export) stores it
+    under, from transformers' own save-time renaming; only names that differ. Empty where this transformers
+    has no such renaming."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversion mappings saves the model's own names
+        return {}
+    sd = model.state_dict()
+    by_id = {id(t): name for name, t in sd.items()}
+    out = {}
+    for saved, t in revert_weight_conversion(model, dict(sd)).items():
+        name = by_id.get(id(t))
+        if name is not None and name != saved:
+            out[name] = saved
+    return out
+
+
+def to_model_names(tensors: dict, model) -> dict:
+    """Stored tensors renamed to `model`'s names (module prefixes as transformers saves them; scales follow their Linear)."""
+    modules = {}
+    for name, saved in saved_names(model).items():
+        modules[saved.rpartition(".")[0]] = name.rpartition(".")[0]
+    if not modules:
+        return tensors
+    out = {}
+    for k, v in tensors.items():
+        module, _, leaf = k.rpartition(".")
+        out[f"{modules[module]}.{leaf}" if module in modules else k] = v
     return out
 
 
@@ -162,7 +197,7 @@ def load_dequantized(model_dir, dtype=None, *, activations: bool = True):
         model = model_class(config)
     model = model.to(dtype).eval()
 
-    plain, extras = split_checkpoint(read_tensors(model_dir))
+    plain, extras = split_checkpoint(to_model_names(read_tensors(model_dir), model))
     state, stored = {}, {}
     for prefix, ex in extras.items():
         wkey = f"{prefix}.weight"

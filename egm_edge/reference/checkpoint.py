@@ -1,14 +1,15 @@
-"""Tiny random Qwen3-VL checkpoints for tests, built locally from a config (model hubs are unreachable).
+"""Tiny random checkpoints for tests, built locally from a config (model hubs are unreachable).
 
 Contract: `write_tiny_checkpoint(out_dir, tokenizer_dir, family=...)` writes a directory that
-the family's transformers class (`hf_class` of its record, Qwen3VLForConditionalGeneration for
-Qwen3-VL) and `egm_edge.reference.ReferenceRunner.open` load like a real EGM checkpoint:
-config.json (the record's first architecture, every special-token id its `config_tokens`
-name read from the tokenizer), model.safetensors, generation_config.json, the tokenizer
-files, the record's chat_template.jinja and preprocessor_config.json. The vocabulary size
-is the tokenizer's, so the real 151k-token Qwen tokenizer and small custom tokenizers
-that keep Qwen's special tokens by name both work. torch/transformers are imported
-inside the function.
+the family's transformers class (`hf_class` of its record: Qwen3VLForConditionalGeneration,
+InternVLForConditionalGeneration) and `egm_edge.reference.ReferenceRunner.open` load like a
+real EGM checkpoint: config.json (the record's first architecture, every special-token id its
+`config_tokens` name read from the tokenizer), model.safetensors, generation_config.json, the
+tokenizer files, the record's chat_template.jinja and preprocessor_config.json (Qwen3-VL's
+smart-resize processor, or InternVL's GotOcr2 tiling one from `TilingConfig.to_dict`). The
+vocabulary size is the tokenizer's, so the real 151k-token Qwen tokenizer and small custom
+tokenizers that keep the family's special tokens by name both work. torch/transformers are
+imported inside the function.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ TINY_VISION: dict[str, Any] = {
     "deepstack_visual_indexes": [0],
     "hidden_act": "gelu_pytorch_tanh",
 }
+
+# InternVL-3 test shape (HF config keys): a Qwen2 language model and an InternViT over 112-px tiles of
+# 14-px patches, so 16 <IMG_CONTEXT> tokens per tile; at most 4 tiles (+ thumbnail) per image.
+TINY_INTERNVL_TEXT: dict[str, Any] = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "intermediate_size": 128, "max_position_embeddings": 4096, "initializer_range": 0.2,
+}
+TINY_INTERNVL_VISION: dict[str, Any] = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+    "image_size": [112, 112], "patch_size": [14, 14], "initializer_range": 0.1,
+}
+TINY_INTERNVL_MAX_TILES = 4
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
@@ -119,11 +132,13 @@ def write_tiny_checkpoint(
     max_pixels: int = 262144,
     family="qwen3_vl",
 ) -> Path:
-    """Write a random-weight checkpoint of `family` (a name or a record; the Qwen3-VL layout: its `hf_class`
-    built from TINY_TEXT / TINY_VISION, config.json naming the record's first architecture); returns `out_dir`.
+    """Write a random-weight checkpoint of `family` (a name or a record: its `hf_class` built from TINY_TEXT /
+    TINY_VISION in the Qwen3-VL layout, TINY_INTERNVL_* in the InternVL one, config.json naming the record's
+    first architecture); returns `out_dir`.
 
-    text / vision override keys of TINY_TEXT / TINY_VISION. Image pixels are capped
-    at `max_pixels` (256 image tokens at most by default) to keep tests fast. The
+    text / vision override keys of those dicts. Qwen3-VL image pixels are capped at
+    `max_pixels` (256 image tokens at most by default) to keep tests fast; InternVL
+    images take at most TINY_INTERNVL_MAX_TILES 112-px tiles (+ thumbnail). The
     directory is written beside `out_dir` and renamed into place, so a crash leaves
     nothing that looks like a checkpoint.
     """
@@ -131,15 +146,19 @@ def write_tiny_checkpoint(
     import transformers
 
     fam = get_family(family)
-    if fam.preprocessor != "smart_resize" or fam.positions != "mrope":
-        raise UnsupportedError(f"Tiny test checkpoints are written in the Qwen3-VL layout (smart-resize images, M-RoPE); "
-                               f"the {fam.title} family is {fam.preprocessor} / {fam.positions}.")
+    layout = (fam.preprocessor, fam.positions)
+    if layout not in (("smart_resize", "mrope"), ("tiling", "rope1d")):
+        raise UnsupportedError(f"Tiny test checkpoints are written in the Qwen3-VL (smart-resize images, M-RoPE) or InternVL "
+                               f"(tiles, 1-D RoPE) layout; the {fam.title} family is {fam.preprocessor} / {fam.positions}.")
     model_class = getattr(transformers, fam.hf_class)
     out_dir = Path(out_dir)
     tokenizer_dir = Path(tokenizer_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"Output directory {out_dir} is not empty; choose a new directory.")
     ids = special_token_ids(tokenizer_dir / "tokenizer.json", fam)
+    if layout == ("tiling", "rope1d"):
+        return _write_tiled(out_dir, tokenizer_dir, fam, ids, seed=seed, text=text, vision=vision,
+                            tie_word_embeddings=tie_word_embeddings, dtype=dtype)
     text_cfg = {**TINY_TEXT, **(text or {}), "vocab_size": ids["vocab_size"], "pad_token_id": ids["pad_token_id"]}
     vision_cfg = {**TINY_VISION, **(vision or {})}
     vision_cfg.setdefault("out_hidden_size", text_cfg["hidden_size"])
@@ -162,6 +181,22 @@ def write_tiny_checkpoint(
     model.generation_config.pad_token_id = ids["pad_token_id"]
     model.generation_config.do_sample = False
 
+    patch = ImageProcessorConfig(
+        patch_size=vision_cfg["patch_size"],
+        merge_size=vision_cfg["spatial_merge_size"],
+        temporal_patch_size=vision_cfg["temporal_patch_size"],
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+    ).to_dict()
+    patch.update(
+        do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True,
+        image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen3VLProcessor",
+    )
+    return _save(model, out_dir, tokenizer_dir, fam, patch)
+
+
+def _save(model, out_dir: Path, tokenizer_dir: Path, fam, preprocessor: dict[str, Any]) -> Path:
+    """The model, tokenizer, chat template and preprocessor config, written beside `out_dir` and renamed into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -169,18 +204,7 @@ def write_tiny_checkpoint(
         _name_architecture(tmp / "config.json", fam.architectures[0])
         _copy_tokenizer(tokenizer_dir, tmp)
         (tmp / "chat_template.jinja").write_text(fam.chat_template, encoding="utf-8")
-        patch = ImageProcessorConfig(
-            patch_size=vision_cfg["patch_size"],
-            merge_size=vision_cfg["spatial_merge_size"],
-            temporal_patch_size=vision_cfg["temporal_patch_size"],
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-        ).to_dict()
-        patch.update(
-            do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True,
-            image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen3VLProcessor",
-        )
-        (tmp / "preprocessor_config.json").write_text(json.dumps(patch, indent=2) + "\n", encoding="utf-8")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -188,3 +212,45 @@ def write_tiny_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_tiled(out_dir: Path, tokenizer_dir: Path, fam, ids: dict[str, int], *, seed: int, text, vision,
+                 tie_word_embeddings: bool, dtype: str) -> Path:
+    """The InternVL layout: the record's config writer for TINY_INTERNVL_* (overridden by `text` / `vision`), random
+    weights (the CLS token, position table and layer scales too, which transformers initialises to constants), and
+    the GotOcr2 preprocessor_config.json of the tiles the vision config implies."""
+    import torch
+    import transformers
+
+    from egm_edge.models.hf_config import internvl_spec
+    from egm_edge.runtime.tiling import TilingConfig  # numpy + pillow only
+
+    model_class = getattr(transformers, fam.hf_class)
+    text_cfg = {**TINY_INTERNVL_TEXT, **(text or {}), "vocab_size": ids["vocab_size"]}
+    vision_cfg = {**TINY_INTERNVL_VISION, **(vision or {})}
+    spec = internvl_spec({"architectures": [fam.hf_class], "text_config": text_cfg, "vision_config": vision_cfg, "downsample_ratio": 0.5,
+                          "max_dynamic_patch": TINY_INTERNVL_MAX_TILES, "tie_word_embeddings": tie_word_embeddings},
+                         "the tiny InternVL config", "tiny-internvl")
+    d = fam.code("config_writer")(spec)
+    d["text_config"].update(text_cfg, pad_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"])
+    d["vision_config"].update(vision_cfg)
+    d.update({key: ids[key] for key in fam.config_tokens}, eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    config = model_class.config_class(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+
+    torch.manual_seed(seed)
+    model = model_class(config).to(getattr(torch, dtype)).eval()
+    emb = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        emb.position_embeddings.normal_(0.0, 0.5)
+        emb.cls_token.normal_(0.0, 0.5)
+        for layer in model.model.vision_tower.encoder.layer:
+            layer.lambda_1.uniform_(0.5, 1.5)
+            layer.lambda_2.uniform_(0.5, 1.5)
+    model.generation_config.eos_token_id = sorted({ids["eos_token_id"], ids["pad_token_id"]})
+    model.generation_config.pad_token_id = ids["pad_token_id"]
+    model.generation_config.do_sample = False
+    v = spec.vision
+    tiles = TilingConfig(tile_size=v.image_size, max_patches=v.max_tiles, use_thumbnail=v.thumbnail, patch_size=v.patch,
+                         downsample_ratio=1 / v.merge).to_dict()
+    tiles.update(do_convert_rgb=True, do_normalize=True, do_rescale=True, do_resize=True, processor_class="InternVLProcessor")
+    return _save(model, out_dir, tokenizer_dir, fam, tiles)

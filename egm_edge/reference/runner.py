@@ -1,16 +1,22 @@
 """The reference runner: a local checkpoint decoded greedily with PyTorch + transformers.
 
 Contract: `ReferenceRunner.open(model_dir)` loads a checkpoint of a family whose record
-runs the reference stage (Qwen3-VL today) with the record's transformers class
-(safetensors only, no remote code, nothing downloaded; a ModelOpt quantized checkpoint
-goes through `egm_edge.quantize.loader.load_dequantized`).
+runs the reference stage with the record's transformers class (safetensors only, no
+remote code, nothing downloaded; a ModelOpt quantized checkpoint goes through
+`egm_edge.quantize.loader.load_dequantized`). Two layouts (the record's preprocessor and
+positions): Qwen3-VL's smart-resize patches with 3-D M-RoPE, and InternVL's 448-px tiles
+(`egm_edge.runtime.tiling`) with plain 1-D positions.
 Inputs are built as the HF processor builds them but without torchvision:
-`egm_edge.runtime.preprocess` for pixels, the family record's `chat_prompt` for the
-text, the checkpoint's tokenizer.json through `tokenizers`. Decoding shares the
-runtime's pieces (`runtime.budget.BudgetPolicy`, `runtime.sampling.Sampler`), so
-the thinking budget and token choice here are the ones the deployed runtime
-applies; only the network differs. `ground()` returns a `GroundingResult` whose
-box is in pixels of the original image. torch/transformers load in `open()`.
+`egm_edge.runtime.preprocess` / `runtime.tiling` for pixels, the family record's
+`chat_prompt` for the text, the checkpoint's tokenizer.json through `tokenizers`.
+Decoding shares the runtime's pieces (`runtime.budget.BudgetPolicy`,
+`runtime.sampling.Sampler`), so the thinking budget and token choice here are the ones
+the deployed runtime applies (a closing think tag that is text, not one token, as in
+InternVL-3's tokenizer, is matched as a sequence there); only the network differs.
+`ground()` returns a `GroundingResult` whose box is in pixels of the original image,
+parsed with the family's tags. An original-layout checkpoint (config.json without
+text_config, e.g. OpenGVLab's InternVLChatModel) is refused with the `egm-edge convert`
+command that fixes it. torch/transformers load in `open()`.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from egm_edge.models.families import Family, family_of_config, get_family
 from egm_edge.runtime.preprocess import ImageProcessorConfig, PreprocessedImage, preprocess_image
 
 DTYPES = ("float32", "bfloat16", "float16")
-# What this runner drives (from the family record): the Qwen3-VL processor's pixels and 3-D M-RoPE positions.
-LAYOUT = ("smart_resize", "mrope")
+# What this runner drives (from the family record's preprocessor and positions).
+LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 
 
 def _ms(t0: float) -> float:
@@ -45,15 +51,24 @@ def read_model_config(model_dir: Path, stage: str = "reference") -> dict[str, An
                     missing=f"Model directory {model_dir} has no config.json; pass a Hugging Face checkpoint directory.")
     family = family_of_config(cfg, f"checkpoint {model_dir}")
     family.require(stage, f"Checkpoint {model_dir}")
-    if (family.preprocessor, family.positions) != LAYOUT:
+    arch = (cfg.get("architectures") or [None])[0]
+    if arch and arch != family.hf_class and "text_config" not in cfg:  # e.g. OpenGVLab's remote-code InternVL layout
+        raise CheckpointError(
+            f"Checkpoint {model_dir} is in the original {arch} layout, which {family.hf_class} does not load; convert it "
+            f"first: egm-edge convert --checkpoint {model_dir} --out DIR."
+        )
+    if (family.preprocessor, family.positions) not in LAYOUTS:
         raise UnsupportedError(
             f"Checkpoint {model_dir} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} "
-            f"positions), but the reference runner drives only {LAYOUT[0]} preprocessing with {LAYOUT[1]} positions."
+            f"positions), but the reference runner drives only {' or '.join(f'{a} with {b}' for a, b in LAYOUTS)}."
         )
     return cfg
 
 
-def _image_config(model_dir: Path, cfg: dict[str, Any]) -> ImageProcessorConfig:
+def _image_config(model_dir: Path, cfg: dict[str, Any], family: Family):
+    """The checkpoint's image settings: an ImageProcessorConfig (smart resize) or a TilingConfig (tiles)."""
+    if family.preprocessor == "tiling":
+        return _tiling_config(model_dir, cfg)
     vision = cfg.get("vision_config") or {}
     path = model_dir / "preprocessor_config.json"
     if path.is_file():
@@ -70,6 +85,40 @@ def _image_config(model_dir: Path, cfg: dict[str, Any]) -> ImageProcessorConfig:
                 f"{path.name} has {key}={mine} but config.json's vision_config has {vision[key]}; the checkpoint is inconsistent."
             )
     return icfg
+
+
+def _tiling_config(model_dir: Path, cfg: dict[str, Any]):
+    """preprocessor_config.json's tiles, checked against config.json's geometry (tile, patch, pixel shuffle)."""
+    from egm_edge.models.hf_config import spec_from_config
+    from egm_edge.runtime.tiling import TilingConfig
+
+    v = spec_from_config(cfg).vision
+    path = model_dir / "preprocessor_config.json"
+    if not path.is_file():
+        return TilingConfig(tile_size=v.image_size, max_patches=v.max_tiles or 12, use_thumbnail=v.thumbnail, patch_size=v.patch,
+                            downsample_ratio=1 / v.merge)
+    tcfg = TilingConfig.from_json(path)
+    for key, mine, theirs in (("tile size", tcfg.tile_size, v.image_size), ("patch_size", tcfg.patch_size, v.patch),
+                              ("pixel-shuffle factor", round(1 / tcfg.downsample_ratio), v.merge)):
+        if mine != theirs:
+            raise CheckpointError(
+                f"{path.name} has {key} {mine} but config.json has {theirs}; the checkpoint is inconsistent."
+            )
+    return tcfg
+
+
+@dataclass
+class TiledImage:
+    """One image as InternVL's processor hands it over: its tiles (thumbnail included) and prompt size."""
+
+    pixel_values: Any  # float32 [tiles, 3, tile, tile]
+    original: tuple[int, int]  # (height, width) as loaded
+    n_image_tokens: int
+    grid_thw: None = None  # no patch grid: tiles have a fixed size
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.pixel_values.shape[0])
 
 
 @dataclass
@@ -93,14 +142,14 @@ class Prompt:
     """A rendered grounding request: token ids and the image tensors they refer to."""
 
     ids: list[int]
-    image: PreprocessedImage
+    image: PreprocessedImage | TiledImage
     preprocess_ms: float
 
 
 class ReferenceRunner:
     """A loaded checkpoint plus its tokenizer and image settings; reusable across requests."""
 
-    def __init__(self, model, tokenizer, image_config: ImageProcessorConfig, model_dir: Path, device: str,
+    def __init__(self, model, tokenizer, image_config, model_dir: Path, device: str,
                  family: Family | str | None = None):
         from egm_edge.runtime.budget import ThinkTokens
         from egm_edge.runtime.bundle import GenerationConfig
@@ -130,7 +179,7 @@ class ReferenceRunner:
             raise InputError(f"Unknown dtype {dtype!r}. Choose from: {', '.join(DTYPES)}.")
         if not (model_dir / "tokenizer.json").is_file():
             raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
-        image_config = _image_config(model_dir, cfg)
+        image_config = _image_config(model_dir, cfg, family)
         quantized = (model_dir / "hf_quant_config.json").is_file()
         if not quantized and not any(model_dir.glob("*.safetensors")):
             others = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
@@ -171,7 +220,7 @@ class ReferenceRunner:
         fam = self.family
         text = fam.user_text(clean_expression(expression), task)  # validates expression and task before any pixel work
         img = load_image(image, exif_transpose=exif_transpose)
-        pre = preprocess_image(img, self.image_config)
+        pre = self.preprocess(img)
         ids = self.tokenizer.encode(fam.chat_prompt(text, pre.n_image_tokens), add_special_tokens=False).ids
         n_pad = sum(1 for i in ids if i == self.image_token_id)
         if n_pad != pre.n_image_tokens:
@@ -180,6 +229,15 @@ class ReferenceRunner:
                 f"(id {self.image_token_id}); tokenizer.json and config.json do not belong together."
             )
         return Prompt(ids, pre, _ms(t0))
+
+    def preprocess(self, img) -> PreprocessedImage | TiledImage:
+        """A loaded PIL image as this family's processor prepares it."""
+        if self.family.preprocessor != "tiling":
+            return preprocess_image(img, self.image_config)
+        from egm_edge.runtime.tiling import image_token_count, tile_image
+
+        px = tile_image(img, self.image_config)
+        return TiledImage(px, (img.height, img.width), image_token_count(int(px.shape[0]), self.image_config))
 
     # -- decoding --------------------------------------------------------------------------
 
@@ -199,7 +257,8 @@ class ReferenceRunner:
         """Decode after `prompt_ids` with a KV cache under the thinking budget policy.
 
         pixel_values: float32 [n_patches, 3*T*P*P] (numpy or torch) and grid_thw
-        [n_images, 3] (or one (t, h, w) tuple); both None for a text-only prompt.
+        [n_images, 3] (or one (t, h, w) tuple); both None for a text-only prompt. For a tiled
+        family (InternVL): pixel_values [tiles, 3, tile, tile] and no grid_thw.
         settings: a `runtime.settings.DecodeSettings`; the keywords override it. What is not given takes the
         built-in defaults (unlimited, hard, 4096 new and 128 answer tokens, greedy as EGM evaluates).
         """
@@ -211,7 +270,7 @@ class ReferenceRunner:
 
         s = _settings(settings, think_budget, budget_mode, max_new_tokens, max_answer_tokens, sampling)
         policy = BudgetPolicy(s, self.think_ids, s.max_new_tokens)
-        sampler = Sampler(s.sampling or SamplingSpec())
+        sampler = Sampler(s.sampling or SamplingSpec(), banned=(self.image_token_id,))  # as the runtime does
         model, dev = self.model, self.device
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
         timings: dict[str, float] = {}
@@ -220,10 +279,14 @@ class ReferenceRunner:
             t0 = time.perf_counter()
             mm: dict[str, Any] = {}
             grid = None
+            rope1d = self.family.positions == "rope1d"
             if pixel_values is not None:
-                grid = torch.as_tensor(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3), device=dev)
-                pv = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32), device=dev)
-                mm["image"] = model.model.get_image_features(pv, grid, return_dict=True)
+                pv = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32), device=dev).to(next(model.parameters()).dtype)
+                if rope1d:
+                    mm["image"] = model.model.get_image_features(pv, return_dict=True)
+                else:
+                    grid = torch.as_tensor(np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3), device=dev)
+                    mm["image"] = model.model.get_image_features(pv, grid, return_dict=True)
             timings["vision"] = _ms(t0)
 
             t0 = time.perf_counter()
@@ -233,7 +296,7 @@ class ReferenceRunner:
             cache = DynamicCache(config=model.config.get_text_config())
             out = model(
                 input_ids=ids,
-                image_grid_thw=grid,
+                **({} if rope1d else {"image_grid_thw": grid}),
                 mm_encoder_outputs=mm or None,
                 position_ids=positions,
                 past_key_values=cache,
@@ -254,8 +317,11 @@ class ReferenceRunner:
                 policy.observe(tok)
                 if policy.done:
                     break
-                step_pos = torch.full((4, 1, 1), past, dtype=torch.long, device=dev)
-                step_pos[1:] += delta  # mrope rows continue from the image-shifted position
+                if rope1d:
+                    step_pos = torch.full((1, 1), past, dtype=torch.long, device=dev)
+                else:
+                    step_pos = torch.full((4, 1, 1), past, dtype=torch.long, device=dev)
+                    step_pos[1:] += delta  # mrope rows continue from the image-shifted position
                 out = model(
                     input_ids=torch.tensor([[tok]], dtype=torch.long, device=dev),
                     position_ids=step_pos,
@@ -270,10 +336,13 @@ class ReferenceRunner:
         return Generation(tokens, policy.think_tokens, policy.answer_tokens, policy.budget_forced, policy.truncated, timings)
 
     def _prefill_positions(self, ids, grid):
-        """[4, 1, S] position ids (text row + 3 mrope rows) and the mrope delta, via transformers' own get_rope_index."""
+        """[4, 1, S] position ids (text row + 3 mrope rows) and the mrope delta, via transformers' own get_rope_index;
+        for 1-D RoPE, [1, S] positions 0..S-1 (image tokens count as text)."""
         import torch
 
         n = ids.shape[1]
+        if self.family.positions == "rope1d":
+            return torch.arange(n, dtype=torch.long, device=ids.device).view(1, n), 0
         text = torch.arange(n, dtype=torch.long, device=ids.device).view(1, 1, n)
         if grid is None:
             return text.expand(4, 1, n).clone(), 0
@@ -282,11 +351,12 @@ class ReferenceRunner:
         return torch.cat([text, rope], dim=0), int(deltas.reshape(-1)[0])
 
     def decode_text(self, tokens: Sequence[int]) -> str:
-        """Output text as EGM reads it: special tokens skipped, the reasoning's close tag kept (it may be flagged special)."""
-        close = self.think_ids.think_close
+        """Output text as EGM reads it: special tokens skipped, the reasoning's close tag kept (it may be flagged special;
+        a close of several tokens is text and survives decoding)."""
         body = [t for t in tokens if t not in self.think_ids.stop]
-        if close in body:
-            k = body.index(close)
+        close = self.think_ids.think_close
+        if len(close) == 1 and close[0] in body:
+            k = body.index(close[0])
             return (
                 self.tokenizer.decode(body[:k], skip_special_tokens=True)
                 + self.family.tokens.think_close
@@ -330,6 +400,7 @@ class ReferenceRunner:
             think_tokens=gen.think_tokens,
             answer_tokens=gen.answer_tokens,
             budget_forced=gen.budget_forced,
+            family=self.family.name,
             timings=timings,
         )
 

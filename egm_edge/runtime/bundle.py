@@ -4,18 +4,21 @@ Layout (written by `egm-edge build`, DESIGN.md "Pipeline"):
 
     bundle/
       manifest.json            stage "build", target, precision, sources, versions; written last
-      vision.onnx              patches + host grid tensors -> image features, deepstack features
+      vision.onnx              patches + host grid tensors (Qwen3-VL) or tiles (InternVL) -> image features,
+                               deepstack features
                                (dynamic int8 with build --vision-int8, manifest["vision"])
       decoder.onnx             one graph for prefill and decode with explicit KV cache
       prefill.onnx             optional (build --prefill-int8, manifest["prefill"]): the same graph with
                                dynamic-int8 Linears, which the CPU executor uses for prompts
       tokenizer.json           the model's tokenizer (every special id is read from it)
-      preprocessor_config.json the HF image-processor values (min/max pixels, patch, merge)
+      preprocessor_config.json the HF image-processor values (min/max pixels, patch, merge; InternVL's GotOcr2 tiling)
       generation_config.json   model family, think tags, stop tokens (by name), default budget and mode, caps
 
 manifest["runtime"] holds what the host needs to drive the graphs: `decoder`
 (num_layers, num_kv_heads, head_dim, hidden_size, vocab_size, num_deepstack,
-image_token_id) and `vision` (egm_edge.runtime.vision_inputs.VisionGridConfig).
+image_token_id) and `vision`: egm_edge.runtime.vision_inputs.VisionGridConfig for a family whose
+preprocessor is "smart_resize", egm_edge.runtime.tiling.TilingConfig (as a dict) for "tiling", which is
+then also the bundle's `image_processor`.
 generation_config.json's family names the record (egm_edge.models.families) whose prompts
 and forced texts the runtime uses; its think tags and stop tokens are read from it, not
 assumed. A directory without manifest.json is not a bundle. `open_bundle` reads the manifest
@@ -31,6 +34,7 @@ from pathlib import Path
 from egm_edge.errors import CheckpointError, InputError
 from egm_edge.models.families import QWEN3_VL, Family, family_names, get_family
 from egm_edge.runtime.preprocess import ImageProcessorConfig
+from egm_edge.runtime.tiling import TilingConfig
 from egm_edge.runtime.vision_inputs import VisionGridConfig
 
 BUNDLE_FILES = ("manifest.json", "vision.onnx", "decoder.onnx", "tokenizer.json", "preprocessor_config.json", "generation_config.json")
@@ -100,8 +104,8 @@ class Bundle:
     path: Path
     manifest: dict
     decoder: DecoderShape
-    vision: VisionGridConfig
-    image_processor: ImageProcessorConfig
+    vision: VisionGridConfig | TilingConfig
+    image_processor: ImageProcessorConfig | TilingConfig
     generation: GenerationConfig
 
     @property
@@ -155,9 +159,11 @@ def open_bundle(path) -> Bundle:
     if missing:
         raise CheckpointError(f"Bundle {path} is missing {', '.join(missing)}; rebuild it.")
     rt = manifest.get("runtime") or {}
+    generation = GenerationConfig.from_dict(_read(path / "generation_config.json", "bundle"))
+    tiling = generation.family in family_names() and get_family(generation.family).preprocessor == "tiling"
     try:
         decoder = DecoderShape.from_dict(rt["decoder"])
-        vision = VisionGridConfig.from_dict(rt["vision"])
+        vision = TilingConfig.from_dict(rt["vision"]) if tiling else VisionGridConfig.from_dict(rt["vision"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"Bundle {path} has an incomplete manifest 'runtime' section ({e}); rebuild it.") from None
     return Bundle(
@@ -165,8 +171,8 @@ def open_bundle(path) -> Bundle:
         manifest=manifest,
         decoder=decoder,
         vision=vision,
-        image_processor=ImageProcessorConfig.from_json(path / "preprocessor_config.json"),
-        generation=GenerationConfig.from_dict(_read(path / "generation_config.json", "bundle")),
+        image_processor=vision if tiling else ImageProcessorConfig.from_json(path / "preprocessor_config.json"),
+        generation=generation,
     )
 
 

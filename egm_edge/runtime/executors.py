@@ -26,7 +26,8 @@ class Executor(Protocol):
     name: str
 
     def encode_image(self, pixel_patches: np.ndarray, grid_inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """-> (image_features [M, E], deepstack_features [K, M, E])."""
+        """-> (image_features [M, E], deepstack_features [K, M, E]). `pixel_patches` feeds the vision graph's pixel
+        input: Qwen3-VL's `pixel_patches` (with the grid tensors) or InternVL's tiles, `pixel_values` (no grid inputs)."""
 
     def new_cache(self, capacity: int):
         """An empty KV cache for one sequence of up to `capacity` tokens, to pass as `past` to the first decode."""
@@ -120,7 +121,8 @@ class OrtExecutor:
         _check_decoder_shapes(bundle, self.decoder)
 
     def encode_image(self, pixel_patches, grid_inputs):
-        feeds = {"pixel_patches": pixel_patches.astype(np.float32, copy=False)}
+        name = "pixel_values" if "pixel_values" in self._vision_inputs else "pixel_patches"
+        feeds = {name: pixel_patches.astype(np.float32, copy=False)}
         feeds.update({k: v for k, v in grid_inputs.items() if k in self._vision_inputs})
         feats, deep = self.vision.run(["image_features", "deepstack_features"], feeds)
         return feats, deep

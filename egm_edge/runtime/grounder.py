@@ -19,9 +19,12 @@ sampler and the thinking-budget policy; the executor only runs graphs.
 
 The prompt, the image token and the forced budget texts come from the family record
 the bundle's generation_config.json names (egm_edge.models.families); its think tags
-and stop tokens from that file. The loop drives Qwen3-VL-style models only (smart_resize
-preprocessing, M-RoPE positions): a bundle of a family whose record does not list the
-runtime stage is refused at open.
+and stop tokens from that file. The record's `preprocessor` and `positions` pick the host
+side: Qwen3-VL's smart resize + patches with M-RoPE ids, or InternVL's tiles (`tile_image`,
+one `pixel_values` input) with three equal rows of plain positions (1-D RoPE). A bundle of a
+family whose record does not list the runtime stage, or of another layout, is refused at open.
+A close of the reasoning that is several tokens (a tokenizer without a `</think>` token) is
+held back from the reasoning stream until it is known to be one (`BudgetPolicy.pending`).
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ from egm_edge.runtime.bundle import Bundle, load_tokenizer, open_bundle
 from egm_edge.runtime.executors import make_executor
 from egm_edge.runtime.image import load_image
 from egm_edge.runtime.integrity import check_files
-from egm_edge.runtime.mrope import decode_position_ids, rope_index
+from egm_edge.runtime.mrope import decode_position_ids, plain_position_ids, rope_index
 from egm_edge.runtime.preprocess import preprocess_image
 from egm_edge.runtime.sampling import Sampler, SamplingSpec
 from egm_edge.runtime.settings import DecodeSettings
+from egm_edge.runtime.tiling import image_token_count, tile_image
 from egm_edge.runtime.vision_inputs import vision_grid_inputs
+
+# (preprocessor, positions) of the family records this loop drives.
+LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,26 @@ def _runtime_family(bundle: Bundle):
     """The bundle's family record, refused in one sentence when this loop cannot drive it."""
     family = bundle.family
     family.require("runtime", f"The bundle at {bundle.path}")
-    if (family.preprocessor, family.positions) != ("smart_resize", "mrope"):
+    if (family.preprocessor, family.positions) not in LAYOUTS:
+        known = " or ".join(f"{a} preprocessing with {b} positions" for a, b in LAYOUTS)
         raise UnsupportedError(
             f"The bundle at {bundle.path} is a {family.title} model ({family.preprocessor} preprocessing, "
-            f"{family.positions} positions), but the runtime drives only smart_resize preprocessing with mrope positions."
+            f"{family.positions} positions), but the runtime drives only {known}."
         )
     return family
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """One image as its vision graph takes it: Qwen3-VL patches and their grid, or InternVL tiles (grid None)."""
+
+    values: np.ndarray
+    n_image_tokens: int
+    grid: tuple[int, int, int] | None = None
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.values.tobytes() + repr(self.grid or self.values.shape).encode()).hexdigest()
 
 
 class Grounder:
@@ -156,13 +177,27 @@ class Grounder:
         return self._run(image, text, **kw)
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def _encode(self, prep):
-        key = hashlib.sha256(prep.pixel_values.tobytes() + repr(prep.grid_thw).encode()).hexdigest()
+    def _pixels(self, img) -> _Pixels:
+        cfg = self.bundle.image_processor
+        if self.family.preprocessor == "tiling":
+            tiles = tile_image(img, cfg)
+            return _Pixels(tiles, image_token_count(tiles.shape[0], cfg))
+        prep = preprocess_image(img, cfg)
+        return _Pixels(prep.pixel_values, prep.n_image_tokens, tuple(prep.grid_thw))
+
+    def _positions(self, prompt_ids: np.ndarray, px: _Pixels) -> tuple[np.ndarray, np.ndarray]:
+        """Prefill position ids [3, 1, S] and the delta decode steps add (0 for 1-D RoPE)."""
+        if self.family.positions == "rope1d":
+            return plain_position_ids(prompt_ids.shape[1]), np.zeros(1, np.int64)
+        return rope_index(prompt_ids, [px.grid], self.image_token_id, self.bundle.vision.spatial_merge_size)
+
+    def _encode(self, px: _Pixels):
+        key = px.key
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key], True
-        grid = vision_grid_inputs([prep.grid_thw], self.bundle.vision)
-        enc = self.executor.encode_image(prep.pixel_values, grid)
+        grid = vision_grid_inputs([px.grid], self.bundle.vision) if px.grid is not None else {}
+        enc = self.executor.encode_image(px.values, grid)
         self._cache[key] = enc
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -178,24 +213,24 @@ class Grounder:
         t0 = time.perf_counter()
         img = load_image(image, exif_transpose=exif_transpose)
         width, height = img.size
-        prep = preprocess_image(img, self.bundle.image_processor)
-        prompt = self.family.chat_prompt(text, prep.n_image_tokens)
+        px = self._pixels(img)
+        prompt = self.family.chat_prompt(text, px.n_image_tokens)
         prompt_ids = np.asarray([self.tok.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
         n_prompt = prompt_ids.shape[1]
         room = min(gen.max_seq_len - n_prompt, settings.max_new_tokens)
         if room <= 0:
             raise InputError(
-                f"The prompt takes {n_prompt} tokens ({prep.n_image_tokens} for the image), at or over the bundle's "
+                f"The prompt takes {n_prompt} tokens ({px.n_image_tokens} for the image), at or over the bundle's "
                 f"planned maximum sequence of {gen.max_seq_len}; use a smaller image or a bundle built for longer sequences."
             )
         policy = BudgetPolicy(settings, self.ids, max_new_tokens=room)
-        sampler = Sampler(settings.sampling or SamplingSpec())
+        sampler = Sampler(settings.sampling or SamplingSpec(), banned=(self.image_token_id,))
         t1 = time.perf_counter()
 
-        (feats, deep), cached = self._encode(prep)
+        (feats, deep), cached = self._encode(px)
         t2 = time.perf_counter()
 
-        positions, deltas = rope_index(prompt_ids, [prep.grid_thw], self.image_token_id, self.bundle.vision.spatial_merge_size)
+        positions, deltas = self._positions(prompt_ids, px)
         limit = self.bundle.decoder.rope_positions
         if limit and int(positions.max()) + room >= limit:
             raise InputError(
@@ -220,6 +255,7 @@ class Grounder:
         empty_deep = np.zeros((deep.shape[0], 0, deep.shape[2]), np.float32)
         detok = {"reasoning": _Detok(self.tok), "content": _Detok(self.tok)}
         out_ids: list[int] = []
+        held: list[int] = []  # reasoning ids that may begin a close of several tokens: their text waits
         n_total = n_prompt
         decode_steps = 0
         while True:
@@ -230,7 +266,15 @@ class Grounder:
             if token in self.ids.stop:
                 break
             out_ids.append(token)
-            piece = "" if token == self.ids.think_close else detok[phase].push(token)
+            if phase == "content":
+                piece = detok[phase].push(token)
+            elif policy.closed:  # this token completed the close: it and the held ones are the tag, not reasoning
+                held, piece = [], ""
+            else:
+                held.append(token)
+                keep = policy.pending
+                flush, held = held[: len(held) - keep], held[len(held) - keep :]
+                piece = "".join(detok[phase].push(t) for t in flush)
             yield TokenEvent(token, piece, phase, forced is not None)
             if policy.done:
                 break

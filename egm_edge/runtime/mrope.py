@@ -10,6 +10,8 @@ This is transformers' `Qwen3VLModel.get_rope_index` for images, without torch.
   deltas [B] int64) for a prefill; padded positions (attention_mask 0) get 0.
 - `decode_position_ids(n_valid, deltas, seq_len)` -> [3, B, seq_len] int64 for
   tokens appended after `n_valid` non-padding tokens: n_valid + i + delta.
+- `plain_position_ids(seq_len)`: a 1-D RoPE prefill (InternVL) as three equal rows 0..S-1;
+  its decode steps are `decode_position_ids` with delta 0.
 """
 
 from __future__ import annotations
@@ -89,3 +91,10 @@ def decode_position_ids(n_valid: np.ndarray | Sequence[int], deltas: np.ndarray,
     n_valid = np.asarray(n_valid, dtype=np.int64).reshape(-1, 1)
     pos = n_valid + np.arange(seq_len, dtype=np.int64)[None, :] + np.asarray(deltas, dtype=np.int64).reshape(-1, 1)
     return np.broadcast_to(pos, (3, *pos.shape)).copy()
+
+
+def plain_position_ids(seq_len: int, start: int = 0) -> np.ndarray:
+    """[3, 1, seq_len] int64: three equal rows start..start+seq_len-1, the ids of a 1-D RoPE decoder (InternVL's),
+    whose graph reads row 0 only (egm_edge.export.graphs_internvl). Decode steps use `decode_position_ids` with delta 0."""
+    pos = np.arange(start, start + seq_len, dtype=np.int64)
+    return np.broadcast_to(pos, (3, 1, seq_len)).copy()

@@ -14,12 +14,19 @@ __all__ = ["Sampler", "SamplingSpec"]
 
 
 class Sampler:
-    def __init__(self, spec: SamplingSpec):
+    """Picks the next token; `banned` ids are never picked (a model's image placeholder: the decoder graph
+    places image features at those ids, and a decode step has none, so an emitted one could not be run)."""
+
+    def __init__(self, spec: SamplingSpec, banned: tuple[int, ...] = ()):
         self.spec = spec
         self.rng = np.random.default_rng(spec.seed)
+        self.banned = np.asarray(sorted(set(banned)), dtype=np.int64)
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self.banned.size:
+            logits = logits.copy()
+            logits[self.banned[self.banned < logits.size]] = -np.inf
         if self.spec.greedy:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.spec.temperature

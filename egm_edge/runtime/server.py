@@ -469,11 +469,12 @@ def _limited(events, cap, grounder, full, deadline, cfg):
 
 def _cut(result: GroundingResult, kept, grounder) -> GroundingResult:
     """The result as if generation had stopped after the kept tokens (finish_reason "length")."""
-    close = grounder.ids.think_close
-    text = grounder.tok.decode([e.token_id for e in kept], skip_special_tokens=False)
+    ids = [e.token_id for e in kept]
+    text = grounder.tok.decode(ids, skip_special_tokens=False)
+    close = grounder.ids.close_start(ids)  # the close may be several tokens; none of them is reasoning
     return GroundingResult.from_output(
         text, *result.image_size,
-        think_tokens=sum(e.phase == "reasoning" and e.token_id != close for e in kept),
+        think_tokens=sum(e.phase == "reasoning" for e in kept) if close is None else close,
         answer_tokens=sum(e.phase == "content" for e in kept), budget_forced=any(e.forced for e in kept),
         family=grounder.bundle.generation.family, timings={**result.timings, "output_tokens": len(kept)}, truncated=True)
 

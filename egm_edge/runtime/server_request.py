@@ -100,8 +100,9 @@ def parse_request(body: dict, cfg) -> ChatRequest:
             raise HttpError(400, f"Unsupported content part type {_clip(kind)}; send image_url and text.")
     if len(images) != 1:
         raise HttpError(400, f"Exactly one image is supported per request, got {len(images)}.")
-    text = "".join(texts).strip()
-    if not text:
+    # The text as sent: EGM's InternVL grounding prompt ends with a space, which belongs to the prompt.
+    text = "".join(texts)
+    if not text.strip():
         raise HttpError(400, "The request has no text; send the grounding prompt after the image, as EGM's evaluation does.")
     if len(text) > MAX_TEXT_CHARS:
         raise HttpError(400, f"The text has {len(text)} characters, over the limit of {MAX_TEXT_CHARS}.")

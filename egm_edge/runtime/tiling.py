@@ -88,6 +88,12 @@ class TilingConfig:
         """(tile/patch)^2 * downsample_ratio^2: 256 for 448 px tiles, patch 14, ratio 0.5."""
         return (self.tile_size // self.patch_size // self._shuffle) ** 2
 
+    @property
+    def max_pixels(self) -> int:
+        """Pixels of the largest canvas an image is resized to (max_patches tiles); a server reduces larger images
+        towards it before tiling, as it does towards the Qwen3-VL processor's max_pixels."""
+        return self.max_patches * self.tile_size * self.tile_size
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TilingConfig":
         """Read a GotOcr2 `preprocessor_config.json` dict; `patch_size`, `downsample_ratio`,

@@ -203,7 +203,7 @@ class TrtExecutor:
         return empty_cache(self.bundle)
 
     def encode_image(self, pixel_patches, grid_inputs):
-        feeds = {"pixel_patches": pixel_patches}
+        feeds = {"pixel_values" if "pixel_values" in self.vision.inputs else "pixel_patches": pixel_patches}
         feeds.update({k: v for k, v in grid_inputs.items() if k in self.vision.inputs})
         feats, deep = self.vision.run(feeds, ["image_features", "deepstack_features"])
         return feats.astype(np.float32, copy=False), deep.astype(np.float32, copy=False)

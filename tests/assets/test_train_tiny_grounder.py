@@ -32,11 +32,12 @@ def script():
 def _batcher(script, seed):
     from tokenizers import Tokenizer
 
+    from egm_edge.models.families import get_family
     from egm_edge.reference.runner import _image_config, read_model_config
 
     d = default_model_dir()
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    return script.Batcher(tok, _image_config(d, read_model_config(d)), seed, truncate_fraction=0.35,
+    return script.Batcher(tok, _image_config(d, read_model_config(d), get_family("qwen3_vl")), seed, truncate_fraction=0.35,
                           amodal_fraction=0.15, easy=0.3, easy_until=300, cut_answers="reasoned")
 
 

@@ -102,11 +102,19 @@ def test_unsupported_checkpoints_are_refused(tmp_path, tiny_checkpoint, monkeypa
     from egm_edge.errors import UnsupportedError
     from egm_edge.models import get_spec, to_hf_config
 
-    internvl = tmp_path / "internvl"  # the registry knows the family; its record does not list the reference stage
+    import dataclasses
+
+    from egm_edge.models.families import INTERNVL, register
+
+    internvl = tmp_path / "internvl"  # the registry knows the family; here its record lists no reference stage
     internvl.mkdir()
     (internvl / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-1b"))))
-    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's reference stage does not run yet"):
-        ReferenceRunner.open(internvl)
+    register(dataclasses.replace(INTERNVL, stages=frozenset({"plan"})), replace=True)
+    try:
+        with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's reference stage does not run yet"):
+            ReferenceRunner.open(internvl)
+    finally:
+        register(INTERNVL, replace=True)
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -131,7 +131,7 @@ def test_real_tokenizer_ids(qwen_tokenizer_dir):
     from tokenizers import Tokenizer
 
     ids = ThinkTokens.from_tokenizer(Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json")))
-    assert ids.think_close == 151668 and ids.hard_close == (198, 151668, 271)
+    assert ids.think_close == (151668,) and ids.hard_close == (198, 151668, 271)
     assert ids.qwen_close[-2:] == (151668, 271) and 151645 in ids.stop
 
 

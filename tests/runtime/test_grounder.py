@@ -125,30 +125,49 @@ def test_a_family_the_runtime_does_not_drive_is_refused(grounder, tiny_bundle, t
     from dataclasses import replace
 
     from egm_edge.errors import UnsupportedError
-    from egm_edge.models.families import QWEN3_VL, register, unregister
+    from egm_edge.models.families import QWEN3_VL, STAGES, register, unregister
 
     def with_family(name):
         return replace(grounder.bundle, generation=replace(grounder.bundle.generation, family=name))
 
-    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's runtime stage does not run yet") as e:
-        Grounder(with_family("internvl"), grounder.executor, grounder.tok)
-    assert "\n" not in str(e.value)
+    register(replace(QWEN3_VL, name="toy_norun", title="Toy-NoRun", architectures=("ToyNoRun",),
+                     stages=frozenset(STAGES) - {"runtime"}))
+    try:
+        with pytest.raises(UnsupportedError, match="Toy-NoRun family, which egm-edge's runtime stage does not run yet") as e:
+            Grounder(with_family("toy_norun"), grounder.executor, grounder.tok)
+        assert "\n" not in str(e.value)
+        # Grounder.open refuses before hashing files or loading graphs (the edited config would fail the hash check).
+        copy = tmp_path / "norun_bundle"
+        copy.mkdir()
+        for f in tiny_bundle.iterdir():
+            if f.name != "generation_config.json":
+                (copy / f.name).symlink_to(f)
+        gen = json.loads((tiny_bundle / "generation_config.json").read_text())
+        (copy / "generation_config.json").write_text(json.dumps({**gen, "family": "toy_norun"}))
+        with pytest.raises(UnsupportedError, match=r"The bundle at .*norun_bundle is a model of the Toy-NoRun family"):
+            Grounder.open(copy)
+    finally:
+        unregister("toy_norun")
     with pytest.raises(CheckpointError, match="model family 'llava', which this egm-edge does not know"):
         Grounder(with_family("llava"), grounder.executor, grounder.tok)
-    # A record that claims the runtime but needs another preprocessor: still refused, in one sentence.
-    register(replace(QWEN3_VL, name="toy_tiles", title="Toy", architectures=("ToyTiles",), preprocessor="tiling"))
+    # A record that claims the runtime with a preprocessor it has no path for: still refused, in one sentence.
+    register(replace(QWEN3_VL, name="toy_tiles", title="Toy", architectures=("ToyTiles",), preprocessor="letterbox"))
     try:
-        with pytest.raises(UnsupportedError, match="drives only smart_resize preprocessing"):
+        with pytest.raises(UnsupportedError, match="runtime drives only"):
             Grounder(with_family("toy_tiles"), grounder.executor, grounder.tok)
     finally:
         unregister("toy_tiles")
-    # Grounder.open refuses before hashing files or loading graphs (the edited config would fail the hash check).
-    copy = tmp_path / "internvl_bundle"
-    copy.mkdir()
-    for f in tiny_bundle.iterdir():
-        if f.name != "generation_config.json":
-            (copy / f.name).symlink_to(f)
-    gen = json.loads((tiny_bundle / "generation_config.json").read_text())
-    (copy / "generation_config.json").write_text(json.dumps({**gen, "family": "internvl"}))
-    with pytest.raises(UnsupportedError, match=r"The bundle at .*internvl_bundle is a model of the InternVL-3 family"):
-        Grounder.open(copy)
+
+
+def test_the_image_placeholder_is_never_sampled():
+    """A decode step has no image features to place, so the model's image token is banned from sampling
+    (a random InternVL bundle emitted one and its decoder graph failed in GatherND)."""
+    import numpy as np
+
+    from egm_edge.runtime.sampling import Sampler, SamplingSpec
+
+    logits = np.array([0.0, 5.0, 1.0, 2.0], np.float32)
+    assert Sampler(SamplingSpec())(logits) == 1
+    assert Sampler(SamplingSpec(), banned=(1,))(logits) == 3
+    hot = Sampler(SamplingSpec(temperature=5.0, seed=0), banned=(1, 3))
+    assert {hot(logits) for _ in range(200)} == {0, 2}
