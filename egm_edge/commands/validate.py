@@ -44,6 +44,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="K", help="validate a seeded subset of K samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the bootstrap (default 0)")
     p.add_argument("--concurrency", type=int, default=4, metavar="N", help="concurrent requests to an endpoint (default 4)")
+    p.add_argument("--family", default=None, metavar="NAME",
+                   help="model family an endpoint serves (its prompts and answer format; default qwen3_vl); "
+                        "bundles and checkpoints say their own")
     p.add_argument("--model-name", metavar="NAME", help="model name to send to endpoints (default: the first of /v1/models)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per endpoint request (default 120)")
     p.add_argument("--retries", type=int, default=3, metavar="N", help="retries of a failed endpoint request (default 3)")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
         max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
         timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"), gate=args.gate,
-        min_split_n=args.min_split_n, force=args.force,
+        min_split_n=args.min_split_n, force=args.force, family=args.family,
     )
     print(report.summary())
     return report.exit_code

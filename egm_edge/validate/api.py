@@ -203,7 +203,7 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
              max_answer_tokens: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
              worst_k: int = 8, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.5,
              api_key: str | None = None, gate: str = "significant", min_split_n: int | None = None,
-             force: bool = False, settings: DecodeSettings | None = None) -> Report:
+             force: bool = False, settings: DecodeSettings | None = None, family: str | None = None) -> Report:
     """Validate `candidate` against `reference` on `data` into `out_dir`; see the module docstring.
 
     candidate/reference: a bundle dir, a checkpoint dir, an http(s) URL, or a predictor object.
@@ -240,7 +240,7 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     inputs = [p for p in (candidate, reference, data, image_root) if isinstance(p, (str, Path)) and not _is_url(p)]
     check_output_dir(out_dir, force, inputs=inputs, own=is_validation_dir, resume=True)  # before any model loads
     t_start = time.perf_counter()
-    kw = dict(model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    kw = dict(model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, family=family)
     cand = open_predictor(candidate, **kw)
     ref = open_predictor(reference, **kw)
     tok_note = tokenizer_check(cand, ref)

@@ -166,8 +166,10 @@ class CheckpointPredictor:
 
 
 def open_predictor(spec, *, model_name: str | None = None, api_key: str | None = None, timeout_s: float = 120.0,
-                   retries: int = 3, backoff_s: float = 0.5, dtype: str = "float32", device: str = "cpu"):
-    """A predictor for `spec` (see the module docstring); InputError/CheckpointError with one sentence otherwise."""
+                   retries: int = 3, backoff_s: float = 0.5, dtype: str = "float32", device: str = "cpu",
+                   family: str | None = None):
+    """A predictor for `spec` (see the module docstring); InputError/CheckpointError with one sentence otherwise.
+    `family` is for endpoints only (nothing else says which prompts they expect); bundles and checkpoints say it."""
     if not isinstance(spec, (str, Path)):
         if callable(getattr(spec, "predict", None)):
             return spec
@@ -176,7 +178,8 @@ def open_predictor(spec, *, model_name: str | None = None, api_key: str | None =
     if text.startswith(("http://", "https://")):
         from egm_edge.validate.endpoint import EndpointPredictor
 
-        return EndpointPredictor(text, model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+        return EndpointPredictor(text, model_name=model_name, api_key=api_key, timeout_s=timeout_s, retries=retries,
+                                 backoff_s=backoff_s, **({"family": family} if family else {}))
     if "://" in text:
         raise InputError(f"{text!r} is a URL of a scheme other than http(s); give an OpenAI-compatible http(s) endpoint.")
     path = Path(text)
@@ -189,7 +192,7 @@ def open_predictor(spec, *, model_name: str | None = None, api_key: str | None =
     stage = (read_manifest(path) or {}).get("stage")
     if stage == "build":
         return BundlePredictor(path)
-    if (path / "config.json").is_file() and stage in (None, "quantize"):
+    if (path / "config.json").is_file() and stage in (None, "quantize", "convert"):
         return CheckpointPredictor(path, dtype=dtype, device=device)
     if stage == "export":
         raise CheckpointError(f"{path} is an export (ONNX IR), not a bundle; build it with `egm-edge build --target cpu` and validate the bundle.")

@@ -172,3 +172,16 @@ def test_family_reads_its_record():
     assert r.box == (20.0, 10.0, 100.0, 50.0) and r.parse_method == "box_tag" and r.reasoning == "the left one"
     with pytest.raises(InputError, match="Unknown model family 'llava'"):
         EndpointPredictor("http://127.0.0.1:9", family="llava")  # refused before any request
+
+
+def test_family_is_given_only_for_endpoints(tmp_path):
+    """`validate --family` reaches an endpoint (nothing else says which prompts it expects); unknown names are refused."""
+    from egm_edge.cli import main
+    from egm_edge.validate.predictors import open_predictor
+
+    assert open_predictor("http://127.0.0.1:9", model_name="m", family="internvl").family == "internvl"
+    assert open_predictor("http://127.0.0.1:9", model_name="m").family == "qwen3_vl"
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"image": "x.jpg", "sent": "the cat", "bbox": [1, 1, 5, 5], "height": 10, "width": 10}\n')
+    assert main(["validate", "--candidate", "http://127.0.0.1:9", "--reference", "http://127.0.0.1:9", "--data", str(data),
+                 "--family", "llava", "--out", str(tmp_path / "o")]) == 2
