@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: WORK/results.json)")
     args = p.parse_args(argv)
 
-    from egm_edge.build.pipeline import full_precision
+    from egm_edge.builder.pipeline import full_precision
     from egm_edge.models.hf_config import spec_from_config
     from egm_edge.plan import _Model, calibration_for, decode_ms_per_token
     from egm_edge.targets import load_target

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/runtime_overhead.json")
     args = ap.parse_args(argv)
 
-    from egm_edge.build.cpu import _smoke_image
+    from egm_edge.builder.cpu import _smoke_image
     from egm_edge.runtime.grounder import Grounder
 
     g = Grounder.open(args.bundle)

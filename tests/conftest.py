@@ -79,7 +79,7 @@ def tiny_ckpt(tmp_path_factory, qwen_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_ckpt):
     pytest.importorskip("onnx")
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.export.pipeline import export
 
     root = tmp_path_factory.mktemp("rtb")

@@ -5,9 +5,9 @@ Three ways in, exactly one per call:
   optimisations applied and saved, tokenizer, image-processor and generation
   config, a manifest, and a smoke grounding before the directory is renamed into
   place. gpu/jetson targets: the ONNX IR and a TensorRT build plan (see
-  egm_edge.build.tensorrt), plus a TensorRT-LLM serving config on datacenter GPUs.
+  egm_edge.builder.tensorrt), plus a TensorRT-LLM serving config on datacenter GPUs.
 - `--model DIR --recipe R --target T [--calib TOML]`: quantize -> export -> build
-  in one go (egm_edge.build.pipeline), stages reused, impossible combinations
+  in one go (egm_edge.builder.pipeline), stages reused, impossible combinations
   refused before any work.
 - `--finalize BUNDLE`: on the device, compile the bundle's TensorRT engines.
 """
@@ -71,7 +71,7 @@ def _plan_for_export(args, target, budget):
     from pathlib import Path
 
     from egm_edge.artifacts import read_manifest
-    from egm_edge.build.pipeline import full_precision, plan_for
+    from egm_edge.builder.pipeline import full_precision, plan_for
     from egm_edge.commands.plan import _image
     from egm_edge.models import spec_from_config
 
@@ -88,7 +88,7 @@ def _plan_for_export(args, target, budget):
 def run(args: argparse.Namespace) -> int:
     say = lambda m: print(f"[build] {m}", flush=True)  # noqa: E731
     if args.finalize:
-        from egm_edge.build.tensorrt import finalize
+        from egm_edge.builder.tensorrt import finalize
 
         print(f"engines: {finalize(args.finalize, force=args.force, progress=say)}")
         return 0
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     budget = parse_think_budget(args.think_budget)  # parsed once, before any work; None: the path's default
     if args.model:
-        from egm_edge.build.pipeline import build_from_model
+        from egm_edge.builder.pipeline import build_from_model
         from egm_edge.commands.plan import _image
 
         _require(args, "recipe")
@@ -121,13 +121,13 @@ def run(args: argparse.Namespace) -> int:
 
         raise UnsupportedError("--vision-int8 and --prefill-int8 are ONNX Runtime CPU options; TensorRT builds choose precisions at quantize time.")
     if target.kind == "cpu":
-        from egm_edge.build import build_cpu
+        from egm_edge.builder import build_cpu
 
         out = build_cpu(args.export, args.out, think_budget=budget, budget_mode=args.budget_mode,
                         max_answer_tokens=args.max_answer_tokens or 128, max_seq_len=args.max_seq_len, force=args.force,
                         vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
     else:
-        from egm_edge.build.tensorrt import build_tensorrt
+        from egm_edge.builder.tensorrt import build_tensorrt
 
         out = build_tensorrt(args.export, args.out, target, _plan_for_export(args, target, budget), budget_mode=args.budget_mode,
                              max_answer_tokens=args.max_answer_tokens, force=args.force, kv_cache=args.kv_cache,

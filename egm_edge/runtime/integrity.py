@@ -2,7 +2,7 @@
 
 `check_files(bundle_dir, manifest, full=False)` refuses, in one sentence naming the
 file, any file whose size or sha256 differs from manifest["sizes_bytes"] and
-manifest["outputs"]["sha256"] (egm_edge.build writes both, last). A swapped or
+manifest["outputs"]["sha256"] (egm_edge.builder writes both, last). A swapped or
 damaged graph is refused at open, not discovered as a missing box.
 
 Hashing gigabytes of engines on every open would make each server restart slow,

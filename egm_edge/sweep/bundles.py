@@ -128,7 +128,7 @@ def bundle_for(model_dir, recipe: str, bundles_dir, *, checkpoints_dir=None, cal
     if reusable(out, key):
         say(f"{recipe}: reusing {out} (inputs unchanged)")
         return out, True
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.export.pipeline import export
 
     src = model_dir

@@ -117,7 +117,7 @@ def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], me
 
 def planner_precision(recipe: str, target) -> str:
     """The planner's precision for a recipe on a target: 'full' is what the build pipeline runs unquantized there."""
-    from egm_edge.build.pipeline import full_precision
+    from egm_edge.builder.pipeline import full_precision
 
     return full_precision(target) if recipe == "full" else recipe
 

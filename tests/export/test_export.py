@@ -250,7 +250,7 @@ def test_cli_reports_a_bad_checkpoint_in_one_sentence(tmp_path):
 
 
 def test_fp32_graphs_pass_the_tensorrt_parser_contract(exported_trt):
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
 
     for name in ("vision.onnx", "decoder.onnx"):
         report = check_graph(exported_trt / name)

@@ -119,7 +119,7 @@ def test_vision_graph_io_and_features_match_transformers(model, pixel_values, vi
     assert ins["pixel_values"] == ["tiles", 3, TILE, TILE]
     assert outs["image_features"] == ["image_tokens", 64] and outs["deepstack_features"] == [0, "image_tokens", 64]
     assert "Resize" not in ops  # position embeddings used at the native tile size, never interpolated
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
 
     report = check_graph(vision_onnx)
     assert report.ok, report.problems
@@ -151,7 +151,7 @@ def test_decoder_prefill_and_greedy_decode_match_transformers(model, pixel_value
         assert ops.count("GroupQueryAttention") == 2 and ops.count("MRotaryEmbedding") == 4 and "Softmax" not in ops
         assert ops.count("SkipSimplifiedLayerNormalization") == 4 and "Neg" not in ops
     else:  # the graph TensorRT bundles are built from
-        from egm_edge.build.trt_contract import check_graph
+        from egm_edge.builder.trt_contract import check_graph
 
         report = check_graph(path)
         assert report.ok, report.problems

@@ -82,7 +82,7 @@ def test_each_lowering_matches_the_loader_numerics(precision, backend, level, op
         return
     assert cos >= 0.9999 and np.abs(got - r).max() <= 2e-2 * np.abs(r).max()
 
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
 
     report = check_graph(tmp_path / "m.onnx")
     if backend == "tensorrt" or precision != "int4_awq":
@@ -163,7 +163,7 @@ def test_activation_quantized_exports_validate(quant_base, tmp_path, precision):
     m = json.loads((out / "manifest.json").read_text())
     assert m["validation"]["passed"] and m["lowered_layers"] == {f"{precision[:4].rstrip('_')}/QDQ": 14}
     if precision == "int8_sq":  # a CPU precision: it also builds (the build smoke-tests the bundle) and grounds
-        from egm_edge.build import build_cpu
+        from egm_edge.builder import build_cpu
         from egm_edge.runtime.grounder import Grounder
         from egm_edge.synth import draw, render
 
@@ -179,7 +179,7 @@ def test_int4_cpu_bundle_runs_like_the_dequantized_reference(quant_base, tmp_pat
     reference on the same quantized checkpoint, and the decoder is a fraction of the fp32 weights."""
     from quantized import write_quantized
 
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.export import export
     from egm_edge.reference import ReferenceRunner
     from egm_edge.runtime.grounder import Grounder

@@ -136,7 +136,7 @@ def _fake_tensorrt(created):
 @pytest.fixture()
 def fake_gpu_bundle(tiny_export_trt, tmp_path, monkeypatch):
     """A jetson bundle of the session's tiny export with fake 'engines' that point at its graphs."""
-    from egm_edge.build.tensorrt import build_tensorrt
+    from egm_edge.builder.tensorrt import build_tensorrt
     from egm_edge.models import spec_from_config
     from egm_edge.plan import plan
     from egm_edge.runtime import trt_executor

@@ -48,7 +48,7 @@ def test_unknown_recipe_missing_calib_and_missing_config_are_refused(config_dir,
 
 
 def test_calibration_recipe_is_checked_before_any_work_and_shipped_names_are_accepted(config_dir, tmp_path, capsys):
-    from egm_edge.build.pipeline import preflight
+    from egm_edge.builder.pipeline import preflight
 
     _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "int8_sq", "--target", "jetson-agx-orin-64gb",
                                 "--calib", "nosuch"], "Calibration recipe nosuch does not exist", "synth")
@@ -59,7 +59,7 @@ def test_calibration_recipe_is_checked_before_any_work_and_shipped_names_are_acc
     assert preflight(config_dir, "int8_sq", "jetson-agx-orin-64gb", calib="synth").precision == "int8_sq"
 
 
-def test_an_internvl_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+def test_an_internvl_checkpoint_for_a_gpu_is_refused_before_any_work(tmp_path, capsys):
     from egm_edge.models import get_spec
     from egm_edge.models.hf_config import to_hf_config
 
@@ -67,11 +67,12 @@ def test_an_internvl_checkpoint_is_refused_before_any_work(tmp_path, capsys):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-2b"))))
     _refused(capsys, tmp_path, ["--model", str(d), "--recipe", "full", "--target", "h100"],
-             "InternVL-3 family, which egm-edge's export stage does not run yet")
+             "InternVL-3 model (tiling preprocessing, rope1d positions); GPU and Jetson bundles are built for",
+             "build it for the cpu target")
 
 
 def test_full_precision_follows_the_target():
-    from egm_edge.build.pipeline import full_precision
+    from egm_edge.builder.pipeline import full_precision
     from egm_edge.targets import load_target
 
     assert full_precision(load_target("cpu")) == "fp32"
@@ -82,7 +83,7 @@ def test_full_precision_follows_the_target():
 
 def test_stages_are_reused_when_their_inputs_match(tiny_export_trt, tiny_ckpt, tmp_path, monkeypatch):
     """The export stage runs once; a rebuild reuses it; a changed checkpoint gets a new one."""
-    from egm_edge.build import pipeline
+    from egm_edge.builder import pipeline
 
     calls = []
 

@@ -28,14 +28,19 @@ def test_bundle_layout_and_manifest(tiny_bundle):
 
 
 def test_the_family_of_an_export_and_the_runtime_gate(tmp_path):
-    from egm_edge.build.cpu import export_family
+    from egm_edge.builder.cpu import export_family
     from egm_edge.errors import UnsupportedError
 
     assert export_family(tmp_path, {"family": "qwen3_vl", "architecture": "x"}).name == "qwen3_vl"
     # Exports written before the manifest named the family: the architecture it records.
     assert export_family(tmp_path, {"architecture": "Qwen3VLForConditionalGeneration"}).name == "qwen3_vl"
+    import dataclasses
+
+    from egm_edge.models.families import INTERNVL
+
+    assert export_family(tmp_path, {"family": "internvl"}) is INTERNVL
     with pytest.raises(UnsupportedError, match="runtime stage does not run yet"):
-        export_family(tmp_path, {"family": "internvl"}).require("runtime", "Export x")
+        dataclasses.replace(INTERNVL, stages=frozenset({"plan"})).require("runtime", "Export x")
 
 
 def test_graphs_are_ort_optimised(tiny_bundle):
@@ -84,7 +89,7 @@ def test_ground_cli_on_a_bundle_draws_the_box(tiny_bundle, scene, tmp_path, caps
 def test_vision_int8_build_runs_dynamic_int8_matmuls_and_records_its_fidelity(tiny_bundle, tmp_path):
     import onnx
 
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.runtime.grounder import Grounder
     from egm_edge.synth import draw, render
 
@@ -111,7 +116,7 @@ def test_prefill_int8_bundle_prefills_through_int8_and_decodes_through_the_decod
     import numpy as np
     import onnx
 
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.runtime.grounder import Grounder
     from egm_edge.synth import draw, render
 

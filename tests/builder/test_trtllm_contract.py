@@ -16,7 +16,7 @@ def _plan(target: str, precision: str = "int4_awq", budget: int = 1024):
 
 
 def test_option_names_are_data_with_their_source():
-    from egm_edge.build.trtllm import option_names
+    from egm_edge.builder.trtllm import option_names
 
     n = option_names("1.2")
     assert n["source"].endswith("tensorrt_llm/llmapi/llm_args.py") and n["serve_flag"] == "--extra_llm_api_options"
@@ -27,7 +27,7 @@ def test_option_names_are_data_with_their_source():
 
 
 def test_every_serving_target_pins_a_version_we_have_names_for():
-    from egm_edge.build.trtllm import option_names, serving_version
+    from egm_edge.builder.trtllm import option_names, serving_version
     from egm_edge.targets import list_targets, load_target
 
     serving = [t for t in list_targets() if (load_target(t).software or {}).get("tensorrt_llm")]
@@ -38,7 +38,7 @@ def test_every_serving_target_pins_a_version_we_have_names_for():
 
 @pytest.mark.parametrize("target", SERVING)
 def test_options_validate_and_follow_the_plan(target):
-    from egm_edge.build.trtllm import check_options, llm_api_options, serving_version
+    from egm_edge.builder.trtllm import check_options, llm_api_options, serving_version
     from egm_edge.targets import load_target
 
     tg = load_target(target)
@@ -53,7 +53,7 @@ def test_options_validate_and_follow_the_plan(target):
 
 
 def test_unknown_names_are_caught():
-    from egm_edge.build.trtllm import check_options
+    from egm_edge.builder.trtllm import check_options
 
     bad = check_options({"max_seq_length": 1, "kv_cache_config": {"fraction": 0.5, "dtype": "int4"},
                          "cuda_graph_config": {"padding": True}, "max_batch_size": 1}, "1.2")
@@ -61,7 +61,7 @@ def test_unknown_names_are_caught():
 
 
 def test_kv_cache_dtype_follows_the_target():
-    from egm_edge.build.trtllm import llm_api_options
+    from egm_edge.builder.trtllm import llm_api_options
     from egm_edge.targets import load_target
 
     assert llm_api_options(_plan("h100"), load_target("h100"), kv_cache="fp8")["kv_cache_config"]["dtype"] == "fp8"
@@ -72,7 +72,7 @@ def test_kv_cache_dtype_follows_the_target():
 
 
 def test_written_files_parse_and_name_the_launch(tmp_path):
-    from egm_edge.build.trtllm import OPTIONS_FILE, check_options, read_options, write_trtllm
+    from egm_edge.builder.trtllm import OPTIONS_FILE, check_options, read_options, write_trtllm
     from egm_edge.targets import load_target
 
     info = write_trtllm(tmp_path / "trtllm", tmp_path / "ckpt", _plan("h200", "fp8"), load_target("h200"), kv_cache="fp8")

@@ -106,7 +106,7 @@ def _device(sm: str):
 
 @pytest.fixture()
 def bundle(tiny_export_trt, tmp_path):
-    from egm_edge.build.tensorrt import build_tensorrt
+    from egm_edge.builder.tensorrt import build_tensorrt
     from egm_edge.models import spec_from_config
     from egm_edge.plan import plan
     from egm_edge.targets import load_target
@@ -127,7 +127,7 @@ def fake(monkeypatch):
 
 
 def test_finalize_builds_what_the_plan_says_and_reuses_it(bundle, fake):
-    from egm_edge.build.tensorrt import finalize
+    from egm_edge.builder.tensorrt import finalize
 
     rec, _ = fake
     d = finalize(bundle)
@@ -151,7 +151,7 @@ def test_finalize_builds_what_the_plan_says_and_reuses_it(bundle, fake):
 
 
 def test_finalize_refuses_another_compute_capability_and_reports_parse_errors(bundle, fake):
-    from egm_edge.build.tensorrt import finalize
+    from egm_edge.builder.tensorrt import finalize
     from egm_edge.runtime import trt_executor
 
     rec, monkeypatch = fake
@@ -166,7 +166,7 @@ def test_finalize_refuses_another_compute_capability_and_reports_parse_errors(bu
 
 
 def test_finalize_refuses_a_cpu_bundle(tiny_bundle, fake):
-    from egm_edge.build.tensorrt import finalize
+    from egm_edge.builder.tensorrt import finalize
 
     with pytest.raises(UnsupportedError, match="only gpu and jetson bundles"):
         finalize(tiny_bundle)

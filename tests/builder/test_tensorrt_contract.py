@@ -23,7 +23,7 @@ def tiny_export(tiny_export_trt):
 
 
 def test_op_table_is_data_with_its_source():
-    from egm_edge.build.trt_contract import op_support
+    from egm_edge.builder.trt_contract import op_support
 
     s = op_support("10.16")
     assert "onnx-tensorrt" in s.source and s.version == "10.15" and s.opset_max >= 21
@@ -33,7 +33,7 @@ def test_op_table_is_data_with_its_source():
 
 
 def test_every_op_of_the_tiny_export_is_tensorrt_supported(tiny_export):
-    from egm_edge.build.trt_contract import check_graph, op_support
+    from egm_edge.builder.trt_contract import check_graph, op_support
 
     table = op_support("10.16").supported
     for graph in ("vision", "decoder"):
@@ -44,7 +44,7 @@ def test_every_op_of_the_tiny_export_is_tensorrt_supported(tiny_export):
 
 def test_onnxruntime_fused_graphs_are_refused(tiny_bundle):
     """The cpu bundle's ORT-optimised graphs hold com.microsoft kernels: exactly what must never reach TensorRT."""
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
 
     r = check_graph(tiny_bundle / "decoder.onnx", "10.16")
     assert not r.ok and any("com.microsoft::" in p for p in r.problems)
@@ -89,7 +89,7 @@ def _lowered_layer_graph(tmp_path, precision: str, backend: str = "onnxruntime")
 @pytest.mark.parametrize("precision,patterns", [("fp8", {"fp8_weight", "fp8_activation"}), ("int8_sq", {"int8_weight", "int8_activation"}),
                                                ("int4_awq", {"int4_blocked_weight"})])
 def test_quantized_lowerings_use_patterns_tensorrt_fuses(tmp_path, precision, patterns):
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
 
     r = check_graph(_lowered_layer_graph(tmp_path, precision, "tensorrt"), "10.16")
     assert r.ok, r.problems
@@ -98,7 +98,7 @@ def test_quantized_lowerings_use_patterns_tensorrt_fuses(tmp_path, precision, pa
 
 def test_int4_onnxruntime_lowering_is_refused_for_tensorrt(tmp_path):
     """MatMulNBits (com.microsoft) is ONNX Runtime's: a TensorRT-bound graph must carry int4 as blocked DequantizeLinear."""
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
 
     r = check_graph(_lowered_layer_graph(tmp_path, "int4_awq"), "10.16")
     assert any("com.microsoft::MatMulNBits" in p for p in r.problems), r.problems
@@ -124,7 +124,7 @@ def test_int4_onnxruntime_lowering_is_refused_for_tensorrt(tmp_path):
 def test_qdq_rules(kwargs, ok, match):
     from trt_helpers import gemm_graph
 
-    from egm_edge.build.trt_contract import check_qdq
+    from egm_edge.builder.trt_contract import check_qdq
 
     _counts, problems = check_qdq(gemm_graph(**kwargs))
     assert (not problems) == ok, problems
@@ -135,7 +135,7 @@ def test_qdq_rules(kwargs, ok, match):
 def test_ops_outside_the_table_and_foreign_domains_are_named():
     from onnx import TensorProto, helper
 
-    from egm_edge.build.trt_contract import check_ops, op_support
+    from egm_edge.builder.trt_contract import check_ops, op_support
 
     g = helper.make_graph(
         [helper.make_node("Unique", ["x"], ["u"]), helper.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")],
@@ -153,7 +153,7 @@ def test_ops_outside_the_table_and_foreign_domains_are_named():
 def jetson_bundle(tiny_export, tiny_ckpt, tmp_path_factory):
     from trt_helpers import tiny_plan
 
-    from egm_edge.build.tensorrt import build_tensorrt
+    from egm_edge.builder.tensorrt import build_tensorrt
     from egm_edge.targets import load_target
 
     target = load_target("jetson-orin-nano-8gb")
@@ -217,7 +217,7 @@ def importlib_util_find(name):
 def test_cpu_graphs_targets_and_foreign_precisions_are_refused(tiny_bundle, tiny_export_trt, tiny_ckpt, tmp_path):
     from trt_helpers import export_of, tiny_plan
 
-    from egm_edge.build.tensorrt import build_tensorrt
+    from egm_edge.builder.tensorrt import build_tensorrt
     from egm_edge.targets import load_target
 
     t = load_target("h100")
@@ -269,7 +269,7 @@ def test_finalize_builds_engines_that_ground(jetson_bundle, tmp_path, scene):
     pytest.importorskip("cuda")
     import shutil
 
-    from egm_edge.build import tensorrt as trt_build
+    from egm_edge.builder import tensorrt as trt_build
     from egm_edge.runtime.grounder import Grounder
 
     bundle = tmp_path / "b"
@@ -292,7 +292,7 @@ def test_full_quantized_exports_are_tensorrt_ready(tmp_path, precision):
     import importlib.util
     from pathlib import Path
 
-    from egm_edge.build.trt_contract import check_graph
+    from egm_edge.builder.trt_contract import check_graph
     from egm_edge.export import export
     from egm_edge.reference.checkpoint import write_tiny_checkpoint
 

@@ -77,8 +77,8 @@ def test_the_reference_runner_renders_the_toys_prompt(toy_ckpt, scene):
 
 
 def test_quantize_export_and_cpu_build_from_the_record_alone(toy_ckpt, tmp_path, make_calib_toy):
-    from egm_edge.build import build_cpu
-    from egm_edge.build.pipeline import preflight
+    from egm_edge.builder import build_cpu
+    from egm_edge.builder.pipeline import preflight
     from egm_edge.export.pipeline import export
     from egm_edge.quantize.api import quantize
 

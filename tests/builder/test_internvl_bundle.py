@@ -44,7 +44,7 @@ def internvl_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def internvl_bundle(tmp_path_factory, internvl_ckpt):
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.export.pipeline import export
 
     root = tmp_path_factory.mktemp("internvl-out")
@@ -69,7 +69,7 @@ def test_export_manifest_describes_tiles_and_1d_rope(internvl_bundle):
 
 @pytest.fixture(scope="module")
 def internvl_int4_bundle(tmp_path_factory, internvl_ckpt):
-    from egm_edge.build import build_cpu
+    from egm_edge.builder import build_cpu
     from egm_edge.export.pipeline import export
 
     root = tmp_path_factory.mktemp("internvl-int4")

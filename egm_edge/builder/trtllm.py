@@ -9,7 +9,7 @@ kv_cache_config (dtype from --kv-cache, free_gpu_memory_fraction sized from the
 plan), cuda_graph_config batch sizes up to max_batch_size. `check_options`
 lists every name the pinned TensorRT-LLM version (target profile
 software.tensorrt_llm) does not accept, from the option names kept as data in
-egm_edge/build/data/trtllm_options.toml (with the llm_args.py source they came
+egm_edge/builder/data/trtllm_options.toml (with the llm_args.py source they came
 from). `write_trtllm(dir, checkpoint, plan, target)` refuses unknown names and
 writes llm_api_options.yaml, launch.sh and README.md. Pure Python.
 
@@ -43,7 +43,7 @@ def option_names(version: str) -> dict:
         table = tomllib.load(f)["trtllm"]
     if version not in table:
         raise UnsupportedError(f"No TensorRT-LLM option list for version {version!r}; known: {', '.join(table)}. "
-                               "Add the version's llm_args.py field names to egm_edge/build/data/trtllm_options.toml.")
+                               "Add the version's llm_args.py field names to egm_edge/builder/data/trtllm_options.toml.")
     return table[version]
 
 
@@ -88,7 +88,7 @@ def llm_api_options(plan, target, *, kv_cache: str | None = None, max_batch_size
     if kv_cache == "fp8" and "fp8" not in target.kv_dtypes():
         raise UnsupportedError(f"Unsupported KV-cache dtype 'fp8' for target {target.name} (SM {target.sm_text} has no FP8). "
                                f"Choose from: {', '.join(target.kv_dtypes())}.")
-    from egm_edge.build.tensorrt import prompt_text_max
+    from egm_edge.builder.tensorrt import prompt_text_max
 
     prefill = prompt_text_max(plan) + plan.image.image_tokens  # the engines' slack for longer expressions, as on the device
     max_seq = prefill + plan.think_budget + plan.close_tokens + plan.answer_tokens

@@ -1,7 +1,7 @@
 """What a TensorRT-bound ONNX graph must look like, checked without TensorRT.
 
 Contract: `op_support(version)` reads the TensorRT ONNX-parser operator table kept
-as data (egm_edge/build/data/onnx_tensorrt_ops.toml, with its source);
+as data (egm_edge/builder/data/onnx_tensorrt_ops.toml, with its source);
 `check_ops(model, support)` lists every node TensorRT's parser would refuse
 (an operator outside the table, any non-ONNX domain such as com.microsoft's
 MatMulNBits, an opset outside the parser's range); `check_qdq(model)` lists every

@@ -22,7 +22,7 @@ def grounder_dir():
 
 
 def test_unlimited_is_planned_at_the_context_window_not_1024(grounder_dir):
-    from egm_edge.build.pipeline import DEFAULT_THINK_BUDGET, preflight
+    from egm_edge.builder.pipeline import DEFAULT_THINK_BUDGET, preflight
     from egm_edge.models import spec_from_config
 
     ctx = spec_from_config(grounder_dir).text.max_positions
@@ -37,7 +37,7 @@ def test_unlimited_is_planned_at_the_context_window_not_1024(grounder_dir):
 
 
 def test_cli_says_what_unlimited_plans_before_any_stage(grounder_dir, tmp_path, capsys, monkeypatch):
-    from egm_edge.build import pipeline
+    from egm_edge.builder import pipeline
 
     def stop(*a, **kw):
         raise EgmError("stopped where the export stage would start.")
@@ -82,7 +82,7 @@ def test_plan_cli_plans_unlimited_at_the_context_window(capsys):
 
 
 def test_int4_block_is_picked_from_the_layer_widths(grounder_dir, config_dir):
-    from egm_edge.build.pipeline import preflight
+    from egm_edge.builder.pipeline import preflight
 
     pf = preflight(grounder_dir, "int4_awq", "cpu", calib="synth")  # hidden 192: blocks of 128 do not divide it
     assert pf.quant.block_size == 64 and pf.quant.weight_block_size == 64

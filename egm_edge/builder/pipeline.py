@@ -112,6 +112,10 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int |
     family = get_family(spec.family)
     for stage in ("plan", *(("quantize",) if recipe != "full" else ()), "export", "runtime"):
         family.require(stage, f"Checkpoint {model_dir}")
+    if target.kind != "cpu":
+        from egm_edge.builder.tensorrt import check_tensorrt_family
+
+        check_tensorrt_family(family, f"Checkpoint {model_dir}")
     quant, notes = None, []
     if recipe != "full":
         from egm_edge.quantize.policy import check_block_sizes, config_widths
@@ -234,7 +238,7 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
 
     extra = {"pipeline": {"recipe": recipe, "stages": stages, "work_dir": str(work.resolve())}}
     if pf.target.kind == "cpu":
-        from egm_edge.build.cpu import build_cpu
+        from egm_edge.builder.cpu import build_cpu
         from egm_edge.models import spec_from_config
 
         # +128: longer expressions, but never past the context window (an unlimited budget plans all of it).
@@ -246,7 +250,7 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
                          extra_manifest={**extra, "plan": pf.plan.to_dict()})
     if vision_int8 or prefill_int8:
         raise UnsupportedError("vision_int8 and prefill_int8 are ONNX Runtime CPU options; TensorRT builds choose precisions at quantize time.")
-    from egm_edge.build.tensorrt import build_tensorrt
+    from egm_edge.builder.tensorrt import build_tensorrt
 
     return build_tensorrt(export_dir, out_dir, pf.target, pf.plan, budget_mode=budget_mode, max_answer_tokens=max_answer_tokens,
                           force=force, checkpoint_dir=checkpoint, kv_cache=kv_cache, max_batch_size=max_batch_size,

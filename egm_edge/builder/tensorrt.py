@@ -3,11 +3,11 @@
 Contract:
 - `build_tensorrt(export_dir, out_dir, target, plan, ...)` checks the export's
   graphs against TensorRT's ONNX operator support and Q/DQ fusion rules
-  (egm_edge.build.trt_contract), then writes a bundle (staged, manifest last):
+  (egm_edge.builder.trt_contract), then writes a bundle (staged, manifest last):
   the graphs (copied, external weight files included, never symlinked),
   tokenizer, image-processor config capped to the planned image size,
   generation_config.json, `build_plan.json` and, for targets whose profile names
-  a TensorRT-LLM version, `trtllm/` (egm_edge.build.trtllm). No TensorRT needed.
+  a TensorRT-LLM version, `trtllm/` (egm_edge.builder.trtllm). No TensorRT needed.
 - `build_plan(...)` is pure: optimisation profiles from the planner's numbers
   (vision: patches min/opt/max; decoder profile 0 "prefill": prompt + image
   tokens, no past; profile 1 "decode": one token, past up to the KV length =
@@ -159,13 +159,26 @@ def _copy_graph(export_dir: Path, tmp: Path, name: str, graph_entry: dict | None
     return files
 
 
+# (preprocessor, positions) the GPU/Jetson bundle builds: its engine plan and image cap assume Qwen3-VL's smart resize.
+TENSORRT_LAYOUTS = (("smart_resize", "mrope"),)
+
+
+def check_tensorrt_family(family, what: str) -> None:
+    """Refuse, in one sentence, a family whose GPU/Jetson bundle this builder cannot make yet."""
+    if (family.preprocessor, family.positions) not in TENSORRT_LAYOUTS:
+        raise UnsupportedError(
+            f"{what} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} positions); "
+            "GPU and Jetson bundles are built for smart_resize preprocessing with mrope positions only so far, "
+            "so build it for the cpu target.")
+
+
 def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "hard", max_answer_tokens: int | None = None,
                    force: bool = False, name: str | None = None, checkpoint_dir=None, kv_cache: str | None = None,
                    max_batch_size: int = 8, progress: Callable[[str], None] | None = None, extra_manifest: dict | None = None) -> Path:
     """Write a GPU/Jetson bundle for `target` from an export; returns `out_dir` (see the module docstring)."""
     from egm_edge.artifacts import check_output_dir, file_hashes, staged_output, write_manifest
-    from egm_edge.build.cpu import _read_export, export_family
-    from egm_edge.build.trt_contract import require_tensorrt_graphs
+    from egm_edge.builder.cpu import _read_export, export_family
+    from egm_edge.builder.trt_contract import require_tensorrt_graphs
     from egm_edge.runtime.bundle import GenerationConfig
 
     say = progress or (lambda _m: None)
@@ -177,6 +190,7 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
     em = _read_export(export_dir)
     family = export_family(export_dir, em)
     family.require("runtime", f"Export {export_dir}")
+    check_tensorrt_family(family, f"Export {export_dir}")
     inputs.append((em.get("inputs") or {}).get("checkpoint"))  # the TensorRT-LLM config reads it
     exported = em.get("precision", "full")
     if (exported == "full") != (plan.precision in ("fp32", "fp16", "bf16")) or (exported != "full" and exported != plan.precision):
@@ -200,7 +214,7 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
         (tmp / "generation_config.json").write_text(json.dumps(gen.to_dict(), indent=2))
         trtllm = None
         if (target.software or {}).get("tensorrt_llm"):
-            from egm_edge.build.trtllm import write_trtllm
+            from egm_edge.builder.trtllm import write_trtllm
 
             ckpt = Path(checkpoint_dir or (em.get("inputs") or {}).get("checkpoint") or export_dir)
             say(f"writing the TensorRT-LLM {target.software['tensorrt_llm']} serving config")
