@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for case, figs in manifest["validation"]["cases"].items():
         worst = min(figs["outputs"].items(), key=lambda kv: kv[1]["cosine"])
-        print(f"{case:>7}: grids {figs['grids']}, worst cosine {worst[1]['cosine']:.7f} ({worst[0]}), "
+        images = f"grids {figs['grids']}" if "grids" in figs else f"tiles {figs.get('tiles')}"  # patch grids or tiles
+        print(f"{case:>7}: {images}, worst cosine {worst[1]['cosine']:.7f} ({worst[0]}), "
               f"greedy agreement {figs['greedy_agreement']:.0%}")
     print(f"wrote {out} ({manifest['precision']}, opset {manifest['opset']}, {manifest['timings_s']['total']:.1f} s)")
     return 0

@@ -218,3 +218,12 @@ def test_build_from_model_int4_awq_then_ground_matches_the_reference(internvl_ck
             assert got == [t for t in ref.tokens if t not in g.ids.stop], (expression, budget)
             compared += got
     assert len(set(compared)) > 5
+
+
+def test_export_cli_reports_the_tiles_of_each_case(internvl_ckpt, tmp_path, capsys):
+    """`egm-edge export` prints each validation case; an InternVL case has tiles, not patch grids (it crashed)."""
+    from egm_edge.cli import main
+
+    assert main(["export", "--checkpoint", str(internvl_ckpt), "--out", str(tmp_path / "ex"), "--decode-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert " random: tiles [2, 1]" in out and "greedy agreement" in out and "wrote" in out
