@@ -165,11 +165,7 @@ TENSORRT_LAYOUTS = (("smart_resize", "mrope"),)
 
 def check_tensorrt_family(family, what: str) -> None:
     """Refuse, in one sentence, a family whose GPU/Jetson bundle this builder cannot make yet."""
-    if (family.preprocessor, family.positions) not in TENSORRT_LAYOUTS:
-        raise UnsupportedError(
-            f"{what} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} positions); "
-            "GPU and Jetson bundles are built for smart_resize preprocessing with mrope positions only so far, "
-            "so build it for the cpu target.")
+    family.require_layout(what, "the GPU and Jetson bundle builder", TENSORRT_LAYOUTS, " so far; build it for the cpu target")
 
 
 def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "hard", max_answer_tokens: int | None = None,

@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from egm_edge.errors import CheckpointError, UnsupportedError
+from egm_edge.errors import CheckpointError
 from egm_edge.runtime.vision_inputs import VisionGridConfig
 
 WEIGHT_SUFFIXES = (".safetensors",)
 # What the host side of an export drives, as (preprocessor, positions) of the family record: the Qwen3-VL
 # processor's patches with M-RoPE, or InternVL's 448 px tiles with 1-D RoPE.
-LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 # Small files a later stage (build) needs next to the graphs; copied into the export directory.
 SIDE_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja",
@@ -100,12 +99,7 @@ def inspect_checkpoint(checkpoint_dir: str | Path) -> CheckpointInfo:
     spec = spec_from_config(path)  # one sentence for an unknown architecture
     family = get_family(spec.family)
     family.require("export", f"Checkpoint {path}")
-    if (family.preprocessor, family.positions) not in LAYOUTS:
-        known = "; ".join(f"{a} preprocessing with {b} positions" for a, b in LAYOUTS)
-        raise UnsupportedError(
-            f"Checkpoint {path} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} positions), "
-            f"but export validates and describes only {known}."
-        )
+    family.require_layout(f"Checkpoint {path}", "export")
     for key in ("text_config", "vision_config"):
         if not isinstance(config.get(key), dict):
             raise CheckpointError(f"{path / 'config.json'} has no {key}; it is not a complete {family.title} config.")

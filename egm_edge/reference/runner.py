@@ -32,7 +32,6 @@ from egm_edge.runtime.preprocess import ImageProcessorConfig, PreprocessedImage,
 
 DTYPES = ("float32", "bfloat16", "float16")
 # What this runner drives (from the family record's preprocessor and positions).
-LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 
 
 def _ms(t0: float) -> float:
@@ -57,11 +56,7 @@ def read_model_config(model_dir: Path, stage: str = "reference") -> dict[str, An
             f"Checkpoint {model_dir} is in the original {arch} layout, which {family.hf_class} does not load; convert it "
             f"first: egm-edge convert --checkpoint {model_dir} --out DIR."
         )
-    if (family.preprocessor, family.positions) not in LAYOUTS:
-        raise UnsupportedError(
-            f"Checkpoint {model_dir} is a {family.title} model ({family.preprocessor} preprocessing, {family.positions} "
-            f"positions), but the reference runner drives only {' or '.join(f'{a} with {b}' for a, b in LAYOUTS)}."
-        )
+    family.require_layout(f"Checkpoint {model_dir}", "the reference runner")
     return cfg
 
 

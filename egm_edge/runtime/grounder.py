@@ -37,7 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
-from egm_edge.errors import CheckpointError, InputError, UnsupportedError
+from egm_edge.errors import CheckpointError, InputError
 from egm_edge.grounding import GroundingResult, user_text
 from egm_edge.runtime.budget import BudgetPolicy, ThinkTokens
 from egm_edge.runtime.bundle import Bundle, load_tokenizer, open_bundle
@@ -52,7 +52,6 @@ from egm_edge.runtime.tiling import image_token_count, tile_image
 from egm_edge.runtime.vision_inputs import vision_grid_inputs
 
 # (preprocessor, positions) of the family records this loop drives.
-LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 
 
 @dataclass(frozen=True)
@@ -85,12 +84,7 @@ def _runtime_family(bundle: Bundle):
     """The bundle's family record, refused in one sentence when this loop cannot drive it."""
     family = bundle.family
     family.require("runtime", f"The bundle at {bundle.path}")
-    if (family.preprocessor, family.positions) not in LAYOUTS:
-        known = " or ".join(f"{a} preprocessing with {b} positions" for a, b in LAYOUTS)
-        raise UnsupportedError(
-            f"The bundle at {bundle.path} is a {family.title} model ({family.preprocessor} preprocessing, "
-            f"{family.positions} positions), but the runtime drives only {known}."
-        )
+    family.require_layout(f"The bundle at {bundle.path}", "the runtime")
     return family
 
 

@@ -67,7 +67,7 @@ def test_an_internvl_checkpoint_for_a_gpu_is_refused_before_any_work(tmp_path, c
     d.mkdir()
     (d / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-2b"))))
     _refused(capsys, tmp_path, ["--model", str(d), "--recipe", "full", "--target", "h100"],
-             "InternVL-3 model (tiling preprocessing, rope1d positions); GPU and Jetson bundles are built for",
+             "InternVL-3 model (tiling preprocessing, rope1d positions), but the GPU and Jetson bundle builder drives only",
              "build it for the cpu target")
 
 

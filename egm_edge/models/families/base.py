@@ -23,6 +23,8 @@ from typing import Any, Mapping
 from egm_edge.errors import CheckpointError, InputError, UnsupportedError
 
 TASKS = ("vanilla", "amodal")
+# (preprocessor, positions) pairs the reference runner, export and the CPU runtime have code paths for.
+LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 # What egm-edge does with a family, in pipeline order.
 STAGES = ("plan", "reference", "quantize", "export", "runtime")
 
@@ -121,6 +123,14 @@ class Family:
                 f"(it runs {', '.join(able) or 'no family'}); {self.title} goes through: "
                 f"{', '.join(sorted(self.stages, key=STAGES.index)) or 'nothing'}."
             )
+
+    def require_layout(self, what: str, who: str, layouts=LAYOUTS, then: str = "") -> None:
+        """Refuse in one sentence a family whose (preprocessor, positions) `who` has no code path for."""
+        if (self.preprocessor, self.positions) not in layouts:
+            known = " or ".join(f"{a} preprocessing with {b} positions" for a, b in layouts)
+            raise UnsupportedError(
+                f"{what} is a {self.title} model ({self.preprocessor} preprocessing, {self.positions} positions), "
+                f"but {who} drives only {known}{then}.")
 
     def load(self, ref: str) -> Any:
         """Import a "module:attribute" reference of this record (a config reader, a graph module)."""
