@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from egm_edge.errors import CheckpointError, InputError
 from egm_edge.models.families import get_family
-from egm_edge.runtime.settings import MAX_BUDGET, MODES, UNLIMITED, DecodeSettings
+from egm_edge.runtime.settings import MAX_BUDGET, MODES, DecodeSettings
 
 __all__ = ["MAX_BUDGET", "MODES", "BudgetPolicy", "DecodeSettings", "ThinkTokens"]
 

@@ -23,6 +23,25 @@ from egm_edge.errors import CheckpointError, InputError
 MAX_ASPECT_RATIO = 200
 
 
+def check_image_settings(cfg, what: str, positive: tuple[str, ...], bounds: tuple[str, str]) -> None:
+    """Shared checks of an image-settings dataclass (one sentence each): the `positive` fields are positive
+    integers, bounds[0] <= bounds[1], image_mean/image_std are 3 floats (stored as tuples) and no std is 0."""
+    for name in positive:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CheckpointError(f"{what} setting {name}={v!r} must be a positive integer; fix preprocessor_config.json.")
+    lo, hi = bounds
+    if getattr(cfg, lo) > getattr(cfg, hi):
+        raise CheckpointError(f"{what} {lo}={getattr(cfg, lo)} exceeds {hi}={getattr(cfg, hi)}; fix preprocessor_config.json.")
+    for name in ("image_mean", "image_std"):
+        v = tuple(float(x) for x in getattr(cfg, name))
+        if len(v) != 3:
+            raise CheckpointError(f"{what} {name}={v!r} must have 3 values (R, G, B); fix preprocessor_config.json.")
+        object.__setattr__(cfg, name, v)
+    if any(s == 0 for s in cfg.image_std):
+        raise CheckpointError(f"{what} image_std={cfg.image_std!r} contains 0; fix preprocessor_config.json.")
+
+
 @dataclass(frozen=True)
 class ImageProcessorConfig:
     """The settings of the Qwen3-VL image processor (what `preprocessor_config.json` holds)."""
@@ -38,21 +57,8 @@ class ImageProcessorConfig:
     rescale_factor: float = 1 / 255
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise CheckpointError(f"Image processor setting {name}={v!r} must be a positive integer; fix preprocessor_config.json.")
-        if self.min_pixels > self.max_pixels:
-            raise CheckpointError(
-                f"Image processor min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}; fix preprocessor_config.json."
-            )
-        for name in ("image_mean", "image_std"):
-            v = tuple(float(x) for x in getattr(self, name))
-            if len(v) != 3:
-                raise CheckpointError(f"Image processor {name}={v!r} must have 3 values (R, G, B); fix preprocessor_config.json.")
-            object.__setattr__(self, name, v)
-        if any(s == 0 for s in self.image_std):
-            raise CheckpointError(f"Image processor image_std={self.image_std!r} contains 0; fix preprocessor_config.json.")
+        check_image_settings(self, "Image processor", ("patch_size", "merge_size", "temporal_patch_size", "min_pixels",
+                                                      "max_pixels"), ("min_pixels", "max_pixels"))
 
     @property
     def factor(self) -> int:

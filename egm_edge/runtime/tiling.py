@@ -25,6 +25,7 @@ from PIL import Image
 
 from egm_edge.errors import CheckpointError, InputError
 from egm_edge.models.families.internvl import INTERNVL
+from egm_edge.runtime.preprocess import check_image_settings
 
 IMG_START = INTERNVL.tokens.image_start
 IMG_END = INTERNVL.tokens.image_end
@@ -49,21 +50,8 @@ class TilingConfig:
     downsample_ratio: float = 0.5  # pixel shuffle in front of the projector
 
     def __post_init__(self) -> None:
-        for name in ("tile_size", "min_patches", "max_patches", "patch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise CheckpointError(f"Tiling setting {name}={v!r} must be a positive integer; fix preprocessor_config.json.")
-        if self.min_patches > self.max_patches:
-            raise CheckpointError(
-                f"Tiling min_patches={self.min_patches} exceeds max_patches={self.max_patches}; fix preprocessor_config.json."
-            )
-        for name in ("image_mean", "image_std"):
-            v = tuple(float(x) for x in getattr(self, name))
-            if len(v) != 3:
-                raise CheckpointError(f"Tiling {name}={v!r} must have 3 values (R, G, B); fix preprocessor_config.json.")
-            object.__setattr__(self, name, v)
-        if any(s == 0 for s in self.image_std):
-            raise CheckpointError(f"Tiling image_std={self.image_std!r} contains 0; fix preprocessor_config.json.")
+        check_image_settings(self, "Tiling", ("tile_size", "min_patches", "max_patches", "patch_size"),
+                             ("min_patches", "max_patches"))
         if self.resample not in _PIL_FILTERS:
             raise CheckpointError(f"Tiling resample={self.resample!r} is not a PIL filter (0-5); fix preprocessor_config.json.")
         if not self.rescale_factor > 0:
