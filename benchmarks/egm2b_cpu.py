@@ -175,24 +175,28 @@ def time_bundle(bundle: Path, threads: int, repeats: int) -> dict:
 
     g = Grounder.open(bundle, threads=threads)
     image, _ = bench_image()
-    text = user_text(EXPRESSION, "vanilla")
-    runs, tokens, cap = [], None, NEW_TOKENS
+    return {**bundle_timings(g, image, user_text(EXPRESSION, "vanilla"), repeats, NEW_TOKENS),
+            "decoder_weight_bytes_per_token": onnx_bytes_per_token(bundle / "decoder.onnx"),
+            "export_check": export_check(bundle)}
+
+
+def bundle_timings(g, image, text: str, repeats: int, new_tokens: int) -> dict:
+    """Medians of `repeats` runs of exactly `new_tokens` new tokens on an open Grounder (a warm-up run dropped)."""
+    runs, tokens, cap = [], None, new_tokens
     for _ in range(repeats + 1):  # the first run warms the sessions up and is dropped
         g._cache.clear()  # every run encodes the image
         # A random model never closes its reasoning: the budget policy forces the close and caps the answer;
-        # the cap is set so that exactly NEW_TOKENS tokens come out (the policy keeps room for a stop token).
+        # the cap is set so that exactly new_tokens tokens come out (the policy keeps room for a stop token).
         events = list(g.stream_text(image, text, think_budget=None, max_new_tokens=cap, max_answer_tokens=16))
         ids = [e.token_id for e in events if e.token_id >= 0]
-        cap += NEW_TOKENS - len(ids)
-        t = events[-1].result.timings
-        runs.append(t)
+        cap += new_tokens - len(ids)
+        runs.append(events[-1].result.timings)
         tokens = ids
     runs = runs[1:]
     med = lambda k: float(np.median([r[k] for r in runs]))  # noqa: E731
     return {"vision_ms": med("vision"), "prefill_ms": med("prefill"), "decode_ms_per_token": med("ms_per_token"),
             "end_to_end_ms": med("total"), "prompt_tokens": runs[0]["prompt_tokens"], "new_tokens": len(tokens),
-            "tokens": tokens, "decoder_weight_bytes_per_token": onnx_bytes_per_token(bundle / "decoder.onnx"),
-            "export_check": export_check(bundle)}
+            "tokens": tokens}
 
 
 def export_check(bundle: Path) -> dict:

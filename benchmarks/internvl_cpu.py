@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from egm2b_cpu import CALIB as CALIB_2B, agreement, bench_image, egm, run_stage  # noqa: E402
+from egm2b_cpu import CALIB as CALIB_2B, agreement, bench_image, bundle_timings, egm, run_stage  # noqa: E402
 
 SPEC = "egm-internvl3-1b"
 QWEN_TOKENIZER = REPO.parent / "shared" / "data" / "qwen3-vl-tokenizer"
@@ -166,23 +165,9 @@ def time_bundle(bundle: Path, threads: int, repeats: int) -> dict:
     g = Grounder.open(bundle, threads=threads)
     rss = {"load": rss_gb()}
     image, _ = bench_image()
-    text = user_text(EXPRESSION, "vanilla", family="internvl")
-    runs, tokens, cap = [], None, NEW_TOKENS
-    for _ in range(repeats + 1):  # the first run warms the sessions up and is dropped
-        g._cache.clear()  # every run encodes the image
-        # Random weights never close the reasoning: the budget policy forces it; the cap is nudged until
-        # exactly NEW_TOKENS tokens come out.
-        events = list(g.stream_text(image, text, think_budget=None, max_new_tokens=cap, max_answer_tokens=16))
-        ids = [e.token_id for e in events if e.token_id >= 0]
-        cap += NEW_TOKENS - len(ids)
-        runs.append(events[-1].result.timings)
-        tokens = ids
+    out = bundle_timings(g, image, user_text(EXPRESSION, "vanilla", family="internvl"), repeats, NEW_TOKENS)
     rss["run"] = rss_gb()
-    runs = runs[1:]
-    med = lambda k: float(np.median([r[k] for r in runs]))  # noqa: E731
-    return {"vision_ms": med("vision"), "prefill_ms": med("prefill"), "decode_ms_per_token": med("ms_per_token"),
-            "end_to_end_ms": med("total"), "prompt_tokens": runs[0]["prompt_tokens"], "new_tokens": len(tokens),
-            "tokens": tokens, "peak_rss_gb": rss}
+    return {**out, "peak_rss_gb": rss}
 
 
 def time_transformers(ckpt: Path, dtype: str, threads: int, repeats: int) -> dict:
