@@ -43,6 +43,24 @@ def _private_cache(tmp_path_factory):
         os.environ["EGM_EDGE_CACHE"] = old
 
 
+@pytest.fixture()
+def limit_family():
+    """limit_family(name, *stages): the named family's record, listing only `stages`, registered for this test."""
+    import dataclasses
+
+    from egm_edge.models.families import get_family, register
+
+    saved = []
+
+    def limit(name: str, *stages: str):
+        saved.append(get_family(name))
+        register(dataclasses.replace(saved[-1], stages=frozenset(stages)), replace=True)
+
+    yield limit
+    for record in reversed(saved):
+        register(record, replace=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -197,7 +197,7 @@ def test_big_graphs_keep_weights_in_one_side_file(tmp_path, monkeypatch):
     np.testing.assert_allclose(y, lin(x).detach().numpy(), atol=1e-5)
 
 
-def test_clear_errors_before_any_work(tmp_path, small_checkpoint):
+def test_clear_errors_before_any_work(tmp_path, small_checkpoint, limit_family):
     from egm_edge.export import export
     from egm_edge.export.onnx_io import check_disk_space
 
@@ -214,19 +214,12 @@ def test_clear_errors_before_any_work(tmp_path, small_checkpoint):
     from egm_edge.errors import UnsupportedError
     from egm_edge.models import get_spec, to_hf_config
 
-    import dataclasses
-
-    from egm_edge.models.families import INTERNVL, register
-
     internvl = tmp_path / "internvl"  # a family the registry knows; here its record does not list export
     internvl.mkdir()
     (internvl / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-1b"))))
-    register(dataclasses.replace(INTERNVL, stages=frozenset({"plan"})), replace=True)
-    try:
-        with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's export stage does not run yet"):
-            export(internvl, tmp_path / "out")
-    finally:
-        register(INTERNVL, replace=True)
+    limit_family("internvl", "plan")
+    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's export stage does not run yet"):
+        export(internvl, tmp_path / "out")
     quant = tmp_path / "quant"
     shutil.copytree(small_checkpoint, quant)
     (quant / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))

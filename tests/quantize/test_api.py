@@ -66,7 +66,7 @@ def test_nvfp4_on_cpu_fails_before_any_work(tmp_path, tiny_ckpt, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_unknown_recipe_and_bad_checkpoint(tmp_path, tiny_ckpt, make_calib):
+def test_unknown_recipe_and_bad_checkpoint(tmp_path, tiny_ckpt, make_calib, limit_family):
     import egm_edge
 
     with pytest.raises(InputError, match="fp8, int4_awq"):
@@ -77,18 +77,11 @@ def test_unknown_recipe_and_bad_checkpoint(tmp_path, tiny_ckpt, make_calib):
         egm_edge.quantize(tmp_path / "llama", "fp8", make_calib(), tmp_path / "out")
     from egm_edge.models import get_spec, to_hf_config
 
-    import dataclasses
-
-    from egm_edge.models.families import INTERNVL, register
-
     (tmp_path / "internvl").mkdir()  # a family the registry knows; here its record does not list quantize
     (tmp_path / "internvl" / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-1b"))))
-    register(dataclasses.replace(INTERNVL, stages=frozenset({"plan"})), replace=True)
-    try:
-        with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's quantize stage does not run yet"):
-            egm_edge.quantize(tmp_path / "internvl", "fp8", make_calib(), tmp_path / "out")
-    finally:
-        register(INTERNVL, replace=True)
+    limit_family("internvl", "plan")
+    with pytest.raises(UnsupportedError, match="InternVL-3 family, which egm-edge's quantize stage does not run yet"):
+        egm_edge.quantize(tmp_path / "internvl", "fp8", make_calib(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
