@@ -102,7 +102,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         # The reference's weights go before ONNX Runtime loads its own copy: one model in memory at a time.
         del model
         gc.collect()
-        report = {**compare_with_onnxruntime(tmp, refs, vcfg, dcfg, check, backend), "seed": seed}
+        report = {**compare_with_onnxruntime(tmp, refs, vcfg, dcfg, check, backend, float64_model=lambda: load_reference(info)),
+                  "seed": seed}
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         _write_manifest(info, tmp, graphs, layers, backend, int4_accuracy_level, lm_head, vcfg, dcfg, versions, timings, report, OPSET)

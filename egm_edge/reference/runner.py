@@ -346,18 +346,10 @@ class ReferenceRunner:
         return torch.cat([text, rope], dim=0), int(deltas.reshape(-1)[0])
 
     def decode_text(self, tokens: Sequence[int]) -> str:
-        """Output text as EGM reads it: special tokens skipped, the reasoning's close tag kept (it may be flagged special;
-        a close of several tokens is text and survives decoding)."""
-        body = [t for t in tokens if t not in self.think_ids.stop]
-        close = self.think_ids.think_close
-        if len(close) == 1 and close[0] in body:
-            k = body.index(close[0])
-            return (
-                self.tokenizer.decode(body[:k], skip_special_tokens=True)
-                + self.family.tokens.think_close
-                + self.tokenizer.decode(body[k + 1 :], skip_special_tokens=True)
-            )
-        return self.tokenizer.decode(body, skip_special_tokens=True)
+        """Output text as the runtime gives it: every generated token, special ones included (InternVL's `<box>`
+        tags are special), the stop token dropped. The answer parses the same either way (EGM's order finds the
+        bracketed numbers), and reference and bundle texts compare like for like."""
+        return self.tokenizer.decode([t for t in tokens if t not in self.think_ids.stop], skip_special_tokens=False)
 
     # -- grounding -------------------------------------------------------------------------
 

@@ -218,6 +218,9 @@ def test_build_from_model_int4_awq_then_ground_matches_the_reference(internvl_ck
             assert got == [t for t in ref.tokens if t not in g.ids.stop], (expression, budget)
             compared += got
     assert len(set(compared)) > 5
+    kw = dict(think_budget=6, max_answer_tokens=8, max_new_tokens=40)  # and the texts users read are the same
+    ref_res, got_res = runner.ground(scene, EXPRESSIONS[0], **kw), g.ground(scene, EXPRESSIONS[0], **kw)
+    assert ref_res.text == got_res.text and ref_res.box == got_res.box
 
 
 def test_export_cli_reports_the_tiles_of_each_case(internvl_ckpt, tmp_path, capsys):

@@ -284,3 +284,40 @@ def test_too_old_toolchain_is_named(monkeypatch):
     monkeypatch.setattr(metadata, "version", real)
     with pytest.raises(UnsupportedError, match="opset"):
         onnx_io.check_environment(opset=999)
+
+
+def _reference_model(small_checkpoint):
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return Qwen3VLForConditionalGeneration.from_pretrained(small_checkpoint, dtype=torch.float32).eval()
+
+
+def test_fp32_rounding_past_the_max_abs_bound_is_arbitrated_by_float64(exported, small_checkpoint, monkeypatch):
+    """A max-abs bound below fp32 rounding (as at 24 layers x 784 tokens) is settled by exact arithmetic."""
+    from egm_edge.export import arbiter, validate
+    from egm_edge.runtime.vision_inputs import VisionGridConfig
+
+    m = json.loads((exported / "manifest.json").read_text())["runtime"]
+    monkeypatch.setitem(validate.THRESHOLDS, "full", validate.Threshold(cosine=0.9999, rel_max_abs=1e-9))
+    report = validate.validate_export(exported, _reference_model(small_checkpoint), small_checkpoint,
+                                      VisionGridConfig.from_dict(m["vision"]), m["decoder"], steps=2, family="qwen3_vl")
+    verdicts = report["arbiter"]
+    assert report["passed"] and {"random/prefill_logits", "random/kv_cache"} <= set(verdicts)
+    for v in verdicts.values():  # both sides are rounding away from float64, neither is exact
+        assert v["passed"] and 0 < v["export_vs_float64"] <= arbiter.SLACK * v["reference_vs_float64"], verdicts
+
+
+def test_a_real_max_abs_error_is_not_excused_by_the_float64_arbiter(exported, small_checkpoint):
+    """Logits off by 1% with a perfect cosine (a scaled lm_head) fail: float64 sides with the reference."""
+    torch = pytest.importorskip("torch")
+    from egm_edge.export import validate
+    from egm_edge.runtime.vision_inputs import VisionGridConfig
+
+    m = json.loads((exported / "manifest.json").read_text())["runtime"]
+    model = _reference_model(small_checkpoint)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    with pytest.raises(EgmError, match=r"prefill_logits: cosine 1\.0+ .*of max \|float64\| against PyTorch fp32's own"):
+        validate.validate_export(exported, model, small_checkpoint, VisionGridConfig.from_dict(m["vision"]), m["decoder"], steps=1,
+                                 family="qwen3_vl")

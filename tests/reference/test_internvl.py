@@ -166,13 +166,14 @@ def test_think_budget_with_a_text_close(internvl_runner, wide_image, mode, budge
 
 
 def test_box_tag_answer_is_parsed_in_pixels(internvl_runner):
-    """What EGM-InternVL answers, decoded as the runner decodes it (the tags are special tokens, skipped as EGM's
-    decoding skips them), parses to the box in pixels."""
+    """What EGM-InternVL answers, decoded as the runner decodes it (the special tags kept, as the runtime keeps
+    them), parses to the box in pixels."""
     from egm_edge.grounding import GroundingResult
 
     ids = internvl_runner.tokenizer.encode("<think>\nleft one\n</think>\n\n<box>[[100, 200, 500, 600]]</box>",
                                            add_special_tokens=False).ids
     text = internvl_runner.decode_text(ids + [internvl_runner.think_ids.stop[0]])
+    assert text.endswith("</think>\n\n<box>[[100, 200, 500, 600]]</box>")
     res = GroundingResult.from_output(text, 300, 150, think_tokens=3, answer_tokens=5, budget_forced=False, family="internvl")
     assert res.box == (30, 30, 150, 90) and res.reasoning == "left one"
 
