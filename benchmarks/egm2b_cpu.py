@@ -406,25 +406,28 @@ def report(rows: dict, bw: float, stages: list[dict], out: Path, args, ran_befor
     return result
 
 
-def plot(rows: dict, path: Path) -> None:
+def plot(rows: dict, path: Path, labels: dict | None = None, new_tokens: int = NEW_TOKENS,
+         title: str = "EGM-2B architecture on this CPU") -> None:
+    """Stacked bars of vision, prefill and decode seconds per system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    parts = [("vision_ms", "vision"), ("prefill_ms", "prefill"), ("decode", f"decode x{NEW_TOKENS}")]
+    labels = labels or LABELS
+    parts = [("vision_ms", "vision"), ("prefill_ms", "prefill"), ("decode", f"decode x{new_tokens}")]
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.5))
     left = np.zeros(len(names))
     for key, label in parts:
-        vals = np.array([(rows[n]["decode_ms_per_token"] * NEW_TOKENS if key == "decode" else rows[n][key] or 0) / 1e3
+        vals = np.array([(rows[n]["decode_ms_per_token"] * new_tokens if key == "decode" else rows[n][key] or 0) / 1e3
                          for n in names])
-        ax.barh([LABELS[n] for n in names], vals, left=left, label=label)
+        ax.barh([labels[n] for n in names], vals, left=left, label=label)
         left += vals
-    ax.set_xlabel("seconds (640x480 image, 64 new tokens)")
+    ax.set_xlabel(f"seconds (640x480 image, {new_tokens} new tokens)")
     ax.invert_yaxis()
     ax.legend()
-    ax.set_title("EGM-2B architecture on this CPU")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
