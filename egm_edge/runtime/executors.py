@@ -36,6 +36,10 @@ class Executor(Protocol):
         """-> (logits [B, L, V], the cache to pass as `past` next: present key/values in layer order, key then
         value, or the executor's in-place cache object)."""
 
+    # Optional (in-flight batching, egm_edge.runtime.scheduler): executors without it decode one row at a time.
+    # def decode_batch(self, feeds, arrays: list[np.ndarray], past_len: int) -> np.ndarray:
+    #     """One step of B rows whose caches are arrays[i][:B] (egm_edge.runtime.batch_cache); writes column past_len."""
+
 
 def empty_cache(bundle: Bundle) -> list[np.ndarray]:
     d = bundle.decoder
@@ -142,6 +146,30 @@ class OrtExecutor:
         all_feeds.update(zip(self.past_names, past))
         out = session.run(["logits", *self.present_names], all_feeds)
         return out[0], out[1:]
+
+    def decode_batch(self, feeds, arrays: list[np.ndarray], past_len: int) -> np.ndarray:
+        """One decode step of the B rows whose caches are `arrays[i][:B]` ([B, kv, capacity, hd], columns
+        0..past_len-1 filled, padding masked by feeds["attention_mask"]); each row's new key and value land
+        at column past_len. Returns logits [B, 1, V]."""
+        b = feeds["input_ids"].shape[0]
+        if not self.in_place:  # a graph with a growing cache: pass the filled columns, keep the new one
+            past = [np.ascontiguousarray(a[:b, :, :past_len]) for a in arrays]
+            out = self.decoder.run(["logits", *self.present_names], {**feeds, **dict(zip(self.past_names, past))})
+            for a, present in zip(arrays, out[1:]):
+                a[:b, :, past_len] = present[:, :, past_len]
+            return out[0]
+        import onnxruntime as ort
+
+        io = self.decoder.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        io.bind_output("logits")
+        views = [ort.OrtValue.ortvalue_from_numpy(a[:b]) for a in arrays]  # a prefix of rows: contiguous, no copy
+        for past_name, present_name, value in zip(self.past_names, self.present_names, views):
+            io.bind_ortvalue_input(past_name, value)
+            io.bind_ortvalue_output(present_name, value)
+        self.decoder.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
     def _decode_in_place(self, session, feeds, cache: KVBuffers):
         total = feeds["attention_mask"].shape[1]

@@ -29,17 +29,15 @@ held back from the reasoning stream until it is known to be one (`BudgetPolicy.p
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from egm_edge.errors import CheckpointError, InputError
 from egm_edge.grounding import GroundingResult, user_text
-from egm_edge.runtime.budget import BudgetPolicy, ThinkTokens
+from egm_edge.runtime.budget import ThinkTokens
 from egm_edge.runtime.bundle import Bundle, load_tokenizer, open_bundle
 from egm_edge.runtime.executors import make_executor
 from egm_edge.runtime.image import load_image
@@ -47,37 +45,12 @@ from egm_edge.runtime.integrity import check_files
 from egm_edge.runtime.mrope import decode_position_ids, plain_position_ids, rope_index
 from egm_edge.runtime.preprocess import preprocess_image
 from egm_edge.runtime.sampling import Sampler, SamplingSpec
+from egm_edge.runtime.sequence import Pixels, Sequence, TokenEvent
 from egm_edge.runtime.settings import DecodeSettings
 from egm_edge.runtime.tiling import image_token_count, tile_image
 from egm_edge.runtime.vision_inputs import vision_grid_inputs
 
-# (preprocessor, positions) of the family records this loop drives.
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One emitted token: its text delta, the phase it belongs to, and whether the budget forced it."""
-
-    token_id: int
-    text: str
-    phase: str  # "reasoning" | "content"
-    forced: bool
-    result: GroundingResult | None = None  # set on the final event only
-
-
-class _Detok:
-    """Incremental detokenizer: emits only complete characters."""
-
-    def __init__(self, tok):
-        self.tok, self.ids, self.text = tok, [], ""
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        full = self.tok.decode(self.ids, skip_special_tokens=False)
-        if full.endswith("\ufffd"):
-            return ""
-        delta, self.text = full[len(self.text):], full
-        return delta
+__all__ = ["Grounder", "TokenEvent"]
 
 
 def _runtime_family(bundle: Bundle):
@@ -86,19 +59,6 @@ def _runtime_family(bundle: Bundle):
     family.require("runtime", f"The bundle at {bundle.path}")
     family.require_layout(f"The bundle at {bundle.path}", "the runtime")
     return family
-
-
-@dataclass(frozen=True)
-class _Pixels:
-    """One image as its vision graph takes it: Qwen3-VL patches and their grid, or InternVL tiles (grid None)."""
-
-    values: np.ndarray
-    n_image_tokens: int
-    grid: tuple[int, int, int] | None = None
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.values.tobytes() + repr(self.grid or self.values.shape).encode()).hexdigest()
 
 
 class Grounder:
@@ -171,21 +131,21 @@ class Grounder:
         return self._run(image, text, **kw)
 
     # -- the loop -----------------------------------------------------------------------------------------
-    def _pixels(self, img) -> _Pixels:
+    def _pixels(self, img) -> Pixels:
         cfg = self.bundle.image_processor
         if self.family.preprocessor == "tiling":
             tiles = tile_image(img, cfg)
-            return _Pixels(tiles, image_token_count(tiles.shape[0], cfg))
+            return Pixels(tiles, image_token_count(tiles.shape[0], cfg))
         prep = preprocess_image(img, cfg)
-        return _Pixels(prep.pixel_values, prep.n_image_tokens, tuple(prep.grid_thw))
+        return Pixels(prep.pixel_values, prep.n_image_tokens, tuple(prep.grid_thw))
 
-    def _positions(self, prompt_ids: np.ndarray, px: _Pixels) -> tuple[np.ndarray, np.ndarray]:
+    def _positions(self, prompt_ids: np.ndarray, px: Pixels) -> tuple[np.ndarray, np.ndarray]:
         """Prefill position ids [3, 1, S] and the delta decode steps add (0 for 1-D RoPE)."""
         if self.family.positions == "rope1d":
             return plain_position_ids(prompt_ids.shape[1]), np.zeros(1, np.int64)
         return rope_index(prompt_ids, [px.grid], self.image_token_id, self.bundle.vision.spatial_merge_size)
 
-    def _encode(self, px: _Pixels):
+    def _encode(self, px: Pixels):
         key = px.key
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -197,16 +157,17 @@ class Grounder:
             self._cache.popitem(last=False)
         return enc, False
 
-    def _run(self, image, text: str, *, settings: DecodeSettings | None = None, think_budget=None, budget_mode: str | None = None,
-             sampling: SamplingSpec | None = None, max_answer_tokens: int | None = None,
-             max_new_tokens: int | None = None, exif_transpose: bool = True) -> Iterator[TokenEvent]:
+    def start(self, image, text: str, *, settings: DecodeSettings | None = None, think_budget=None,
+              budget_mode: str | None = None, sampling: SamplingSpec | None = None, max_answer_tokens: int | None = None,
+              max_new_tokens: int | None = None, exif_transpose: bool = True) -> Sequence:
+        """Everything before the graphs run: settings resolved, image read and preprocessed, prompt tokenized and
+        checked against the bundle's planned sequence and rotary tables. Bad input fails here, in one sentence."""
         gen = self.bundle.generation
         settings = (settings or DecodeSettings()).override(
             think_budget=think_budget, budget_mode=budget_mode, sampling=sampling, max_answer_tokens=max_answer_tokens,
             max_new_tokens=max_new_tokens).resolved(self.defaults)  # bad settings are refused before the image is read
         t0 = time.perf_counter()
         img = load_image(image, exif_transpose=exif_transpose)
-        width, height = img.size
         px = self._pixels(img)
         prompt = self.family.chat_prompt(text, px.n_image_tokens)
         prompt_ids = np.asarray([self.tok.encode(prompt, add_special_tokens=False).ids], dtype=np.int64)
@@ -217,13 +178,6 @@ class Grounder:
                 f"The prompt takes {n_prompt} tokens ({px.n_image_tokens} for the image), at or over the bundle's "
                 f"planned maximum sequence of {gen.max_seq_len}; use a smaller image or a bundle built for longer sequences."
             )
-        policy = BudgetPolicy(settings, self.ids, max_new_tokens=room)
-        sampler = Sampler(settings.sampling or SamplingSpec(), banned=(self.image_token_id,))
-        t1 = time.perf_counter()
-
-        (feats, deep), cached = self._encode(px)
-        t2 = time.perf_counter()
-
         positions, deltas = self._positions(prompt_ids, px)
         limit = self.bundle.decoder.rope_positions
         if limit and int(positions.max()) + room >= limit:
@@ -231,79 +185,55 @@ class Grounder:
                 f"This prompt plus up to {room} new tokens reaches rotary position {int(positions.max()) + room}, past the "
                 f"{limit} positions this bundle's decoder has tables for; lower --max-new-tokens or use a smaller image."
             )
-        past = self.executor.new_cache(n_prompt + room)
-        logits, past = self.executor.decode(
+        sampler = Sampler(settings.sampling or SamplingSpec(), banned=(self.image_token_id,))
+        return Sequence(tok=self.tok, ids=self.ids, family=self.family, settings=settings, sampler=sampler, px=px,
+                        prompt_ids=prompt_ids, positions=positions, deltas=deltas, room=room, size=img.size, t0=t0)
+
+    def prefill(self, seq: Sequence, cache) -> tuple[np.ndarray, object]:
+        """The vision graph (or the cached encoding) and the prompt through the decoder into `cache` (an empty
+        cache of one sequence); returns (the last prompt row's logits [V], the cache)."""
+        (feats, deep), seq.cached = self._encode(seq.px)
+        seq.marks["encoded"] = time.perf_counter()
+        n = seq.n_prompt
+        logits, cache = self.executor.decode(
             {
-                "input_ids": prompt_ids,
+                "input_ids": seq.prompt_ids,
                 "image_features": feats,
                 "deepstack_features": deep,
-                "position_ids": positions,
-                "attention_mask": np.ones((1, n_prompt), np.int64),
-                "logits_index": np.asarray([[n_prompt - 1]], np.int64),
+                "position_ids": seq.positions,
+                "attention_mask": np.ones((1, n), np.int64),
+                "logits_index": np.asarray([[n - 1]], np.int64),
             },
-            past,
+            cache,
         )
-        t3 = time.perf_counter()
+        seq.marks["prefilled"] = time.perf_counter()
+        return logits[0, -1], cache
 
-        empty_feats = np.zeros((0, feats.shape[1]), np.float32)
-        empty_deep = np.zeros((deep.shape[0], 0, deep.shape[2]), np.float32)
-        detok = {"reasoning": _Detok(self.tok), "content": _Detok(self.tok)}
-        out_ids: list[int] = []
-        held: list[int] = []  # reasoning ids that may begin a close of several tokens: their text waits
-        n_total = n_prompt
-        decode_steps = 0
+    def _run(self, image, text: str, **kw) -> Iterator[TokenEvent]:
+        """One request alone: its own cache, one decode call per token."""
+        seq = self.start(image, text, **kw)
+        logits, past = self.prefill(seq, self.executor.new_cache(seq.capacity))
+        d = self.bundle.decoder
+        empty_feats = np.zeros((0, d.hidden_size), np.float32)
+        empty_deep = np.zeros((d.num_deepstack, 0, d.hidden_size), np.float32)
         while True:
-            forced = policy.forced()
-            token = forced if forced is not None else sampler(logits[0, -1])
-            phase = "reasoning" if policy.phase == "think" else "content"
-            policy.observe(token)
-            if token in self.ids.stop:
+            ev = seq.step(logits)
+            if ev is None:
                 break
-            out_ids.append(token)
-            if phase == "content":
-                piece = detok[phase].push(token)
-            elif policy.closed:  # this token completed the close: it and the held ones are the tag, not reasoning
-                held, piece = [], ""
-            else:
-                held.append(token)
-                keep = policy.pending
-                flush, held = held[: len(held) - keep], held[len(held) - keep :]
-                piece = "".join(detok[phase].push(t) for t in flush)
-            yield TokenEvent(token, piece, phase, forced is not None)
-            if policy.done:
+            yield ev
+            if seq.done:
                 break
-            logits, past = self.executor.decode(
+            out, past = self.executor.decode(
                 {
-                    "input_ids": np.asarray([[token]], np.int64),
+                    "input_ids": np.asarray([[seq.token]], np.int64),
                     "image_features": empty_feats,
                     "deepstack_features": empty_deep,
-                    "position_ids": decode_position_ids([n_total], deltas, 1),
-                    "attention_mask": np.ones((1, n_total + 1), np.int64),
+                    "position_ids": decode_position_ids([seq.n_total], seq.deltas, 1),
+                    "attention_mask": np.ones((1, seq.n_total + 1), np.int64),
                     "logits_index": np.zeros((1, 1), np.int64),
                 },
                 past,
             )
-            n_total += 1
-            decode_steps += 1
-        t4 = time.perf_counter()
-
-        text_out = self.tok.decode(out_ids, skip_special_tokens=False)
-        ms = lambda a, b: round((b - a) * 1000.0, 3)  # noqa: E731
-        timings = {
-            "preprocess": ms(t0, t1),
-            "vision": ms(t1, t2),
-            "prefill": ms(t2, t3),
-            "decode": ms(t3, t4),
-            "total": ms(t0, t4),
-            "ms_per_token": round((t4 - t3) * 1000.0 / max(1, decode_steps), 3),
-            "vision_cached": cached,
-            "prompt_tokens": n_prompt,
-            "output_tokens": len(out_ids),
-        }
-        result = GroundingResult.from_output(
-            text_out, width, height,
-            think_tokens=policy.think_tokens, answer_tokens=policy.answer_tokens,
-            budget_forced=policy.budget_forced, family=self.family, timings=timings,
-            truncated=policy.truncated,
-        )
-        yield TokenEvent(-1, "", "content", False, result=result)
+            seq.fed()
+            logits = out[0, -1]
+        yield seq.finish()
