@@ -92,7 +92,7 @@ class Scheduler:
         self._logits: dict[int, np.ndarray] = {}
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._stop = self._paused = False
         self.stats = {"steps": 0, "rows_decoded": 0, "peak_batch": 0, "peak_kv_bytes": 0, "admitted": 0}
 
     # -- submitting ---------------------------------------------------------------------------------------
@@ -116,6 +116,16 @@ class Scheduler:
             self._thread.start()
         return self
 
+    def pause(self) -> None:
+        """Hold the loop at the next step boundary (jobs keep queueing) until `resume()`."""
+        with self._cv:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
     def close(self) -> None:
         with self._cv:
             self._stop = True
@@ -126,7 +136,7 @@ class Scheduler:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or self.waiting or self.active)
+                self._cv.wait_for(lambda: self._stop or (not self._paused and (self.waiting or self.active)))
                 if self._stop:
                     return
             self.step()
@@ -268,6 +278,17 @@ class Scheduler:
             job._put(e)
         self.active, self._caches = [], {}
         self.cache.clear()
+
+
+def default_kv_budget(share: float = 0.25) -> int | None:
+    """A share of the memory available now (None where /proc/meminfo cannot be read: no limit but max_batch)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(int(line.split()[1]) * 1024 * share)
+    except OSError:
+        return None
+    return None
 
 
 def _rows(cache, n: int) -> list[np.ndarray]:

@@ -11,15 +11,19 @@ the parsed box and timings. `stream: true` sends server-sent events. A
 `max_tokens` below what an answer needs shrinks the thinking budget, then the
 answer, then cuts the output (finish_reason "length"); `n` must be 1.
 
-Operations: one model, one request at a time (a CPU or a Jetson runs one
-grounding fastest alone). At most `max_connections` connections are open (beyond
-that an immediate 503) and each must send its headers and body within
+Operations: one model; requests are decoded together by in-flight batching
+(egm_edge.runtime.scheduler: up to `max_batch` rows share each decoder call, rows
+join and leave at step boundaries, each keeps its own budget and sampling; the KV
+cache is bounded by `kv_budget_bytes`). At most `max_connections` connections are
+open (beyond that an immediate 503) and each must send its headers and body within
 `read_timeout_s` or is dropped. A request takes a slot before its body is read:
-at most `max_queue` wait, beyond that 503. Inside the slot the image is decoded
-under `decode_pixel_budget` (decoded pixels in flight across requests; an image
-larger than the budget decodes alone) and reduced at once to the bundle's
-max_pixels, so memory stays bounded whatever clients send. A request waiting or
-running past `request_timeout_s` gets 504; bodies over `max_body_bytes` 413; an
+`max_batch` run and at most `max_queue` wait (sized for EGM's evaluation client,
+64 at once), beyond that 503 with Retry-After. Inside the slot the image is decoded
+under `decode_pixel_budget` (decoded pixels in flight across requests, held until
+the request's vision graph has run; an image larger than the budget decodes alone)
+and reduced at once to the bundle's max_pixels, so memory stays bounded whatever
+clients send. A request waiting or running past `request_timeout_s` gets 504 (its
+row is dropped, as is the row of a client that goes away); bodies over `max_body_bytes` 413; an
 optional API key (Bearer). Remote image URLs are refused unless the operator
 passed `allow_remote_images`. Every request gets an HTTP answer: bad input a 4xx
 with one sentence, a bug of ours a 500 with an error id whose traceback is logged.
@@ -56,7 +60,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
-    max_queue: int = 8
+    max_queue: int = 128
+    max_batch: int = 8
+    kv_budget_bytes: int | None = None  # None: a quarter of the memory available at start
     request_timeout_s: float = 120.0
     max_body_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
@@ -71,7 +77,7 @@ class ServerConfig:
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise InputError(f"Port {self.port!r} is not a TCP port; choose one between 0 and 65535.")
         for name in ("max_queue", "request_timeout_s", "max_body_bytes", "max_image_pixels", "read_timeout_s",
-                     "max_connections", "listen_backlog", "decode_pixel_budget"):
+                     "max_connections", "listen_backlog", "decode_pixel_budget", "max_batch", "kv_budget_bytes"):
             v = getattr(self, name)
             if v is not None and not (v >= 0 if name == "max_queue" else v > 0):
                 raise InputError(f"ServerConfig.{name} must be {'>= 0' if name == 'max_queue' else 'positive'}, got {v}.")
@@ -143,15 +149,21 @@ class GroundingServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, grounder, cfg: ServerConfig):
+        from egm_edge.runtime.scheduler import Scheduler, default_kv_budget
+
         self.grounder, self.cfg = grounder, cfg
-        self.model_lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(cfg.max_queue + 1)  # running + waiting
+        self.slots = threading.BoundedSemaphore(cfg.max_queue + cfg.max_batch)  # running + waiting
         self.pixels = PixelBudget(cfg.decode_pixel_budget or 4 * grounder.bundle.image_processor.max_pixels)
         self.connections = 0
         self._conn_lock = threading.Lock()
         self.request_queue_size = cfg.listen_backlog  # a burst waits in the backlog for a 503, not a reset
         self.started = time.time()
         super().__init__((cfg.host, cfg.port), _Handler)
+        self.engine = Scheduler(grounder, max_batch=cfg.max_batch, kv_budget_bytes=cfg.kv_budget_bytes or default_kv_budget()).start()
+
+    def server_close(self):
+        super().server_close()
+        self.engine.close()
 
     def process_request(self, request, client_address):
         with self._conn_lock:
@@ -328,8 +340,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Length", "0").strip() != "0" or self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # a GET body is never read: it must not become the next request
         if self.path == "/health":
+            active, waiting = self.server.engine.load
             return self._send_json(200, {"status": "ok", "model": self.server.grounder.model_name,
-                                         "uptime_s": round(time.time() - self.server.started, 1)})
+                                         "uptime_s": round(time.time() - self.server.started, 1), "running": active,
+                                         "waiting": waiting})
         self._auth()
         if self.path == "/v1/models":
             return self._send_json(200, {"object": "list", "data": [
@@ -342,7 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(404, f"No route {self.path[:100]}.")
         self._auth()
         if not self.server.slots.acquire(blocking=False):
-            raise HttpError(503, f"The server is busy ({self.server.cfg.max_queue} requests already waiting); retry later.", "server_busy")
+            raise HttpError(503, f"The server is busy ({self.server.cfg.max_batch} requests running and {self.server.cfg.max_queue} "
+                                 "waiting); retry later.", "server_busy")
         try:
             req = parse_request(parse_body(self._read_body(n)), self.server.cfg)
             self._complete(req)
@@ -350,7 +365,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.slots.release()
 
     def _complete(self, req) -> None:
-        """Inside a slot: decode the image under the pixel budget, then wait for the model and answer."""
+        """Inside a slot: decode the image under the pixel budget, prepare the request, hand it to the batch and
+        answer from its events (the pixels are held until its vision graph has run)."""
         srv, cfg = self.server, self.server.cfg
         deadline = time.monotonic() + cfg.request_timeout_s
         raw = fetch_image(req, cfg)
@@ -359,34 +375,39 @@ class _Handler(BaseHTTPRequestHandler):
             stored, decoded = probe_image(raw, max_pixels=cfg.max_image_pixels, reduce_to=target)
         except InputError as e:
             raise HttpError(400, str(e)) from None
-        with srv.pixels.hold(decoded[0] * decoded[1], deadline) as resize:
-            try:
-                image = load_image(raw, max_pixels=cfg.max_image_pixels, reduce_to=target)
-            except InputError as e:
-                raise HttpError(400, str(e)) from None
-            del raw
-            resize(image.size[0] * image.size[1])
-            if decoded[0] * decoded[1] > image.size[0] * image.size[1]:
-                _trim_heap()
-            # The box is reported in the image as sent (EXIF-oriented), not in the reduced copy.
-            full = min(stored, stored[::-1], key=lambda s: abs(s[0] * image.size[1] - s[1] * image.size[0]))
-            if not srv.model_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                raise HttpError(504, f"The request waited longer than {cfg.request_timeout_s:.0f} s for the model.", "timeout")
-            try:
-                self._generate(req, image, full, deadline)
-            finally:
-                srv.model_lock.release()
+        job = None
+        try:
+            with srv.pixels.hold(decoded[0] * decoded[1], deadline) as resize:
+                try:
+                    image = load_image(raw, max_pixels=cfg.max_image_pixels, reduce_to=target)
+                except InputError as e:
+                    raise HttpError(400, str(e)) from None
+                del raw
+                resize(image.size[0] * image.size[1])
+                if decoded[0] * decoded[1] > image.size[0] * image.size[1]:
+                    _trim_heap()
+                # The box is reported in the image as sent (EXIF-oriented), not in the reduced copy.
+                w, h = image.size
+                full = min(stored, stored[::-1], key=lambda s: abs(s[0] * h - s[1] * w))
+                settings, cap = fit_max_tokens(req.settings, srv.grounder)
+                try:
+                    seq = srv.grounder.start(image, req.text, settings=settings)
+                except EgmError as e:  # errors of the request itself (prompt too long, ...) get a 4xx
+                    raise HttpError(400, str(e)) from None
+                del image
+                job = srv.engine.submit(seq)
+                del seq
+                events = _timed(job.events(deadline), cfg)
+                first = next(events)  # its vision graph and prefill have run: the pixels go back
+            self._generate(req, itertools.chain([first], events), full, cap, deadline)
+        finally:
+            if job is not None:
+                job.cancel()  # a no-op when it finished; frees the row of a client gone or timed out
 
-    def _generate(self, req, image, full: tuple[int, int], deadline: float) -> None:
+    def _generate(self, req, events, full: tuple[int, int], cap, deadline: float) -> None:
         grounder, cfg = self.server.grounder, self.server.cfg
         rid, created, model = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time()), grounder.model_name
-        settings, cap = fit_max_tokens(req.settings, grounder)
-        events = _limited(grounder.stream_text(image, req.text, settings=settings), cap, grounder, full, deadline, cfg)
-        try:
-            first = next(events)  # errors of the request itself (prompt too long, ...) still get a 4xx
-        except EgmError as e:
-            raise HttpError(400, str(e)) from None
-        events = itertools.chain([first], events)
+        events = _limited(events, cap, grounder, full, deadline, cfg)
         if req.stream:
             return self._stream(events, rid, created, model)
         try:
@@ -447,6 +468,14 @@ def _trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _timed(events, cfg):
+    """A job's events, its deadline turned into a 504."""
+    try:
+        yield from events
+    except TimeoutError:
+        raise HttpError(504, f"The request waited or ran longer than {cfg.request_timeout_s:.0f} s.", "timeout") from None
 
 
 def _limited(events, cap, grounder, full, deadline, cfg):

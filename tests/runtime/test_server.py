@@ -132,14 +132,14 @@ def test_bad_fields(server, scene, tmp_path):
 
 
 def test_limits_key_queue_and_timeout(grounder, scene):
-    s = Running(grounder, api_key="sekret", max_queue=0, request_timeout_s=1.0, max_body_bytes=200_000)
+    s = Running(grounder, api_key="sekret", max_queue=0, max_batch=1, request_timeout_s=1.0, max_body_bytes=200_000)
     try:
         body = json.dumps({"messages": egm_messages(scene), "max_tokens": 30}).encode()
         assert post(s.url, body)[0] == 401
         auth = {"Authorization": "Bearer sekret"}
         assert post(s.url, b"x" * 300_000, auth)[0] == 413
         # Hold the model: the first request waits (and times out), the second finds no free slot.
-        s.server.model_lock.acquire()
+        s.server.engine.pause()
         results = {}
         t = threading.Thread(target=lambda: results.setdefault("first", post(s.url, body, auth)))
         t.start()
@@ -148,7 +148,7 @@ def test_limits_key_queue_and_timeout(grounder, scene):
         assert status == 503 and "busy" in resp["error"]["message"]
         t.join()
         assert results["first"][0] == 504
-        s.server.model_lock.release()
+        s.server.engine.resume()
         status, resp = post(s.url, body, auth)  # and it keeps serving
         assert status == 200 and resp["choices"][0]["message"]["role"] == "assistant"
     finally:

@@ -303,7 +303,7 @@ def test_crashers_get_400_and_the_server_keeps_serving(grounder, scene):
 
 
 class _BuggyGrounder:
-    """The real grounder whose first generation raises, as a bug in our code would."""
+    """The real grounder whose first prefill (in the scheduler's thread) raises, as a bug in our code would."""
 
     def __init__(self, real):
         self.real, self.calls = real, 0
@@ -311,11 +311,11 @@ class _BuggyGrounder:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def stream_text(self, *a, **kw):
+    def prefill(self, *a, **kw):
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("simulated bug")
-        return self.real.stream_text(*a, **kw)
+        return self.real.prefill(*a, **kw)
 
 
 def test_our_bugs_get_500_with_an_error_id_in_the_log(grounder, scene, caplog):
