@@ -17,6 +17,16 @@ HELP = "Validate a candidate (bundle or endpoint) against a reference (checkpoin
 ORDER = 50
 
 
+def add_endpoint_kind_argument(p: argparse.ArgumentParser) -> None:
+    from egm_edge.validate.endpoint_kinds import KIND_CHOICES
+
+    p.add_argument("--endpoint-kind", choices=KIND_CHOICES, default="auto",
+                   help="what serves an http(s) side, and so which field carries the think budget: egm (think_budget, "
+                        "budget_mode), trtllm and vllm (thinking_token_budget), sglang (custom_params.thinking_budget, kept "
+                        "only under --enable-strict-thinking), openai (none: max_tokens only); auto (default) reads "
+                        "/v1/models owned_by and falls back to openai")
+
+
 def register(p: argparse.ArgumentParser) -> None:
     from egm_edge.runtime.settings import add_think_budget_argument
     from egm_edge.validate.stats import MIN_GATE_N
@@ -43,11 +53,13 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="cap on all output tokens (default 4096, as EGM)")
     p.add_argument("--limit", type=int, default=None, metavar="K", help="validate a seeded subset of K samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the bootstrap (default 0)")
-    p.add_argument("--concurrency", type=int, default=4, metavar="N", help="concurrent requests to an endpoint (default 4)")
+    p.add_argument("--concurrency", type=int, default=4, metavar="N",
+                   help="requests in flight at once: to an endpoint, or rows batched per decode step of a bundle (default 4)")
     p.add_argument("--family", default=None, metavar="NAME",
                    help="model family an endpoint serves (its prompts and answer format; default qwen3_vl); "
                         "bundles and checkpoints say their own")
     p.add_argument("--model-name", metavar="NAME", help="model name to send to endpoints (default: the first of /v1/models)")
+    add_endpoint_kind_argument(p)
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per endpoint request (default 120)")
     p.add_argument("--retries", type=int, default=3, metavar="N", help="retries of a failed endpoint request (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,13 +72,26 @@ def run(args: argparse.Namespace) -> int:
     from egm_edge.validate import validate
 
     budget = parse_think_budget(args.think_budget)  # before any work; None: the candidate's default
+    api_key = os.environ.get("EGM_EDGE_API_KEY")
+    candidate, reference = (endpoint_side(s, args, api_key) for s in (args.candidate, args.reference))
     report = validate(
-        args.candidate, args.reference, args.data, out_dir=args.out, split_by=args.split_by, max_acc_drop=args.max_acc_drop,
+        candidate, reference, args.data, out_dir=args.out, split_by=args.split_by, max_acc_drop=args.max_acc_drop,
         max_miou_drop=args.max_miou_drop, think_budget=budget, limit=args.limit, concurrency=args.concurrency,
         seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
         max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-        timeout_s=args.timeout, retries=args.retries, api_key=os.environ.get("EGM_EDGE_API_KEY"), gate=args.gate,
+        timeout_s=args.timeout, retries=args.retries, api_key=api_key, gate=args.gate,
         min_split_n=args.min_split_n, force=args.force, family=args.family,
     )
     print(report.summary())
     return report.exit_code
+
+
+def endpoint_side(spec: str, args: argparse.Namespace, api_key: str | None):
+    """`spec` itself, or, for a URL under an --endpoint-kind other than auto, the endpoint predictor of that kind
+    (validate opens auto-detected endpoints itself)."""
+    if args.endpoint_kind == "auto" or not str(spec).startswith(("http://", "https://")):
+        return spec
+    from egm_edge.validate.endpoint import EndpointPredictor
+
+    return EndpointPredictor(spec, model_name=args.model_name, api_key=api_key, timeout_s=args.timeout, retries=args.retries,
+                             kind=args.endpoint_kind, **({"family": args.family} if args.family else {}))

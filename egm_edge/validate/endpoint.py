@@ -5,9 +5,11 @@ name unless one is given) and `<url>/v1/chat/completions`, nothing else. Each
 request is EGM's own: one user message with the image as a base64 PNG data URL
 (the exact pixels the local runners see, EXIF dropped) and the text
 `grounding.user_text(expression)`, greedy (temperature 0), `max_tokens`, plus the
-egm-edge extension `think_budget` (null for unlimited, so an egm-edge server does not
-fall back to its bundle's budget) and `budget_mode` (other servers ignore them; the
-report notices a budget they did not keep). The box is parsed from `content`
+thinking budget in the field of the server's kind (`endpoint_kinds`: egm-edge's
+`think_budget`/`budget_mode`, TensorRT-LLM's and vLLM's `thinking_token_budget`,
+SGLang's `custom_params.thinking_budget`, nothing for other servers); `kind="auto"`
+tells the kind from `/v1/models`, and `describe()` records the kind, how it was told
+and which mechanism capped the reasoning. The box is parsed from `content`
 (after `reasoning_content` when the server splits reasoning out; the whole text
 when the reasoning is inlined). Connection errors, timeouts, 408/429 and 5xx are
 retried `retries` times with exponential backoff, then raise `EndpointError`;
@@ -29,6 +31,7 @@ from typing import Any
 
 from egm_edge.errors import EgmError, InputError
 from egm_edge.models.families import get_family
+from egm_edge.validate.endpoint_kinds import AUTO, detect_kind, get_kind
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
@@ -58,7 +61,7 @@ class EndpointPredictor:
     concurrent = True
 
     def __init__(self, url: str, *, model_name: str | None = None, api_key: str | None = None, timeout_s: float = 120.0,
-                 retries: int = 3, backoff_s: float = 0.5, family: str = "qwen3_vl"):
+                 retries: int = 3, backoff_s: float = 0.5, family: str = "qwen3_vl", kind: str = AUTO):
         if retries < 0 or timeout_s <= 0:
             raise InputError(f"retries must be >= 0 and the timeout positive, got retries={retries}, timeout={timeout_s}.")
         self.url = url
@@ -66,7 +69,15 @@ class EndpointPredictor:
         self.api_key = api_key
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
         self.family = get_family(family).name  # an unknown family is refused before any request
-        self.model_name = model_name or self._discover_model()
+        self.endpoint_kind = None if kind == AUTO else get_kind(kind)  # likewise an unknown kind
+        self.detected_by = "given (--endpoint-kind)"
+        listing = None
+        if model_name is None or self.endpoint_kind is None:
+            listing = self._listing(required=model_name is None)
+        self.model_name = model_name or self._first_model(listing)
+        if self.endpoint_kind is None:
+            self.endpoint_kind, self.detected_by = detect_kind(listing)
+        self._settings = None  # the settings of the last request, for describe()
 
     # -- HTTP -------------------------------------------------------------------------------------------------
     def _request(self, path: str, body: dict | None = None) -> dict:
@@ -100,11 +111,17 @@ class EndpointPredictor:
                 raise EndpointError(f"{self.base}{path} answered something that is not JSON ({raw[:80]!r}).") from None
         raise EndpointError(f"{self.base}{path} failed {self.retries + 1} times (last: {last}); check the server, then rerun to retry.")
 
-    def _discover_model(self) -> str:
+    def _listing(self, required: bool) -> dict | None:
+        """GET /v1/models; without it the model name is unknown (InputError when `required`), the kind undetected."""
         try:
             listing = self._request("/models")
         except EndpointError as e:
+            if not required:
+                return None
             raise InputError(f"The endpoint {self.url} did not list its models ({e}); check the URL or pass --model-name.") from None
+        return listing if isinstance(listing, dict) else {}
+
+    def _first_model(self, listing: dict) -> str:
         models = [m.get("id") for m in (listing.get("data") or []) if isinstance(m, dict) and m.get("id")]
         if not models:
             raise InputError(f"The endpoint {self.url} lists no models at /v1/models; pass --model-name.")
@@ -112,11 +129,19 @@ class EndpointPredictor:
 
     # -- predictor interface ----------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "url": self.base, "name": self.model_name, "model": self.model_name}
+        d = {"kind": self.kind, "url": self.base, "name": self.model_name, "model": self.model_name,
+             "endpoint_kind": self.endpoint_kind.name, "endpoint_kind_source": self.detected_by,
+             "budget_field": self.endpoint_kind.budget_field}
+        if self._settings is not None:  # set by the first request of this run (a wholly resumed run has none)
+            d["budget_mechanism"] = self.endpoint_kind.mechanism(self._settings)
+        return d
 
     def fingerprint(self) -> dict[str, Any]:
-        # What a remote server runs cannot be hashed; the URL and model name stand for it.
-        return {"kind": self.kind, "url": self.base, "model": self.model_name}
+        # What a remote server runs cannot be hashed; the URL and model name stand for it. The kind joins them
+        # only where it is not egm-edge's (whose fields every request carried before kinds existed), so an
+        # egm-edge server's predictions made then still resume; another kind's budget now reaches the server.
+        fp = {"kind": self.kind, "url": self.base, "model": self.model_name}
+        return fp if self.endpoint_kind.name == "egm" else {**fp, "endpoint_kind": self.endpoint_kind.name}
 
     def tokenizer_sha256(self) -> str | None:
         return None
@@ -138,10 +163,8 @@ class EndpointPredictor:
             "max_tokens": settings.max_new_tokens,
             "stream": False,
         }
-        if settings.think_budget is not None:  # null for unlimited, as egm-edge serve reads it
-            body["think_budget"] = settings.to_dict()["think_budget"]
-            body["budget_mode"] = settings.budget_mode
-        return body
+        self._settings = settings
+        return {**body, **self.endpoint_kind.budget_fields(settings)}
 
     def predict(self, image, expression: str, task: str, settings):
         t0 = time.perf_counter()

@@ -43,7 +43,8 @@ def notes(rows: dict, settings, errors: dict) -> list[str]:
                        and r["think_tokens"] > settings.think_budget + 32)
             if over:
                 out.append(f"the {side} reasoned past the {settings.think_budget}-token budget on {over} samples; "
-                           "it probably ignores the think_budget extension, so the sides did not run at equal budgets.")
+                           "it probably ignores the budget field it was sent (see its budget line), so the sides did not "
+                           "run at equal budgets.")
     for side, rs in rows.items():
         trunc = sum(1 for r in rs.values() if not r.get("error") and (r.get("result") or {}).get("truncated"))
         if trunc:
@@ -87,6 +88,17 @@ def _who(d: dict) -> str:
     return f"{d['kind']} `{where}`" + (f" ({extra})" if extra else "")
 
 
+def budget_lines(data: dict) -> list[str]:
+    """One line per endpoint side: which server kind it was taken for and which mechanism capped its reasoning."""
+    lines = []
+    for side in ("candidate", "reference"):
+        d = data.get(side) or {}
+        if d.get("endpoint_kind"):
+            how = d.get("budget_mechanism") or (f"sent as {d['budget_field']}" if d.get("budget_field") else "max_tokens only: no budget field")
+            lines.append(f"- {side} budget: {how} (endpoint kind {d['endpoint_kind']}, {d.get('endpoint_kind_source', 'given')})")
+    return lines
+
+
 def markdown(data: dict) -> str:
     s = data["settings"]
     budget = "unlimited" if s["think_budget"] is None else f"{s['think_budget']} tokens ({s['budget_mode']})"
@@ -99,6 +111,7 @@ def markdown(data: dict) -> str:
         f"- data: {data['data']['path'] or 'in memory'}, {data['data']['n_samples']} samples, split by `{data['data']['split_by']}`"
         + (f"; skipped while loading: {data['data']['skipped']}" if data["data"]["skipped"] else ""),
         f"- decode: think budget {budget}, max {s['max_answer_tokens']} answer tokens, max {s['max_new_tokens']} new tokens, greedy",
+        *budget_lines(data),
         f"- gate: a drop of more than {_points(data['thresholds']['max_acc_drop_points'])} of Acc@0.5 or "
         f"{_points(data['thresholds']['max_miou_drop_points'])} of mean IoU on any split or overall fails"
         + ("" if data["thresholds"].get("rule", "point") == "point" else
@@ -197,6 +210,7 @@ def summary_text(report) -> str:
     lines += [f"FAIL {f}" for f in report.failures]
     lines += [f"held {f}" for f in d.get("held") or []]
     lines += [f"not gated: {f}" for f in d.get("too_small") or []]
+    lines += [line[2:] for line in budget_lines(d)]
     lines += [f"note: {n}" for n in d["notes"]]
     lines.append(f"verdict: {report.verdict.upper()}; report: {Path(report.out_dir) / 'report.md'}")
     return "\n".join(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -13,7 +12,7 @@ from egm_edge.errors import InputError
 from egm_edge.validate import EndpointPredictor, validate
 from egm_edge.validate.endpoint import base_url, result_from_response
 
-from validate_helpers import Scripted, exact
+from validate_helpers import JsonHandler, Scripted, ThreadedServer, exact
 
 
 class Live:
@@ -32,7 +31,7 @@ class Live:
         self.server.server_close()
 
 
-class Failing:
+class Failing(ThreadedServer):
     """Lists a model, then answers chat completions with `status` (or sleeps `delay` s first); records concurrency."""
 
     def __init__(self, status=500, delay=0.0):
@@ -40,18 +39,7 @@ class Failing:
         self.calls, self.inflight, self.max_inflight = 0, 0, 0
         self.lock = threading.Lock()
 
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class H(JsonHandler):
             def do_GET(self):
                 self._send(200, {"data": [{"id": "broken-model"}]})
 
@@ -70,14 +58,7 @@ class Failing:
                     with outer.lock:
                         outer.inflight -= 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(H)
 
 
 @pytest.fixture(scope="module")

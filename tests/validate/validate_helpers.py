@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image, ImageDraw
 
@@ -72,3 +74,32 @@ def exact(recs):
 
 def shifted(recs, dx):
     return {r["sent"]: (r["bbox"][0] + dx, r["bbox"][1], r["bbox"][2] + dx, r["bbox"][3]) for r in recs}
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet request handler for fake servers, with `_send(code, obj)` answering JSON."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class ThreadedServer:
+    """Serves `handler` on 127.0.0.1 (a free port) in a daemon thread: `url`, then `close()`."""
+
+    def start(self, handler) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
