@@ -26,7 +26,7 @@ from typing import Any
 from egm_edge.errors import InputError
 from egm_edge.models import ModelSpec, get_spec, list_specs, same_architecture
 from egm_edge.models.registry import alias_of
-from egm_edge.targets import KV_DTYPES, PRECISIONS, TargetProfile, check_kv_dtype, check_precision, load_target
+from egm_edge.targets import KV_DTYPES, PRECISIONS, TargetProfile, check_kv_dtype, check_servable, load_target
 
 GIB = 1024**3
 DEFAULT_IMAGE_WH = (640, 480)
@@ -323,7 +323,7 @@ class _Model:
 def decode_ms_per_token(spec: ModelSpec | str, target: TargetProfile | str, precision: str, context: int, kv_dtype: str | None = None) -> float:
     """Predicted milliseconds for one decoded token with `context` tokens already cached."""
     spec, target = _resolve(spec, target)
-    check_precision(target, precision)
+    check_servable(target, precision)  # a checkpoint-only precision is predicted as TensorRT-LLM serves it
     kv = kv_dtype or _default_kv(target, precision)
     return _Model(spec, target, precision, kv).decode(context)[0]
 
@@ -346,7 +346,7 @@ def plan(
 ) -> Plan:
     """Memory verdict and predicted latency (see the module docstring); `explore` looks for alternatives."""
     spec, target = _resolve(spec, target)
-    check_precision(target, precision)
+    check_servable(target, precision)  # a checkpoint-only precision is predicted as TensorRT-LLM serves it
     kv = kv_dtype or _default_kv(target, precision)
     check_kv_dtype(target, kv)
     for name, v in (("think_budget", think_budget), ("prompt_tokens", prompt_tokens), ("answer_tokens", answer_tokens), ("close_tokens", close_tokens)):

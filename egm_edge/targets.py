@@ -2,13 +2,18 @@
 
 Contract: `load_target(name_or_path)` returns a frozen, validated `TargetProfile`
 (compute capability, memory and whether the CPU shares it, bandwidth, dense peak
-rates per compute format, supported precisions, software versions the build
-notes assume, optional calibration of the planner's efficiency factors);
+rates per compute format, the precisions a bundle can be built in, the precisions
+that are checkpoint only (`serving_precisions`: a TensorRT-LLM serving config for
+the quantized checkpoint, no bundle, because the ONNX/TensorRT lowering has no path
+for them), software versions the build notes assume, optional calibration of the
+planner's efficiency factors);
 `list_targets()` lists the shipped profiles. `PRECISIONS` is the one registry of
 precisions (fp32, fp16, bf16 and the quantize stage's recipes, whose names,
 weight formats and block sizes it takes from `egm_edge.quantize.recipes`), with
 bytes per weight including block scales. `check_precision(target, precision)`
-raises `UnsupportedError` naming why and the alternatives. Pure Python.
+(what a bundle build asks) raises `UnsupportedError` naming why and the
+alternatives, for a checkpoint-only precision too; `check_servable` (what the
+planner asks) also accepts the checkpoint-only ones. Pure Python.
 
 Profiles are found in `$EGM_EDGE_TARGETS` if set, else in the installed package
 (`egm_edge/_data/targets`, shipped from build/targets by the wheel), else in the
@@ -57,6 +62,8 @@ _COMPUTE = {None: None, "fp8": "fp8", "int8": "int8", "nvfp4": "fp4"}  # activat
 _LABELS = {"fp8": "FP8", "int8_sq": "INT8 SmoothQuant", "int4_awq": "INT4 AWQ", "w4a8_awq": "W4A8 AWQ", "nvfp4": "NVFP4"}
 # FP8 tensor cores arrive with Ada (SM 8.9); NVFP4 with Blackwell (SM 10.0). W4A8 runs FP8 activations.
 _MIN_SM = {"fp8": (8, 9), "w4a8_awq": (8, 9), "nvfp4": (10, 0)}
+# Recipes egm_edge/export/lowering.py refuses (no ONNX/TensorRT path): checkpoint only, never in a profile's precisions.
+NO_BUNDLE_LOWERING = ("w4a8_awq", "nvfp4")
 
 
 def _from_recipe(name: str) -> Precision:
@@ -98,6 +105,7 @@ class TargetProfile:
     compute_capability: str | None = None
     software: dict[str, str] = field(default_factory=dict)
     calibration: dict[str, float] = field(default_factory=dict)
+    serving_precisions: tuple[str, ...] = ()  # checkpoint only: TensorRT-LLM serves them, no bundle can hold them
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
@@ -110,18 +118,27 @@ class TargetProfile:
         if self.usable_fraction > 1:
             raise CheckpointError(f"{where}: usable_fraction={self.usable_fraction} must be at most 1; fix its TOML file.")
         object.__setattr__(self, "precisions", tuple(self.precisions))
-        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        object.__setattr__(self, "serving_precisions", tuple(self.serving_precisions))
+        unknown = [p for p in self.precisions + self.serving_precisions if p not in PRECISIONS]
         if unknown or not self.precisions:
             raise CheckpointError(f"{where}: precisions {unknown or '[]'} are not in {', '.join(PRECISIONS)}; fix its TOML file.")
+        lowered = [p for p in self.precisions if p in NO_BUNDLE_LOWERING]
+        if lowered:
+            raise CheckpointError(f"{where}: precisions lists {lowered}, which no bundle can hold (no ONNX/TensorRT lowering); "
+                                  "move them to serving_precisions in its TOML file.")
+        both = sorted(set(self.precisions) & set(self.serving_precisions))
+        if both or (self.serving_precisions and not (self.software or {}).get("tensorrt_llm")):
+            raise CheckpointError(f"{where}: serving_precisions {list(self.serving_precisions)} must not repeat precisions ({both}) "
+                                  "and need software.tensorrt_llm to serve them; fix its TOML file.")
         if self.kind != "cpu":
             if self.sm is None:
                 raise CheckpointError(f"{where}: compute_capability={self.compute_capability!r} should look like \"8.7\"; fix its TOML file.")
-            for p in self.precisions:
+            for p in self.precisions + self.serving_precisions:
                 floor = PRECISIONS[p].min_sm
                 if floor and self.sm < floor:
                     raise CheckpointError(f"{where}: lists {p} but SM {self.sm_text} is below its SM {floor[0]}.{floor[1]}; fix its TOML file.")
         bad = [k for k in self.peak_tflops if k not in COMPUTE_FORMATS]
-        missing = sorted({self.compute_format(p) for p in self.precisions} - set(self.peak_tflops))
+        missing = sorted({self.compute_format(p) for p in self.precisions + self.serving_precisions} - set(self.peak_tflops))
         if bad or missing:
             raise CheckpointError(f"{where}: peak_tflops lacks {missing} or has unknown formats {bad}; fix its TOML file.")
 
@@ -161,6 +178,7 @@ class TargetProfile:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["precisions"] = list(self.precisions)
+        d["serving_precisions"] = list(self.serving_precisions)
         return d
 
     @classmethod
@@ -218,16 +236,34 @@ def _why_not(target: TargetProfile, p: Precision) -> str:
         return f"ONNX Runtime's x86 CPU kernels have no fast {p.label} path"
     if p.min_sm and target.sm and target.sm < p.min_sm:
         return f"SM {target.sm_text} has no {p.label}"
+    if p.name in NO_BUNDLE_LOWERING:
+        return f"egm-edge has no ONNX/TensorRT lowering for {p.label}"
     return f"its profile does not offer {p.label}"
 
 
+CHECKPOINT_ONLY = "checkpoint only (TensorRT-LLM serving config), no bundle"
+
+
 def check_precision(target: TargetProfile, precision: str) -> Precision:
-    """The `Precision` if `target` supports it, else `UnsupportedError` with the reason and the choices."""
+    """The `Precision` if a bundle for `target` can be built in it, else `UnsupportedError` with the reason and the choices."""
     p = get_precision(precision)
+    if precision in target.serving_precisions:
+        choices = ", ".join(n for n in PRECISIONS if n in target.precisions)
+        raise UnsupportedError(
+            f"Precision {precision!r} on target {target.name} is {CHECKPOINT_ONLY}: the ONNX/TensorRT lowering has no "
+            f"{p.label} path, so quantize it with `egm-edge quantize --recipe {precision}` and serve the checkpoint with "
+            f"TensorRT-LLM, or build a bundle in one of: {choices}.")
     if precision not in target.precisions:
         choices = ", ".join(n for n in PRECISIONS if n in target.precisions)
         raise UnsupportedError(f"Unsupported precision {precision!r} for target {target.name} ({_why_not(target, p)}). Choose from: {choices}.")
     return p
+
+
+def check_servable(target: TargetProfile, precision: str) -> Precision:
+    """Like `check_precision`, but a checkpoint-only precision passes: the planner predicts TensorRT-LLM serving too."""
+    if precision in target.serving_precisions:
+        return get_precision(precision)
+    return check_precision(target, precision)
 
 
 def check_kv_dtype(target: TargetProfile, kv_dtype: str) -> int:

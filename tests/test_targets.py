@@ -32,11 +32,13 @@ def test_precisions_follow_the_design_table(name):
         assert t.precisions == ("fp32", "int8_sq", "int4_awq")
         return
     assert ("fp8" in t.precisions) == (t.sm >= (8, 9))  # FP8 from SM 8.9, A100 and Orin without
-    assert ("nvfp4" in t.precisions) == (t.sm >= (10, 0))  # NVFP4 from Blackwell
+    # No bundle holds W4A8 or NVFP4 (no ONNX/TensorRT lowering): they are checkpoint only where TensorRT-LLM serves them.
+    assert not {"nvfp4", "w4a8_awq"} & set(t.precisions)
+    assert ("nvfp4" in t.serving_precisions) == (t.sm >= (10, 0) and t.kind == "gpu")  # NVFP4 from Blackwell
     assert {"fp16", "int8_sq", "int4_awq"} <= set(t.precisions)
     if name in ORIN:
         assert t.precisions == ("fp16", "int8_sq", "int4_awq") and t.shared_memory and t.sm == (8, 7)
-    assert ("w4a8_awq" in t.precisions) == (name in ("h100", "h200", "b200"))
+    assert ("w4a8_awq" in t.serving_precisions) == (name in ("h100", "h200", "b200"))
 
 
 def test_every_figure_cites_a_source():
@@ -58,7 +60,7 @@ def test_refusals_name_reason_and_choices():
     assert str(e.value) == (
         "Unsupported precision 'fp8' for target jetson-orin-nx-16gb (SM 8.7 has no FP8). Choose from: fp16, int8_sq, int4_awq."
     )
-    with pytest.raises(UnsupportedError, match=r"SM 9\.0 has no NVFP4\). Choose from: .*w4a8_awq"):
+    with pytest.raises(UnsupportedError, match=r"SM 9\.0 has no NVFP4\). Choose from: fp16, bf16, fp8, int8_sq, int4_awq\.$"):
         check_precision(load_target("h100"), "nvfp4")
     with pytest.raises(UnsupportedError, match=r"SM 8\.0 has no FP8"):
         check_precision(load_target("a100"), "fp8")
@@ -99,3 +101,44 @@ def test_custom_profile_by_path_and_bad_profiles(tmp_path, monkeypatch):
         load_target(bad)
     monkeypatch.setenv("EGM_EDGE_TARGETS", str(tmp_path))
     assert targets_dir() == tmp_path and "my-orin" in list_targets()
+
+
+def test_checkpoint_only_precisions_are_refused_for_bundles_in_one_sentence():
+    with pytest.raises(UnsupportedError) as e:
+        check_precision(load_target("h100"), "w4a8_awq")
+    assert str(e.value) == (
+        "Precision 'w4a8_awq' on target h100 is checkpoint only (TensorRT-LLM serving config), no bundle: the ONNX/TensorRT "
+        "lowering has no W4A8 AWQ path, so quantize it with `egm-edge quantize --recipe w4a8_awq` and serve the checkpoint "
+        "with TensorRT-LLM, or build a bundle in one of: fp16, bf16, fp8, int8_sq, int4_awq.")
+    with pytest.raises(UnsupportedError, match=r"'nvfp4' on target b200 is checkpoint only .*no NVFP4 path"):
+        check_precision(load_target("b200"), "nvfp4")
+    with pytest.raises(UnsupportedError, match=r"jetson-thor \(egm-edge has no ONNX/TensorRT lowering for NVFP4\)"):
+        check_precision(load_target("jetson-thor"), "nvfp4")
+    # The planner still predicts them as TensorRT-LLM would serve them, and quantize still makes their checkpoints.
+    from egm_edge.plan import plan
+    from egm_edge.quantize.recipes import QuantSpec
+
+    assert plan("egm-8b", "b200", "nvfp4", 256).fits and plan("egm-8b", "h100", "w4a8_awq", 256).fits
+    assert QuantSpec("w4a8_awq").recipe == "w4a8_awq" and QuantSpec("nvfp4").recipe == "nvfp4"
+
+
+def test_a_profile_cannot_offer_a_bundle_precision_with_no_lowering():
+    d = load_target("h100").to_dict()
+    with pytest.raises(CheckpointError, match=r"precisions lists \['w4a8_awq'\], which no bundle can hold"):
+        TargetProfile.from_dict({**d, "precisions": [*d["precisions"], "w4a8_awq"], "serving_precisions": []})
+    with pytest.raises(CheckpointError, match="need software.tensorrt_llm"):
+        TargetProfile.from_dict({**d, "software": {}})
+
+
+def test_targets_command_never_lists_an_impossible_combination(capsys):
+    from egm_edge.cli import main
+
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.split() and line.split()[0] in REQUIRED]
+    assert len(rows) == len(REQUIRED) and not any("w4a8_awq" in r or "nvfp4" in r for r in rows)
+    assert "checkpoint only (TensorRT-LLM serving config), no bundle: w4a8_awq, nvfp4" in out
+    assert "int4_awq, w4a8_awq and int8_sq checkpoints are for TensorRT-LLM only" in out
+    assert main(["targets", "--json"]) == 0
+    h100 = next(t for t in __import__("json").loads(capsys.readouterr().out) if t["name"] == "h100")
+    assert h100["serving_precisions"] == ["w4a8_awq"] and "w4a8_awq" not in h100["precisions"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from egm_edge.quantize.recipes import KV_CACHE, RECIPES, VISION_MODES
+from egm_edge.quantize.recipes import KV_CACHE, RECIPES, SERVING_NOTE, VISION_MODES
 
 NAME = "quantize"
 HELP = "Quantize an EGM checkpoint with NVIDIA ModelOpt (fp8, int4_awq, w4a8_awq, int8_sq, nvfp4) into a unified HF checkpoint."
@@ -15,7 +15,8 @@ ORDER = 20
 def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="full-precision Hugging Face checkpoint directory")
     # No argparse choices: an unknown recipe gets the project's one-sentence error listing the valid ones.
-    p.add_argument("--recipe", required=True, metavar="R", help=f"quantization recipe: {', '.join(RECIPES)}")
+    p.add_argument("--recipe", required=True, metavar="R",
+                   help=f"quantization recipe: {', '.join(RECIPES)}. {SERVING_NOTE}.")
     p.add_argument("--calib", required=True, metavar="TOML", help="calibration recipe: a TOML file, or a shipped recipe by name (synth, coco128, refcoco, egm_jsonl)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty unless --force)")
     p.add_argument("--kv-cache", metavar="KV", default=None, help=f"quantize the KV cache too: {', '.join(KV_CACHE)}")

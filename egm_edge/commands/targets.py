@@ -15,7 +15,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egm_edge.targets import list_targets, load_target, targets_dir
+    from egm_edge.quantize.recipes import SERVING_NOTE
+    from egm_edge.targets import CHECKPOINT_ONLY, list_targets, load_target, targets_dir
 
     profiles = [load_target(n) for n in list_targets()]
     if args.json:
@@ -27,4 +28,7 @@ def run(args: argparse.Namespace) -> int:
         soft = ", ".join(f"{k} {v}" for k, v in t.software.items())
         print(f"{t.name:<22}{t.kind:<8}{t.sm_text:>5}{t.memory_gib:>7.0f} GiB{'yes' if t.shared_memory else 'no':>8}"
               f"{t.memory_bandwidth_gbs:>8.0f}  {', '.join(t.precisions)}; {soft}")
+        if t.serving_precisions:
+            print(f"{'':<22}{CHECKPOINT_ONLY}: {', '.join(t.serving_precisions)}")
+    print(f"precisions: what egm-edge build can make a bundle of. {SERVING_NOTE}.")
     return 0

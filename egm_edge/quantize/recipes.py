@@ -55,6 +55,9 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 
+SERVING_NOTE = ("vLLM's ModelOpt loader takes only the FP8/NVFP4 families: int4_awq, w4a8_awq and int8_sq checkpoints "
+                "are for TensorRT-LLM only; w4a8_awq and nvfp4 are checkpoint only (no egm-edge bundle can hold them)")
+
 # KV-cache options: name -> ModelOpt config attribute and the export's kv_cache_quant_algo.
 KV_CACHE: dict[str, tuple[str, str]] = {"fp8": ("FP8_KV_CFG", "FP8")}
 # Vision-tower policy: "16bit" keeps the tower (blocks, merger, deepstack mergers) unquantized.
