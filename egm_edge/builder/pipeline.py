@@ -10,7 +10,8 @@ lacks (`targets.check_precision`: FP8 on Orin, NVFP4 before Blackwell), a
 KV-cache dtype it lacks, a recipe the export cannot lower, a checkpoint whose family
 record does not run every stage the build needs (plan, quantize unless "full",
 export, runtime), a recipe that needs
-CUDA on a machine without it, a missing calibration recipe, a plan that does
+CUDA on a machine without it, a missing calibration recipe, an engine build whose
+predicted peak memory exceeds a Jetson's (`egm_edge.build_memory`), a plan that does
 not fit: the planner's verdict and its first alternative). Then each stage writes into the work directory
 (default: `<out>-stages/` beside the bundle) under a name derived from the hash
 of its inputs (checkpoint files, recipe spec, calibration recipe, lowering);
@@ -145,8 +146,11 @@ def plan_for(spec, target, precision: str, think_budget, *, image_wh: tuple[int,
     from egm_edge.plan import DEFAULT_IMAGE_WH, plan, planned_think_budget
 
     image_wh = image_wh or DEFAULT_IMAGE_WH
+    from egm_edge.build_memory import require_build_fit
+
     tokens, note = planned_think_budget(spec, DEFAULT_THINK_BUDGET if think_budget is None else think_budget, image_wh)
     p = plan(spec, target, precision, tokens, image_wh=image_wh, kv_dtype=kv_dtype)
+    require_build_fit(p, target)  # the engine build comes first on the device, and needs more than running it
     require_fit(p, unlimited=note is not None)
     return p, note
 
@@ -237,6 +241,11 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
                         **_stage("export", export_dir, lambda m: (m.get("inputs") or {}).get("sha256"), ck_hashes, run_export, say)}
 
     extra = {"pipeline": {"recipe": recipe, "stages": stages, "work_dir": str(work.resolve())}}
+    from egm_edge.build_memory import predict_build_memory
+
+    build_memory = predict_build_memory(pf.plan, pf.target)
+    if build_memory is not None:
+        extra["build_memory"] = build_memory.to_dict()
     if pf.target.kind == "cpu":
         from egm_edge.builder.cpu import build_cpu
         from egm_edge.models import spec_from_config

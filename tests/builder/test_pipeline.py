@@ -32,6 +32,12 @@ def test_nvfp4_before_blackwell_is_refused(config_dir, tmp_path, capsys, target)
     _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "nvfp4", "--target", target], "Unsupported precision 'nvfp4'", "NVFP4")
 
 
+@pytest.mark.parametrize("recipe, target", [("w4a8_awq", "h100"), ("w4a8_awq", "b200"), ("nvfp4", "b200")])
+def test_checkpoint_only_recipes_are_refused_before_any_work(config_dir, tmp_path, capsys, recipe, target):
+    _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", recipe, "--target", target, "--calib", "synth"],
+             f"Precision '{recipe}' on target {target} is checkpoint only", f"egm-edge quantize --recipe {recipe}")
+
+
 def test_a_plan_that_does_not_fit_is_refused_with_the_planners_suggestion(config_dir, tmp_path, capsys):
     err = _refused(capsys, tmp_path, ["--model", str(config_dir), "--recipe", "full", "--target", "jetson-orin-nano-8gb"],
                    "does not fit", "instead:")
