@@ -13,8 +13,18 @@ egm_edge/builder/data/trtllm_options.toml (with the llm_args.py source they came
 from). `write_trtllm(dir, checkpoint, plan, target)` refuses unknown names and
 writes llm_api_options.yaml, launch.sh and README.md. Pure Python.
 
-TensorRT-LLM 1.2 has no thinking-budget option: the budget is the request's
-max_tokens (what `egm-edge validate --candidate http://host:port` sends).
+The options name the reasoning parser `REASONING_PARSER` so the server splits
+EGM's reasoning into `reasoning_content`: EGM's chat template ends the prompt
+with `<think>\n`, so the output holds only `</think>`, which TensorRT-LLM's
+"deepseek-r1" parser reads (reasoning_at_start=True); its "qwen3" key needs the
+opening tag in the output and would return the reasoning as content
+(tensorrt_llm/llmapi/reasoning_parser.py @ 033a9d09). The thinking budget is
+per request, not an LLM-API option: TensorRT-LLM 1.3.0rc24 and later take
+`thinking_token_budget` on ChatCompletionRequest / SamplingParams (PR #14665;
+`egm-edge validate --endpoint-kind trtllm` sends it), 1.2 rejects the field
+(extra="forbid"), so there clients cap the reasoning through max_tokens only.
+The option names are also checked against the upstream list in
+tests/builder/data/trtllm_upstream_names.toml.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ except ModuleNotFoundError:  # pragma: no cover
 DATA = Path(__file__).resolve().parent / "data" / "trtllm_options.toml"
 OPTIONS_FILE = "llm_api_options.yaml"
 DEFAULT_PORT = 8000
+REASONING_PARSER = "deepseek-r1"  # see the module docstring: EGM's template prefills <think>
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,6 +118,7 @@ def llm_api_options(plan, target, *, kv_cache: str | None = None, max_batch_size
         "cuda_graph_config": {"batch_sizes": cuda_graph_batch_sizes(max_batch_size), "enable_padding": True},
         "disable_overlap_scheduler": False,
         "print_iter_log": False,
+        "reasoning_parser": REASONING_PARSER,
     }
     bad = check_options(options, version)
     if bad:  # a bug here, not user input: the data file and this function disagree
@@ -144,8 +156,10 @@ def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = No
         f"    sh launch.sh     # = {' '.join(launch_command(checkpoint, OPTIONS_FILE, version, port))}\n\n"
         "Then score it against a reference with the same samples the bundle is validated on:\n\n"
         f"    egm-edge validate --candidate http://HOST:{port} ...\n\n"
-        f"The think budget ({plan.think_budget} tokens) is not a TensorRT-LLM {version} option: clients cap it through "
-        f"max_tokens. max_seq_len {options['max_seq_len']} = prompt text up to {prefill - plan.image.image_tokens} + image "
+        f"The think budget ({plan.think_budget} tokens) is per request, not a server option: TensorRT-LLM 1.3.0rc24 and later "
+        f"take `thinking_token_budget` ({plan.think_budget}) on each chat completion (`egm-edge validate --endpoint-kind trtllm` "
+        f"sends it); {version} " + ("rejects that field, so clients cap the reasoning through max_tokens. " if version == "1.2" else
+        "takes it. ") + f"The server splits the reasoning out with the {REASONING_PARSER} parser. max_seq_len {options['max_seq_len']} = prompt text up to {prefill - plan.image.image_tokens} + image "
         f"{plan.image.image_tokens} (a {plan.image_wh[0]}x{plan.image_wh[1]} image; larger ones exceed max_input_len: rebuild with "
         f"--image) + think {plan.think_budget} + budget close {plan.close_tokens} + answer {plan.answer_tokens} tokens.\n"
     )
