@@ -23,7 +23,13 @@ def register(p: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY'; visible in `ps`, so prefer --api-key-file or ${KEY_ENV}")
     p.add_argument("--api-key-file", default=None, metavar="PATH",
                    help=f"read the required bearer key from this file (default: ${KEY_ENV}, else no key)")
-    p.add_argument("--max-queue", type=int, default=8, help="requests allowed to wait; beyond that 503 (default: 8)")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="requests allowed to wait besides those running; beyond that 503 with Retry-After (default: 128)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together, one decoder call per step for all of them (default: 8; 1 = one at a time)")
+    p.add_argument("--kv-budget-gb", type=float, default=None, metavar="GB",
+                   help="memory the batch's KV cache may take before new requests wait (default: a quarter of the "
+                        "memory available at start; a request that needs more runs alone)")
     p.add_argument("--request-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default: 120)")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
                    help="seconds a client has to send a request's headers and body; slower ones are dropped (default: 30)")
@@ -76,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     from egm_edge.runtime.server import ServerConfig, check_listen, serve
 
     for flag, value, ok in [("--max-queue", args.max_queue, args.max_queue >= 0),
+                            ("--max-batch", args.max_batch, args.max_batch > 0),
+                            ("--kv-budget-gb", args.kv_budget_gb, args.kv_budget_gb is None or args.kv_budget_gb > 0),
                             ("--request-timeout", args.request_timeout, args.request_timeout > 0),
                             ("--read-timeout", args.read_timeout, args.read_timeout > 0),
                             ("--max-connections", args.max_connections, args.max_connections > 0),
@@ -90,13 +98,15 @@ def run(args: argparse.Namespace) -> int:
 
     grounder = Grounder.open(args.bundle, threads=args.threads, verify=args.verify)
     budget = None if args.decode_budget_mp is None else int(args.decode_budget_mp * 1_000_000)
-    cfg = ServerConfig(host=args.host, port=args.port, api_key=key, max_queue=args.max_queue,
+    kv = None if args.kv_budget_gb is None else int(args.kv_budget_gb * 1024**3)
+    cfg = ServerConfig(host=args.host, port=args.port, api_key=key, max_queue=args.max_queue, max_batch=args.max_batch,
+                       kv_budget_bytes=kv,
                        request_timeout_s=args.request_timeout, read_timeout_s=args.read_timeout,
                        max_connections=args.max_connections, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                        decode_pixel_budget=budget, allow_remote_images=args.allow_remote_images)
     server = serve(grounder, cfg)
     print(f"serving {grounder.model_name} on http://{cfg.host}:{server.server_address[1]}/v1 "
-          f"(remote images {'allowed' if cfg.allow_remote_images else 'refused'}, "
+          f"(batches of up to {cfg.max_batch}, {cfg.max_queue} may wait; remote images {'allowed' if cfg.allow_remote_images else 'refused'}, "
           f"API key {'required' if key else 'off'})", flush=True)
     try:
         server.serve_forever()

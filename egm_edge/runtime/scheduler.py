@@ -93,7 +93,9 @@ class Scheduler:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = self._paused = False
-        self.stats = {"steps": 0, "rows_decoded": 0, "peak_batch": 0, "peak_kv_bytes": 0, "admitted": 0}
+        # steps: batched decoder calls; rows_decoded: tokens they produced; *_s: seconds inside the graphs
+        self.stats = {"steps": 0, "rows_decoded": 0, "peak_batch": 0, "peak_kv_bytes": 0, "admitted": 0,
+                      "prefill_s": 0.0, "decode_s": 0.0}
 
     # -- submitting ---------------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Job:
@@ -181,12 +183,13 @@ class Scheduler:
                     return
                 job = self.waiting.popleft()
             seq = job.seq
-            seq.marks["queued_until"] = time.perf_counter()
+            seq.marks["queued_until"] = t0 = time.perf_counter()
             try:
                 logits, cache = self.g.prefill(seq, self.g.executor.new_cache(seq.capacity if not self.batched else seq.n_prompt))
             except Exception as e:
                 job._put(e)
                 continue
+            self.stats["prefill_s"] += time.perf_counter() - t0
             self.stats["admitted"] += 1
             if self._emit(job, logits):
                 continue  # finished on its first token
@@ -232,7 +235,9 @@ class Scheduler:
             "attention_mask": mask,
             "logits_index": np.zeros((b, 1), np.int64),
         }
+        t0 = time.perf_counter()
         logits = self.g.executor.decode_batch(feeds, self.cache.arrays, self.cache.P)
+        self.stats["decode_s"] += time.perf_counter() - t0
         self.cache.advance()
         self.stats["steps"] += 1
         self.stats["rows_decoded"] += b
@@ -251,6 +256,7 @@ class Scheduler:
         """Executors without batched decode: the oldest active row takes one step (rows take turns)."""
         job = self.active.pop(0)
         seq = job.seq
+        t0 = time.perf_counter()
         out, cache = self.g.executor.decode(
             {
                 "input_ids": np.asarray([[seq.token]], np.int64),
@@ -262,6 +268,7 @@ class Scheduler:
             },
             self._caches[id(job)],
         )
+        self.stats["decode_s"] += time.perf_counter() - t0
         self._caches[id(job)] = cache
         seq.fed()
         seq.batch_sizes.append(1)

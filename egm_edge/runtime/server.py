@@ -227,6 +227,7 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    server_version = "egm-edge"  # the Server header names us even on a 401 (endpoint-kind detection)
     server: GroundingServer
     protocol_version = "HTTP/1.1"
 
@@ -343,7 +344,7 @@ class _Handler(BaseHTTPRequestHandler):
             active, waiting = self.server.engine.load
             return self._send_json(200, {"status": "ok", "model": self.server.grounder.model_name,
                                          "uptime_s": round(time.time() - self.server.started, 1), "running": active,
-                                         "waiting": waiting})
+                                         "waiting": waiting, "batch": self.server.engine.stats})
         self._auth()
         if self.path == "/v1/models":
             return self._send_json(200, {"object": "list", "data": [
