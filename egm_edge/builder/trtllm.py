@@ -11,7 +11,8 @@ lists every name the pinned TensorRT-LLM version (target profile
 software.tensorrt_llm) does not accept, from the option names kept as data in
 egm_edge/builder/data/trtllm_options.toml (with the llm_args.py source they came
 from). `write_trtllm(dir, checkpoint, plan, target)` refuses unknown names and
-writes llm_api_options.yaml, launch.sh and README.md. Pure Python.
+writes llm_api_options.yaml, launch.sh, the same options as a Python `LLM(...)`
+launch (`trtllm_llm_api`: llm_api_example.py) and README.md. Pure Python.
 
 The options name the reasoning parser `REASONING_PARSER` so the server splits
 EGM's reasoning into `reasoning_content`: EGM's chat template ends the prompt
@@ -34,6 +35,7 @@ import json
 import shlex
 from pathlib import Path
 
+from egm_edge.builder.trtllm_llm_api import LLM_API_FILE, write_llm_api_example
 from egm_edge.errors import CheckpointError, UnsupportedError
 
 try:  # Python 3.11+
@@ -148,12 +150,15 @@ def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = No
     (out_dir / "launch.sh").write_text("#!/bin/sh\n# Serve the quantized checkpoint with TensorRT-LLM's PyTorch backend.\nexec "
                                        + " ".join(shlex.quote(c) if not c.startswith('"') else c for c in cmd) + "\n")
     (out_dir / "launch.sh").chmod(0o755)
+    example = write_llm_api_example(out_dir, checkpoint, plan, target, version, option_names(version))
     (out_dir / "README.md").write_text(
         f"# Serving {plan.model} ({plan.precision}) on {target.name} with TensorRT-LLM {version}\n\n"
         f"Needs `pip install egm-edge[trtllm]` (tensorrt-llm {version}) on the GPU host, and the quantized checkpoint there: "
         f"launch.sh names it where it was built ({checkpoint}); copy it and edit the path if the server is another machine. "
         "Start the server:\n\n"
         f"    sh launch.sh     # = {' '.join(launch_command(checkpoint, OPTIONS_FILE, version, port))}\n\n"
+        f"Or ground in Python with the LLM API and the same options: `python {LLM_API_FILE} IMAGE \"the expression\"` "
+        f"({example['budget']}).\n\n"
         "Then score it against a reference with the same samples the bundle is validated on:\n\n"
         f"    egm-edge validate --candidate http://HOST:{port} ...\n\n"
         f"The think budget ({plan.think_budget} tokens) is per request, not a server option: TensorRT-LLM 1.3.0rc24 and later "
@@ -164,7 +169,8 @@ def write_trtllm(out_dir, checkpoint, plan, target, *, kv_cache: str | None = No
         f"--image) + think {plan.think_budget} + budget close {plan.close_tokens} + answer {plan.answer_tokens} tokens.\n"
     )
     return {"version": version, "options_file": f"trtllm/{OPTIONS_FILE}", "options": options, "checkpoint": str(checkpoint),
-            "launch": launch_command(checkpoint, f"trtllm/{OPTIONS_FILE}", version, port), "port": port}
+            "launch": launch_command(checkpoint, f"trtllm/{OPTIONS_FILE}", version, port), "port": port,
+            "llm_api_example": f"trtllm/{LLM_API_FILE}"}
 
 
 def read_options(path) -> dict:

@@ -1,8 +1,11 @@
 """`egm-edge sweep`: recipe x thinking budget (x target) on a data set, a Pareto plot and a recommendation.
 
-Rerunning the same command resumes: finished runs are read from records.jsonl,
-so changing only --latency-budget-ms or --memory-budget-gb redraws the plot and
-recomputes the recommendation without running a model.
+`--model DIR` builds and measures CPU bundles per recipe (other targets predicted);
+`--endpoint URL` or `--bundle DIR` sweeps the budgets of something already deployed,
+latency measured there (`egm_edge.sweep.deployed`). Rerunning the same command
+resumes: finished runs are read from records.jsonl, so changing only
+--latency-budget-ms or --memory-budget-gb redraws the plot and recomputes the
+recommendation without running a model.
 """
 
 from __future__ import annotations
@@ -19,14 +22,31 @@ def _list(text: str) -> list[str]:
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="full-precision Qwen3-VL checkpoint directory")
-    p.add_argument("--recipes", type=_list, default=["full", "fp8", "int4_awq"], metavar="R,R",
-                   help="comma-separated: full (no quantization) and quantize recipes (default full,fp8,int4_awq)")
+    from egm_edge.commands.validate import add_endpoint_kind_argument
+
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", metavar="DIR", help="full-precision Qwen3-VL checkpoint directory: CPU bundles per recipe")
+    what.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server already running (egm-edge serve, "
+                      "TensorRT-LLM, vLLM, SGLang): budgets swept there, latency measured per request; needs --target")
+    what.add_argument("--bundle", metavar="DIR", help="a built bundle, swept on this machine as its target (run it where it "
+                      "was built); latency measured here")
+    p.add_argument("--recipes", type=_list, default=None, metavar="R,R",
+                   help="with --model: full (no quantization) and quantize recipes (default full,fp8,int4_awq)")
     # Each budget is parsed by sweep() (runtime.settings.parse_think_budget): a bad one is one sentence, before any work.
     p.add_argument("--budgets", type=_list, default=["0", "16", "32", "64", "128", "none"], metavar="N,N",
                    help="comma-separated thinking budgets, 'none' for unlimited (default 0,16,32,64,128,none)")
-    p.add_argument("--target", type=_list, default=["cpu"], metavar="T,T",
-                   help="targets: cpu is measured here, others get the planner's predicted latency (default cpu)")
+    p.add_argument("--target", type=_list, default=None, metavar="T,T",
+                   help="with --model: cpu is measured here, others get the planner's predicted latency (default cpu); "
+                        "with --endpoint: one name saying what hardware serves it (a target profile or a label)")
+    p.add_argument("--label", metavar="NAME", help="with --endpoint/--bundle: the records' and plot line's name "
+                   "(default: the served model's name, or the bundle's precision)")
+    add_endpoint_kind_argument(p)
+    p.add_argument("--model-name", metavar="NAME", help="with --endpoint: model name to send (default: the first of /v1/models)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="with --endpoint: seconds per request (default 120)")
+    p.add_argument("--retries", type=int, default=3, metavar="N", help="with --endpoint: retries of a failed request (default 3)")
+    # Checked by sweep_deployed against runtime.executors.EXECUTORS (importing it here would slow every --help).
+    p.add_argument("--executor", default="auto", metavar="NAME",
+                   help="with --bundle: auto (default: TensorRT for GPU bundles, ONNX Runtime for cpu), onnxruntime or tensorrt")
     p.add_argument("--data", required=True, metavar="FILE", help="grounding samples (EGM eval JSONL or a refer release)")
     p.add_argument("--out", required=True, metavar="DIR", help="records.jsonl, report.md, summary.json, pareto-<target>.png, bundles/")
     p.add_argument("--image-root", metavar="DIR", help="folder the data's image paths are relative to")
@@ -43,10 +63,37 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egm_edge.sweep import sweep
+    import os
 
+    from egm_edge.errors import InputError
+    from egm_edge.sweep import sweep, sweep_deployed
+
+    if args.endpoint or args.bundle:
+        model_only = [o for o, v in (("--recipes", args.recipes), ("--calib", args.calib),
+                                     ("--calib-with-reasoning", args.calib_with_reasoning)) if v]
+        if model_only:
+            raise InputError(f"{model_only[0]} applies to --model sweeps only; an endpoint or a bundle serves one "
+                             "configuration, named with --label.")
+        if args.target and len(args.target) != 1:
+            raise InputError(f"--target names the one machine that serves {args.endpoint or args.bundle}, got "
+                             f"{', '.join(args.target)}; sweep each deployment on its own.")
+        result = sweep_deployed(
+            args.endpoint or args.bundle, budgets=args.budgets, data=args.data, out_dir=args.out,
+            target=(args.target or [None])[0], label=args.label, endpoint_kind=args.endpoint_kind, executor=args.executor,
+            model_name=args.model_name, api_key=os.environ.get("EGM_EDGE_API_KEY"), timeout_s=args.timeout,
+            retries=args.retries, limit=args.limit, image_root=args.image_root, strict=not args.lenient,
+            latency_budget_ms=args.latency_budget_ms, memory_budget_gb=args.memory_budget_gb,
+            max_answer_tokens=args.max_answer_tokens, progress=not args.no_progress, say=lambda m: print(m, flush=True),
+            force=args.force)
+        print(result.summary())
+        return 0
+    deployed_only = [o for o, v in (("--label", args.label), ("--model-name", args.model_name),
+                                    ("--endpoint-kind", args.endpoint_kind != "auto"), ("--executor", args.executor != "auto")) if v]
+    if deployed_only:
+        raise InputError(f"{deployed_only[0]} applies to --endpoint or --bundle sweeps; a --model sweep names its runs by recipe.")
     result = sweep(
-        args.model, recipes=args.recipes, budgets=args.budgets, targets=args.target, data=args.data, out_dir=args.out,
+        args.model, recipes=args.recipes or ["full", "fp8", "int4_awq"], budgets=args.budgets, targets=args.target or ["cpu"],
+        data=args.data, out_dir=args.out,
         limit=args.limit, latency_budget_ms=args.latency_budget_ms, memory_budget_gb=args.memory_budget_gb,
         calibration=args.calib, image_root=args.image_root, strict=not args.lenient, max_answer_tokens=args.max_answer_tokens,
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,

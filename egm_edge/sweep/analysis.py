@@ -3,9 +3,10 @@
 Contract: every function takes sweep records (dicts as `egm_edge.sweep.records`
 writes them) and nothing else, so a resumed or copied sweep gives the same
 answer. A record's accuracy is `accuracy.acc` (Acc@0.5, points), its latency
-`latency.mean_ms` (measured on this machine, or the planner's prediction for
-targets not at hand, as `latency.source` says), its memory `memory_gib` (the
-planner's prediction). Records whose target does not support the recipe are
+`latency.mean_ms` (measured on this machine or, for a deployed sweep, where
+`latency.measured_on` says; or the planner's prediction for targets not at hand,
+as `latency.source` says), its memory `memory_gib` (the planner's prediction;
+null for deployed sweeps). Records whose target does not support the recipe are
 listed, never recommended. Pure Python.
 """
 
@@ -110,7 +111,7 @@ def table(records: list[dict]) -> str:
                          f"unsupported {_note(r.get('reason', ''))} |" + " |" * 11)
             continue
         lines.append(
-            f"| {r['target']} | {r['recipe']} | {r.get('precision', '-')} | {budget_label(r['think_budget'])} | {f(a.get('acc'))} | "
+            f"| {r['target']} | {r['recipe']} | {r.get('precision') or '-'} | {budget_label(r['think_budget'])} | {f(a.get('acc'))} | "
             f"{f(a.get('miou'))} | {f(a.get('parse_failure_rate'), 3)} | {a.get('errors', 0)} | {f(a.get('mean_think_tokens'))} | "
             f"{f(lat.get('mean_ms'))} | {f(lat.get('p50_ms'))} | {f(lat.get('p90_ms'))} | {f(lat.get('ms_per_token'), 2)} | "
             f"{lat['source']}{'' if r.get('deployable', True) else ', not deployable ' + _note(r.get('reason', ''))} | {f(r.get('memory_gib'), 2)} | {'yes' if id(r) in fronts[r['target']] else ''} |"

@@ -90,11 +90,7 @@ def analyze(records: list[dict], out_dir, *, targets=None, latency_budget_ms: fl
         if p is not None:
             plots[t] = p
     tab = table(records)
-    lines = ["# Sweep: accuracy vs latency", "",
-             "Accuracy is measured on this machine with the CPU bundle (or, for recipes the CPU runtime cannot run, the quantized "
-             "checkpoint through the PyTorch reference); latency is measured for target cpu and "
-             "predicted by the planner (roofline x calibrated efficiency) for other targets; memory is predicted.", "",
-             tab, "", "## Recommendation", ""]
+    lines = ["# Sweep: accuracy vs latency", "", *_provenance(records), "", tab, "", "## Recommendation", ""]
     lines += [f"- {r['why']}" for r in recs.values()]
     lines += [""] + [f"![{t}]({p.name})" for t, p in plots.items()] + [f"- {n}" for n in notes]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -103,6 +99,18 @@ def analyze(records: list[dict], out_dir, *, targets=None, latency_budget_ms: fl
                "plots": {t: p.name for t, p in plots.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return recs, plots, tab, notes
+
+
+def _provenance(records: list[dict]) -> list[str]:
+    """Where the records' accuracy and latency come from, one sentence per kind of run."""
+    out = []
+    if any(not r.get("measured_on") for r in records):
+        out.append("Accuracy is measured on this machine with the CPU bundle (or, for recipes the CPU runtime cannot run, the "
+                   "quantized checkpoint through the PyTorch reference); latency is measured for target cpu and predicted by "
+                   "the planner (roofline x calibrated efficiency) for other targets; memory is predicted.")
+    for (target, where) in dict.fromkeys((r["target"], r["measured_on"]) for r in records if r.get("measured_on")):
+        out.append(f"On {target}, accuracy and latency are measured at {where}, one request at a time; memory is not measured.")
+    return out
 
 
 def is_sweep_dir(d) -> bool:

@@ -62,8 +62,9 @@ def plot_target(records: list[dict], target: str, path: Path, latency_budget_ms:
     if hi - lo < 10:
         lo, hi = max(0.0, (lo + hi) / 2 - 5), min(100.0, (lo + hi) / 2 + 5)
     ax.set_ylim(lo - 1, hi + 1)
-    source = rs[0]["latency"]["source"]
-    ax.set_xlabel(f"mean latency per grounding, ms ({source}{' on this machine' if source == 'measured' else ''})")
+    source, where = rs[0]["latency"]["source"], rs[0]["latency"].get("measured_on")
+    where = f" at {where.split(' (')[0]}" if where else (" on this machine" if source == "measured" else "")
+    ax.set_xlabel(f"mean latency per grounding, ms ({source}{where})")
     ax.set_ylabel("Acc@0.5 (%)")
     ax.set_title(f"Accuracy vs latency on {target}: recipe x thinking budget")
     ax.grid(True, alpha=0.3)

@@ -7,9 +7,17 @@ ignores records of other run keys (another model, other data). Records hold the
 accuracy measured with the CPU bundle on this machine (Acc@0.5 and mean IoU in
 points, parse failures, errors, think tokens, per split) and a latency whose
 `source` says "measured" (this machine, target cpu) or "predicted" (the planner's
-roofline for targets not at hand, with its label). `memory_gib` is always the
-planner's prediction. A recipe a target cannot run is recorded as unsupported,
-with the planner's sentence.
+roofline for targets not at hand, with its label). `memory_gib` is the planner's
+prediction, or null where nothing predicts it. A recipe a target cannot run is
+recorded as unsupported, with the planner's sentence.
+
+Sweeps of something already deployed (`egm_edge.sweep.deployed`: an endpoint, or a
+bundle measured where it runs) write measured records for the target they name,
+with `latency.measured_on` (where), the request's wall time per sample, the output
+tokens (an endpoint's from its `usage`), `budget_mechanism` (what capped the
+reasoning) and `data_key` (samples + caps, so sweeps of several deployments into one
+folder are compared on the same data). Records written before these fields existed
+read as before: every reader uses `.get` for them.
 """
 
 from __future__ import annotations
@@ -71,8 +79,10 @@ def _mean(vals) -> float | None:
     return round(statistics.fmean(vals), 3) if vals else None
 
 
-def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], memory_gib: float | None) -> dict[str, Any]:
-    """The cpu record of one run: accuracy and latency measured on this machine.
+def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], memory_gib: float | None, *,
+                    target: str = "cpu", extra: dict | None = None) -> dict[str, Any]:
+    """The record of one run measured where it ran: on this machine for target cpu (the default), or on the
+    deployment a deployed sweep names (`extra` adds its fields: measured_on, budget_mechanism, data_key, ...).
 
     runner: `egm_edge.sweep.api.Runner`; when its `not_deployable` says why the cpu profile does not offer
     the precision, the accuracy counts but the latency is no deployment figure: never recommended.
@@ -88,13 +98,13 @@ def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], me
     per_split = {k: {key: side_metrics(v)[key] for key in ("n", "acc", "miou")} for k, v in sorted(splits.items())}
     return {
         "schema": SCHEMA,
-        "key": record_key(recipe, budget, "cpu", rkey),
+        "key": record_key(recipe, budget, target, rkey),
         "run_key": rkey,
         "recipe": recipe,
         "precision": runner.precision,
         "measured_with": runner.kind,
         "think_budget": budget_to_json(budget),  # null: unlimited, as records have always said
-        "target": "cpu",
+        "target": target,
         "supported": True,
         "deployable": not_deployable is None,
         **({"reason": not_deployable} if not_deployable else {}),
@@ -107,12 +117,26 @@ def measured_record(recipe: str, budget, rkey: str, runner, rows: list[dict], me
             "p90_ms": m["latency_ms"]["p90"],
             "ms_per_token": _mean((r.get("result") or {}).get("timings", {}).get("ms_per_token") for r in ok),
             "max_think_tokens": max((r["think_tokens"] for r in ok if r.get("think_tokens") is not None), default=None),
+            **output_tokens(ok),
         },
         "memory_gib": memory_gib,
         "memory_source": "predicted" if memory_gib is not None else None,
         "artifact": str(runner.path),  # the bundle, or the checkpoint measured_with says
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     }
+
+
+def output_tokens(ok: list[dict]) -> dict[str, Any]:
+    """Mean output tokens per sample (reasoning + answer; an endpoint's are its usage counts) and the request wall
+    time per output token, prefill included; {} when no row says how many tokens it produced."""
+    counted = [(r["latency_ms"], r["think_tokens"] + ((r.get("result") or {}).get("answer_tokens") or 0))
+               for r in ok if r.get("think_tokens") is not None and r.get("latency_ms") is not None]
+    tokens = sum(n for _, n in counted)
+    if not counted or tokens <= 0:
+        return {}
+    return {"mean_output_tokens": round(tokens / len(counted), 2),
+            "wall_ms_per_output_token": round(sum(ms for ms, _ in counted) / tokens, 3)}
 
 
 def planner_precision(recipe: str, target) -> str:

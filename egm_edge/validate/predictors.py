@@ -79,12 +79,13 @@ class BundlePredictor:
     kind = "bundle"
     concurrent = True
 
-    def __init__(self, path: Path, max_batch: int = 8):
+    def __init__(self, path: Path, max_batch: int = 8, executor: str = "auto"):
         import threading
 
         from egm_edge.runtime.bundle import open_bundle
 
         self.path = Path(path)
+        self.executor = executor  # runtime.executors: auto, onnxruntime or tensorrt
         self.bundle = open_bundle(self.path)  # checks the manifest and files now, before any data work
         self.max_batch = max_batch
         self._grounder = None
@@ -114,7 +115,7 @@ class BundlePredictor:
 
                 # No image-encoding cache: every sample pays for its vision pass, so latencies are per request.
                 # Grounder.open also checks the files against the manifest's sha256, so a swapped graph is not scored.
-                g = Grounder.open(self.path, image_cache_size=0)
+                g = Grounder.open(self.path, executor=self.executor, image_cache_size=0)
                 self._scheduler = Scheduler(g, max_batch=self.max_batch).start()
                 self._grounder = g
         return self._grounder

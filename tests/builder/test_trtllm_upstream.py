@@ -67,3 +67,44 @@ def test_the_readme_maps_the_budget_to_thinking_token_budget(tmp_path):
     assert "1.2 rejects that field" in readme and "deepseek-r1 parser" in readme
     if not UPSTREAM["llm_args"]["commit"]:
         pytest.fail("the upstream list must name the commit it was read at")
+
+
+def _calls(tree, name: str) -> list:
+    import ast
+
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == name]
+
+
+def test_the_llm_api_example_uses_only_upstream_names(tmp_path):
+    """The Python LLM(...) launch: its imports, LLM/SamplingParams/input-loader keywords are upstream names of the pinned
+    release, its options come from the checked options file, and the budget field is not emitted for 1.2."""
+    import ast
+
+    info = trtllm.write_trtllm(tmp_path / "t", tmp_path / "ckpt", _plan(budget=64), load_target("h100"))
+    script = (tmp_path / "t" / "llm_api_example.py").read_text()
+    tree = ast.parse(script)
+    imports = {n.module: sorted(a.name for a in n.names) for n in ast.walk(tree)
+               if isinstance(n, ast.ImportFrom) and n.module.startswith("tensorrt_llm")}
+    assert imports == {k: sorted(v) for k, v in UPSTREAM["llm_api"]["imports"].items()}
+    (llm,) = _calls(tree, "LLM")
+    assert [k.arg for k in llm.keywords if k.arg] == UPSTREAM["llm_api"]["llm_keywords"]
+    assert [k.value.value for k in llm.keywords if k.arg == "backend"] == ["pytorch"]
+    (params,) = _calls(tree, "SamplingParams")
+    names = [k.arg for k in params.keywords]
+    assert set(names) <= set(UPSTREAM["sampling_params"]["fields"]) and "max_tokens" in names
+    assert "thinking_token_budget" in UPSTREAM["sampling_params"]["absent"] and "thinking_token_budget" not in names
+    (loader,) = _calls(tree, "default_multimodal_input_loader")
+    assert {k.arg for k in loader.keywords} <= set(UPSTREAM["input_loader"]["keywords"])
+    assert "MAX_TOKENS = 135" in script  # think 64 + budget close 23 + answer 48
+    assert "'Locate EGM_EDGE_EXPRESSION, output its bbox coordinates using JSON format'" in script
+    assert "not enforced" in script and info["llm_api_example"] == "trtllm/llm_api_example.py"
+    assert "python llm_api_example.py IMAGE" in (tmp_path / "t" / "README.md").read_text()
+
+
+def test_a_release_with_the_budget_field_gets_it_in_sampling_params(tmp_path):
+    from egm_edge.builder.trtllm_llm_api import write_llm_api_example
+
+    names = {**trtllm.option_names("1.2"), "sampling_params": ["max_tokens", "temperature", "thinking_token_budget"]}
+    write_llm_api_example(tmp_path, tmp_path / "ckpt", _plan(budget=32), load_target("h100"), "1.3.0rc24", names)
+    (params,) = _calls(__import__("ast").parse((tmp_path / "llm_api_example.py").read_text()), "SamplingParams")
+    assert {k.arg: getattr(k.value, "value", None) for k in params.keywords}["thinking_token_budget"] == 32

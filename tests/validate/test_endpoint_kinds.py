@@ -19,7 +19,7 @@ from egm_edge.validate import validate
 from egm_edge.validate.endpoint import EndpointError, EndpointPredictor
 from egm_edge.validate.endpoint_kinds import ENDPOINT_KINDS, detect_kind, get_kind
 
-from validate_helpers import JsonHandler, Scripted, ThreadedServer, exact
+from validate_helpers import FakeChat, Scripted, exact
 
 pydantic = pytest.importorskip("pydantic")
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
@@ -80,32 +80,21 @@ REQUEST_MODELS = {"trtllm": TrtllmChatRequest, "vllm": VllmChatRequest, "sglang"
 OWNED_BY = {"trtllm": "tensorrt_llm", "vllm": "vllm", "sglang": "sglang", "openai": "someone-else", "egm": "egm-edge"}
 
 
-class FakeServer(ThreadedServer):
+class FakeServer(FakeChat):
     """/v1/models with `owned_by`; chat completions validated by `model` (400 on a validation error), answering a box."""
 
     def __init__(self, request_model, owned_by: str | None, box=(100, 100, 500, 500)):
-        outer = self
-        self.bodies, self.rejected = [], []
+        def check(body):
+            try:
+                request_model.model_validate(body)
+            except ValidationError as e:
+                return str(e).splitlines()[0]
 
-        class H(JsonHandler):
-            def do_GET(self):
-                card = {"id": "served", "object": "model", **({"owned_by": owned_by} if owned_by else {})}
-                self._send(200, {"object": "list", "data": [card]})
+        def answer(body):
+            return ({"content": json.dumps([{"bbox_2d": list(box), "label": "x"}]), "reasoning_content": "look"},
+                    {"completion_tokens": 12, "completion_tokens_details": {"reasoning_tokens": 4}})
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.bodies.append(body)
-                try:
-                    request_model.model_validate(body)
-                except ValidationError as e:
-                    outer.rejected.append(body)
-                    return self._send(400, {"object": "error", "message": str(e).splitlines()[0], "code": 400})
-                answer = json.dumps([{"bbox_2d": list(box), "label": "x"}])
-                self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer, "reasoning_content": "look"},
-                                              "finish_reason": "stop"}],
-                                 "usage": {"completion_tokens": 12, "completion_tokens_details": {"reasoning_tokens": 4}}})
-
-        self.start(H)
+        super().__init__(answer, owned_by, check)
 
 
 @pytest.fixture

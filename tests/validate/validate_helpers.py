@@ -103,3 +103,37 @@ class ThreadedServer:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FakeChat(ThreadedServer):
+    """A fake OpenAI-compatible server. GET /v1/models lists model "served" (owned_by `owned_by`, none if None);
+    a POST to chat completions is checked by `check(body)` (a message: HTTP 400, as a request model rejects) and,
+    after `delay(body)` seconds, answered with `answer(body)` -> (message dict, usage dict). `bodies` holds every
+    POST body, `rejected` those refused, `gets` counts GETs."""
+
+    def __init__(self, answer, owned_by: str | None = None, check=None, delay=None):
+        import time
+
+        outer = self
+        self.bodies, self.rejected, self.gets = [], [], 0
+
+        class H(JsonHandler):
+            def do_GET(self):
+                outer.gets += 1
+                card = {"id": "served", "object": "model", **({"owned_by": owned_by} if owned_by else {})}
+                self._send(200, {"object": "list", "data": [card]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.bodies.append(body)
+                problem = check(body) if check else None
+                if problem:
+                    outer.rejected.append(body)
+                    return self._send(400, {"object": "error", "message": problem, "code": 400})
+                if delay:
+                    time.sleep(delay(body))
+                message, usage = answer(body)
+                self._send(200, {"choices": [{"message": {"role": "assistant", **message}, "finish_reason": "stop"}],
+                                 "usage": usage})
+
+        self.start(H)
