@@ -230,14 +230,19 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
                                                     model_hashes, run_quantize, say)}
 
     ck_hashes = _top_level_hashes(checkpoint)
-    key = _digest({"stage": "export", "checkpoint": ck_hashes, "lowering": pf.lowering, "egm_edge": __version__})
+    from egm_edge.builder.tensorrt import graph_dtype_for
+
+    graph_dtype = graph_dtype_for(pf.target, pf.precision)  # float32 for cpu; 16-bit for TensorRT (Edge-LLM's)
+    # graph_dtype joins the key only when 16-bit, so float32 exports keep the stage directories they had.
+    key = _digest({"stage": "export", "checkpoint": ck_hashes, "lowering": pf.lowering, "egm_edge": __version__,
+                   **({"graph_dtype": graph_dtype} if graph_dtype != "float32" else {})})
     export_dir = work / f"export-{key[:12]}"
 
     def run_export():
-        say(f"exporting {checkpoint} to ONNX ({pf.lowering} lowering) into {export_dir}")
-        _export_fn()(checkpoint, export_dir, lowering=pf.lowering, force=True, progress=say)
+        say(f"exporting {checkpoint} to ONNX ({pf.lowering} lowering, {graph_dtype} graphs) into {export_dir}")
+        _export_fn()(checkpoint, export_dir, lowering=pf.lowering, graph_dtype=graph_dtype, force=True, progress=say)
 
-    stages["export"] = {"key": key, "lowering": pf.lowering,
+    stages["export"] = {"key": key, "lowering": pf.lowering, "graph_dtype": graph_dtype,
                         **_stage("export", export_dir, lambda m: (m.get("inputs") or {}).get("sha256"), ck_hashes, run_export, say)}
 
     extra = {"pipeline": {"recipe": recipe, "stages": stages, "work_dir": str(work.resolve())}}

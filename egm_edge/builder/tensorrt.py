@@ -117,13 +117,31 @@ def build_plan(plan, target, export_manifest: dict, image_processor: dict, visio
     return body
 
 
+_GRAPH_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def graph_dtype_for(target, precision: str | None = None) -> str:
+    """The float dtype of the graphs a target's bundle is exported with (`export(..., graph_dtype=)`).
+
+    float32 on CPU (ONNX Runtime's lowering). On GPUs and Jetsons a 16-bit one, as TensorRT Edge-LLM and
+    TensorRT-LLM run the unquantized layers: the plan's own when it is one (recipe "full" plans fp16 or bf16),
+    else bfloat16 where the target profile lists bf16 (its float32 exponent range: no fp16 overflow in
+    activations), else float16 (Jetson Orin, SM 8.7, whose profile and Edge-LLM builds are fp16)."""
+    if target.kind == "cpu":
+        return "float32"
+    if precision in _GRAPH_DTYPES:
+        return _GRAPH_DTYPES[precision]
+    return "bfloat16" if "bf16" in target.precisions else "float16"
+
+
 def _notes(plan, export_manifest: dict) -> list[str]:
     """What the engines will do differently from what the planner assumed, said once in the plan."""
     notes = []
     dtype = export_manifest.get("graph_dtype", "float32")
     if dtype == "float32" and plan.unquantized_dtype != "fp32":
         notes.append(f"the graphs are float32: a strongly typed engine computes the unquantized layers in float32, not the "
-                     f"planned {plan.unquantized_dtype}, so memory and latency exceed the plan until the export writes 16-bit graphs")
+                     f"planned {plan.unquantized_dtype}, so memory and latency exceed the plan; re-export with --graph-dtype "
+                     "float16 or bfloat16 (the build from a model does)")
     return notes
 
 

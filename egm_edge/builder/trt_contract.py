@@ -14,9 +14,15 @@ Q/DQ pattern TensorRT would not fuse into a quantized GEMM:
   zero-point and feed exactly DequantizeLinear nodes that share its scale and feed
   a MatMul/Gemm;
 - no quantized type TensorRT lacks (UINT8/UINT4 activations, INT16...).
-`check_graph(path, tensorrt_version)` runs both on a file and returns a
+`check_dtypes(model)` counts the element types of the graph's inputs, outputs and
+initializers and lists those a TensorRT network has no tensor type for (float64,
+int16, string...): float32, float16 and bfloat16 graphs are all accepted, since a
+STRONGLY_TYPED network computes each layer in its tensors' types ("Strongly Typed
+Networks", TensorRT developer guide), with DequantizeLinear outputting its scale's type.
+`check_graph(path, tensorrt_version)` runs the three on a file and returns a
 `GraphReport`; `require_tensorrt_graphs(export_dir, target)` raises
-`UnsupportedError` with the first problem. Needs only the `onnx` package.
+`UnsupportedError` with the first problem, including bfloat16 tensors for a target whose
+profile lists no bf16 (Jetson Orin). Needs only the `onnx` package.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class GraphReport:
     ops: dict[str, int]  # op_type -> count (domain-qualified when not ai.onnx)
     quantized: dict[str, int]  # pattern -> count: "int4_blocked_weight", "fp8_weight", "int8_activation", ...
     problems: tuple[str, ...]
+    dtypes: dict[str, int] = field(default_factory=dict)  # element type -> count over inputs, outputs, initializers
 
     @property
     def ok(self) -> bool:
@@ -71,7 +78,7 @@ class GraphReport:
 
     def to_dict(self) -> dict:
         return {"graph": self.graph, "tensorrt": self.tensorrt, "ops": dict(self.ops), "quantized": dict(self.quantized),
-                "problems": list(self.problems)}
+                "dtypes": dict(self.dtypes), "problems": list(self.problems)}
 
 
 def _nodes(graph):
@@ -267,6 +274,27 @@ def check_qdq(model) -> tuple[dict[str, int], list[str]]:
     return counts, problems
 
 
+# Element types a TensorRT 10 tensor can have (nvinfer1::DataType; INT64 since 10.0, INT4 weights since 10.0,
+# BF16 from SM 8.0, FP8 from SM 8.9): what the ONNX parser can map a graph tensor to.
+TENSOR_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "INT64", "INT32", "INT8", "UINT8", "BOOL", "INT4", "FLOAT8E4M3FN",
+                          "FLOAT4E2M1"})
+
+
+def check_dtypes(model) -> tuple[dict[str, int], list[str]]:
+    """(element type counts over the graph's inputs, outputs and initializers, problems for types TensorRT lacks)."""
+    counts: dict[str, int] = {}
+    names: dict[str, str] = {}
+    g = model.graph
+    typed = [(v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.output)] + [(t.name, t.data_type) for t in g.initializer]
+    for name, elem in typed:
+        key = _dtype_name(elem)
+        counts[key] = counts.get(key, 0) + 1
+        names.setdefault(key, name)
+    problems = [f"{names[k]} ({counts[k]} tensors of type {k}) has a type TensorRT tensors cannot take" for k in sorted(counts)
+                if k not in TENSOR_TYPES]
+    return dict(sorted(counts.items())), problems
+
+
 def check_graph(path, tensorrt_version: str | None = None) -> GraphReport:
     """Both checks on one .onnx file (external weights are not loaded)."""
     import onnx
@@ -276,7 +304,8 @@ def check_graph(path, tensorrt_version: str | None = None) -> GraphReport:
     support = op_support(tensorrt_version)
     ops, p1 = check_ops(model, support)
     quantized, p2 = check_qdq(model)
-    return GraphReport(path.name, support.version, ops, quantized, tuple(p1 + p2))
+    dtypes, p3 = check_dtypes(model)
+    return GraphReport(path.name, support.version, ops, quantized, tuple(p1 + p2 + p3), dtypes)
 
 
 def require_tensorrt_graphs(export_dir, target) -> dict[str, dict]:
@@ -285,6 +314,9 @@ def require_tensorrt_graphs(export_dir, target) -> dict[str, dict]:
     reports = {}
     for name in ("vision", "decoder"):
         r = check_graph(Path(export_dir) / f"{name}.onnx", version)
+        if r.dtypes.get("BFLOAT16") and "bf16" not in target.precisions:
+            raise UnsupportedError(f"{name}.onnx of {export_dir} holds bfloat16 tensors but {target.name} (SM {target.sm_text}) lists no bf16 "
+                                   "precision; re-export with --graph-dtype float16.")
         if not r.ok:
             more = f" (and {len(r.problems) - 1} more)" if len(r.problems) > 1 else ""
             raise UnsupportedError(f"{name}.onnx of {export_dir} cannot be built for TensorRT on {target.name}: {r.problems[0]}{more}.")

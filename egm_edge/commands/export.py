@@ -22,6 +22,10 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="store the lm_head weight-only round-to-nearest as MatMulNBits (ONNX Runtime): far fewer bytes "
                         "read per decoded token at real vocabulary sizes, a small accuracy change of its own (default float; "
                         "blocks: int8 128, int4 32, or :16..:256)")
+    p.add_argument("--graph-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="float dtype of the graphs' unquantized weights and activations: float32 (default, the only one for "
+                        "onnxruntime) or a 16-bit one for --lowering tensorrt, as its engines run them (float16 on Jetson "
+                        "Orin, bfloat16 where the target has bf16; `egm-edge build` picks it from the target)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--decode-steps", type=int, default=4, metavar="N", help="decode steps checked after the prefill (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.decode_steps < 1:
         raise InputError(f"--decode-steps must be at least 1, got {args.decode_steps}.")
-    out = export(args.checkpoint, args.out, lowering=args.lowering, int4_accuracy_level=args.int4_accuracy_level, lm_head=args.lm_head, force=args.force, decode_steps=args.decode_steps, seed=args.seed,
+    out = export(args.checkpoint, args.out, lowering=args.lowering, int4_accuracy_level=args.int4_accuracy_level, lm_head=args.lm_head, graph_dtype=args.graph_dtype, force=args.force, decode_steps=args.decode_steps, seed=args.seed,
                  progress=lambda msg: print(f"export: {msg}", file=sys.stderr))
     manifest = json.loads((out / "manifest.json").read_text())
     if args.json:
@@ -45,5 +49,9 @@ def run(args: argparse.Namespace) -> int:
         images = f"grids {figs['grids']}" if "grids" in figs else f"tiles {figs.get('tiles')}"  # patch grids or tiles
         print(f"{case:>7}: {images}, worst cosine {worst[1]['cosine']:.7f} ({worst[0]}), "
               f"greedy agreement {figs['greedy_agreement']:.0%}")
-    print(f"wrote {out} ({manifest['precision']}, opset {manifest['opset']}, {manifest['timings_s']['total']:.1f} s)")
+    v = manifest["validation"]
+    if v.get("graphs"):  # 16-bit graphs ONNX Runtime could not run on CPU: say which graphs were checked
+        print(f"{manifest['graph_dtype']} graphs {v['graphs']}; validated: {v.get('validated', v.get('validated_graph_dtype'))}")
+    print(f"wrote {out} ({manifest['precision']}, {manifest.get('graph_dtype', 'float32')} graphs, opset {manifest['opset']}, "
+          f"{manifest['timings_s']['total']:.1f} s)")
     return 0

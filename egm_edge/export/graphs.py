@@ -15,6 +15,12 @@ Symbolic dimension names in the files: patches (N), image_tokens (M), batch (B),
 past_seq (P), total_seq (P+S), logit_rows (L); all other dimensions are fixed numbers.
 Graphs are opset 21; quantized checkpoints add the ops of `egm_edge.export.lowering`
 inside the Linear layers only, so these tables hold for every precision.
+"float32" in the tables is the export's `graph_dtype` (manifest): TensorRT exports may be float16 or bfloat16
+(`egm_edge.export.pipeline.export`), every float input and output then in that dtype except `logits`, always
+float32 (the lm_head MatMul is 16-bit; the host samples from float32, as TensorRT-LLM returns logits). Inside a
+16-bit graph three things stay float32, each behind a Cast: the RoPE angles (positions x inv_freq: fp16 holds
+integers exactly only up to 2048), RMSNorm's mean of squares (transformers' Qwen3 RMSNorm upcasts the same way)
+and the vision position-embedding sum (torch's fp16 sum accumulates in float32).
 
 ## vision.onnx  (N patches, M = N / merge^2 image tokens, E = out_hidden_size, K = len(deepstack_visual_indexes))
 
@@ -86,6 +92,22 @@ def _act(name: str):
     return _ACTS[name]
 
 
+# The plain attention (TensorRT lowering) is written in the form TensorRT fuses into one attention kernel
+# ("Fused Attention", TensorRT developer guide, transformers section): softmax(Q * K^T + add-mask) * V with Q
+# multiplied by the attention scale before the first MatMul (the guide requires the scale on Q or K there),
+# K and V keeping their N_kv heads (GQA: Q is regrouped per kv head, K/V are never repeated), the softmax in
+# the graph's dtype with no Cast between the MatMuls (the fused kernels accumulate it in fp32 themselves).
+# Whether a given TensorRT version fuses it is seen only in its engine (a device check), not here.
+ATTENTION_FORM = "MatMul(Q*scale, K^T) + mask -> Softmax -> MatMul(V)"
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The additive mask for a disallowed key: the dtype's lowest value in float32 (unchanged), half of it in 16-bit,
+    where score + finfo.min may round to -inf and a fully masked row (a padded query) would then softmax to NaN."""
+    low = torch.finfo(dtype).min
+    return low if dtype == torch.float32 else low / 2
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -145,9 +167,9 @@ class VisionGraph(nn.Module):
         qkv = blk.attn.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [H, N, hd]
         c, s = cos.unsqueeze(0), sin.unsqueeze(0)
-        q = q * c + _rotate_half(q) * s
+        q = (q * c + _rotate_half(q) * s) * (self.head_dim**-0.5)  # scaled before the first MatMul (see ATTENTION_FORM)
         k = k * c + _rotate_half(k) * s
-        scores = torch.matmul(q, k.transpose(1, 2)) * (self.head_dim**-0.5) + bias
+        scores = torch.matmul(q, k.transpose(1, 2)) + bias
         out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [H, N, hd]
         return blk.attn.proj(out.transpose(0, 1).reshape(n, -1))
 
@@ -164,7 +186,7 @@ class VisionGraph(nn.Module):
         pos = visual.pos_embed(pos_embed_indices) * pos_embed_weights.unsqueeze(-1)
         x = x + pos.sum(dim=1)
         same = segment_ids.unsqueeze(0) == segment_ids.unsqueeze(1)
-        bias = torch.where(same, 0.0, torch.finfo(x.dtype).min).to(x.dtype).unsqueeze(0)
+        bias = torch.where(same, 0.0, mask_value(x.dtype)).to(x.dtype).unsqueeze(0)
         deepstack = []
         for layer, blk in enumerate(visual.blocks):
             x = x + self._attention(blk, blk.norm1(x), rotary_cos, rotary_sin, bias)
@@ -280,15 +302,14 @@ class DecoderGraph(nn.Module):
         q = self._qk_norm(attn, "q_norm", attn.q_proj(x).reshape(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self._qk_norm(attn, "k_norm", attn.k_proj(x).reshape(b, s, self.n_kv, self.head_dim)).transpose(1, 2)
         v = attn.v_proj(x).reshape(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
+        q = (q * cos + _rotate_half(q) * sin) * (self.head_dim**-0.5)  # scaled before the first MatMul (see ATTENTION_FORM)
         k = k * cos + _rotate_half(k) * sin
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
         rep = self.n_heads // self.n_kv
         q = q.reshape(b, self.n_kv, rep * s, self.head_dim)  # group query heads per kv head, no kv copy
-        scores = torch.matmul(q, k.transpose(2, 3)) * (self.head_dim**-0.5)
-        scores = scores.reshape(b, self.n_heads, s, -1) + bias
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).reshape(b, self.n_kv, rep * s, -1)
+        scores = torch.matmul(q, k.transpose(2, 3)).reshape(b, self.n_heads, s, -1) + bias
+        probs = torch.softmax(scores, dim=-1).reshape(b, self.n_kv, rep * s, -1)  # in the graph's dtype: see ATTENTION_FORM
         out = torch.matmul(probs, v).reshape(b, self.n_heads, s, self.head_dim)
         return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
@@ -310,7 +331,7 @@ class DecoderGraph(nn.Module):
         key_pos = torch.arange(attention_mask.shape[1], device=h.device)
         query_pos = torch.arange(s, device=h.device) + p
         allowed = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
-        bias = torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
+        bias = torch.where(allowed, 0.0, mask_value(h.dtype)).to(h.dtype).unsqueeze(1)  # [B, 1, S, P+S]
 
         presents = []
         for i, layer in enumerate(lm.layers):

@@ -101,7 +101,8 @@ class InternVLVisionGraph(nn.Module):
         q = attn.q_norm(attn.q_proj(x)).reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = attn.k_norm(attn.k_proj(x)).reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
-        probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1)
+        # Q scaled before the first MatMul: the form TensorRT fuses (egm_edge.export.graphs.ATTENTION_FORM).
+        probs = torch.softmax(torch.matmul(q * attn.scale, k.transpose(2, 3)), dim=-1)
         out = torch.matmul(probs, v).transpose(1, 2).reshape(n, length, self.hidden)
         return attn.projection_layer(out)
 

@@ -18,6 +18,11 @@ AWQ/SmoothQuant `pre_quant_scale`s left unfolded become a Mul on the input.
 W4A8 and NVFP4 have no CPU lowering and are refused with one sentence.
 Weights are stored transposed ([in, out]) so no Transpose sits between the
 DequantizeLinear and the MatMul.
+16-bit graphs (`GRAPH_DTYPES`, TensorRT lowering only): `cast_parameters` casts the model's
+parameters and `cast_quantized` the lowered layers' scales, pre-quant scales and biases, so
+every DequantizeLinear outputs the graph's dtype (ONNX: its output type is its scale's type)
+and feeds a 16-bit MatMul, the form a strongly typed TensorRT network runs as written
+("Strongly Typed Networks", TensorRT developer guide: tensor types come from the graph).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ LOWERINGS = ("onnxruntime", "tensorrt")
 # MatMul into MatMulNBits with int8 activations: FP8 and TensorRT-bound graphs are run with this
 # transformer disabled, so ONNX Runtime computes what the graph says (recorded in the export manifest).
 QDQ_FUSION = ("QDQSelectorActionTransformer",)
+# The float dtype of an export's graphs (the manifest's graph_dtype); 16-bit ones only for TensorRT.
+GRAPH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @torch.library.custom_op("egm_edge::matmul_nbits", mutates_args=())
@@ -62,13 +69,13 @@ def _(x, packed, scales, k, n, block, bits=4):
 
 @torch.library.custom_op("egm_edge::dequantize_blocked", mutates_args=())
 def dequantize_blocked(w: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 [in, out] from int4 values held in int8 [in, out] and scales [in/block, out] (blocks along inputs)."""
-    return w.to(torch.float32) * scales.to(torch.float32).repeat_interleave(block, dim=0)
+    """[in, out] in the scales' dtype from int4 values held in int8 [in, out] and scales [in/block, out] (blocks along inputs)."""
+    return w.to(scales.dtype) * scales.repeat_interleave(block, dim=0)
 
 
 @dequantize_blocked.register_fake
 def _(w, scales, block):
-    return torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    return torch.empty(w.shape, dtype=scales.dtype, device=w.device)
 
 
 @torch.library.custom_op("egm_edge::fake_quant", mutates_args=())
@@ -87,13 +94,13 @@ def _(x, scale, kind):
 
 @torch.library.custom_op("egm_edge::dequantize", mutates_args=())
 def dequantize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 [in, out] from an fp8/int8 weight [in, out] and a per-tensor or per-output-channel scale."""
-    return w.to(torch.float32) * scale.to(torch.float32)
+    """[in, out] in the scale's dtype from an fp8/int8 weight [in, out] and a per-tensor or per-output-channel scale."""
+    return w.to(scale.dtype) * scale
 
 
 @dequantize.register_fake
 def _(w, scale):
-    return torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    return torch.empty(w.shape, dtype=scale.dtype, device=w.device)
 
 
 def _register_matmul_nbits_schema() -> None:
@@ -338,6 +345,27 @@ def pack_int4_weights(model) -> int:
         w.dtype = ir.DataType.INT4
         count += 1
     return count
+
+
+_FLOAT_BUFFERS = ("scales_t", "weight_scale", "input_scale", "pre_quant_scale")
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter of `model` to `dtype`, in place; buffers keep theirs (the rotary inv_freq stays float32,
+    so positions past 2048 keep exact angles, which fp16 could not hold)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+
+
+def cast_quantized(replacements: dict[str, QuantizedLinear], dtype: torch.dtype) -> None:
+    """The float tensors of lowered layers to `dtype` (scales, pre-quant scales, bias); the quantized weights keep
+    theirs. The DQ scale then rounds to the graph's dtype: in a 16-bit network TensorRT dequantizes to that dtype too."""
+    for q in replacements.values():
+        for name in _FLOAT_BUFFERS:
+            if name in q._buffers:
+                q._buffers[name] = q._buffers[name].to(dtype)
+        if q.bias is not None:
+            q.bias.data = q.bias.data.to(dtype)
 
 
 @contextlib.contextmanager

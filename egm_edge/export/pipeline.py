@@ -41,7 +41,8 @@ def _fp32_estimate(info) -> int:
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "onnxruntime", int4_accuracy_level: int = 0,
-           lm_head: str = "float", force: bool = False, decode_steps: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
+           lm_head: str = "float", force: bool = False, decode_steps: int = 4, seed: int = 0, graph_dtype: str = "float32",
+           progress: Callable[[str], None] | None = None) -> Path:
     """Export a checkpoint to `out_dir` (vision.onnx, decoder.onnx, manifest.json); returns `out_dir`.
 
     `lowering` is the engine the graphs are for: "onnxruntime" (INT4 as MatMulNBits, CPU bundles) or "tensorrt"
@@ -51,6 +52,11 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     lowering only): far fewer bytes read per decoded token, a (small) accuracy change of its own; the
     validation reference then uses the same rounded lm_head, so it still checks the export itself.
     `force` replaces an existing artifact at `out_dir` (never a folder of other files, never the checkpoint); `decode_steps` and `seed` shape the validation run.
+    `graph_dtype` is the float dtype of every unquantized weight and activation in the graphs: "float32" (the only
+    one of the "onnxruntime" lowering), or "float16" / "bfloat16" for "tensorrt", whose strongly typed engines compute
+    in the graphs' dtypes (the build picks it from the target: `egm_edge.builder.tensorrt.graph_dtype_for`). 16-bit
+    graphs are validated against the float32 PyTorch model (egm_edge.export.validate, thresholds per graph dtype);
+    bfloat16 ones, which ONNX Runtime cannot run on CPU, through their float32 twin (`_validate`).
     """
     from egm_edge.artifacts import check_output_dir, staged_output
     from egm_edge.export.checkpoint import SIDE_FILES, host_configs, inspect_checkpoint, load_reference
@@ -62,9 +68,9 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force, inputs=[checkpoint_dir])  # before anything is read: --out may never clobber the checkpoint
     info = inspect_checkpoint(checkpoint_dir)
-    from egm_edge.export.validate import THRESHOLDS, validation_key
+    from egm_edge.export.validate import THRESHOLDS
 
-    from egm_edge.export.lowering import INT4_ACCURACY_LEVELS, LOWERINGS, parse_lm_head
+    from egm_edge.export.lowering import GRAPH_DTYPES, INT4_ACCURACY_LEVELS, LOWERINGS, parse_lm_head
 
     backend = lowering
     if backend not in LOWERINGS:
@@ -74,10 +80,14 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     parse_lm_head(lm_head)  # one sentence for an unknown mode or block, before anything loads
     if lm_head != "float" and backend != "onnxruntime":
         raise UnsupportedError(f"--lm-head {lm_head} lowers to MatMulNBits, an ONNX Runtime op; TensorRT exports keep a float lm_head.")
-    check = validation_key(info.precision, backend, int4_accuracy_level, lm_head)
+    if graph_dtype not in GRAPH_DTYPES:
+        raise UnsupportedError(f"Unknown graph dtype {graph_dtype!r}. Choose from: {', '.join(GRAPH_DTYPES)}.")
+    if graph_dtype != "float32" and backend != "tensorrt":
+        raise UnsupportedError(f"The {backend} lowering writes float32 graphs (CPU bundles); {graph_dtype} graphs are for TensorRT: "
+                               "pass --lowering tensorrt or drop --graph-dtype.")
     if info.precision not in THRESHOLDS:
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
-                               f"export one of: {', '.join(THRESHOLDS)}.")
+                               f"export one of: {', '.join(dict.fromkeys(k.split('/')[0] for k in THRESHOLDS))}.")
     versions = check_environment(OPSET)
     check_disk_space(out_dir.parent, _fp32_estimate(info))
     with staged_output(out_dir, force=force, inputs=[info.path]) as tmp:
@@ -86,7 +96,18 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
         model = load_reference(info)
         timings["load"] = time.perf_counter() - t
         vcfg, dcfg = host_configs(model, info)
-        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend, int4_accuracy_level, lm_head)
+        dcfg["cache_dtype"] = graph_dtype
+        refs = None
+        if graph_dtype != "float32":
+            from egm_edge.export.lowering import cast_parameters
+            from egm_edge.export.validate import reference_outputs
+
+            # The reference is the float32 model (what the engine should compute), so it runs before the cast.
+            t = time.perf_counter()
+            refs = reference_outputs(model, info.path, vcfg, dcfg, steps=decode_steps, seed=seed, family=info.family)
+            timings["reference"] = time.perf_counter() - t
+            cast_parameters(model, GRAPH_DTYPES[graph_dtype])
+        graphs, layers = _export_graphs(model, info, vcfg, dcfg, tmp, timings, say, backend, int4_accuracy_level, lm_head, graph_dtype)
         for name in SIDE_FILES:
             if (info.path / name).is_file():
                 shutil.copyfile(info.path / name, tmp / name)
@@ -95,27 +116,67 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
 
             (tmp / "preprocessor_config.json").write_text(json.dumps(vcfg.to_dict(), indent=2) + "\n")
         say("validating ONNX Runtime against PyTorch")
-        from egm_edge.export.validate import compare_with_onnxruntime, reference_outputs
+        from egm_edge.export.validate import reference_outputs
 
         t = time.perf_counter()
-        refs = reference_outputs(model, info.path, vcfg, dcfg, steps=decode_steps, seed=seed, family=info.family)
+        if refs is None:
+            refs = reference_outputs(model, info.path, vcfg, dcfg, steps=decode_steps, seed=seed, family=info.family)
         # The reference's weights go before ONNX Runtime loads its own copy: one model in memory at a time.
         del model
         gc.collect()
-        report = {**compare_with_onnxruntime(tmp, refs, vcfg, dcfg, check, backend, float64_model=lambda: load_reference(info)),
-                  "seed": seed}
+        report = {**_validate(info, tmp, refs, vcfg, dcfg, backend, int4_accuracy_level, lm_head, graph_dtype, say), "seed": seed}
         timings["validate"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        _write_manifest(info, tmp, graphs, layers, backend, int4_accuracy_level, lm_head, vcfg, dcfg, versions, timings, report, OPSET)
+        _write_manifest(info, tmp, graphs, layers, backend, int4_accuracy_level, lm_head, vcfg, dcfg, versions, timings, report, OPSET,
+                        graph_dtype)
     say(f"wrote {out_dir}")
     return out_dir
 
 
+def _validate(info, out: Path, refs: list, vcfg, dcfg: dict, backend: str, accuracy_level: int, lm_head: str, graph_dtype: str,
+              say) -> dict:
+    """The validation report of the graphs in `out` (raises EgmError on a miss).
+
+    float32 and float16 graphs run in ONNX Runtime on CPU. bfloat16 ones are tried; where ONNX Runtime cannot run
+    them (few CPU kernels take bfloat16) the report says so under "graphs" and validates instead their float32 twin,
+    exported by the same code path into a scratch folder, so the graph structure and the lowering are still checked."""
+    from egm_edge.export.checkpoint import load_reference
+    from egm_edge.export.validate import CpuCannotRun, compare_with_onnxruntime, validation_key
+
+    from egm_edge.export.validate import THRESHOLDS
+
+    check = validation_key(info.precision, backend, accuracy_level, lm_head, graph_dtype)
+    if check in THRESHOLDS or graph_dtype == "float32":
+        try:
+            return {"graph_dtype": graph_dtype, "validated_graph_dtype": graph_dtype,
+                    **compare_with_onnxruntime(out, refs, vcfg, dcfg, check, backend, float64_model=lambda: load_reference(info))}
+        except CpuCannotRun as e:
+            if graph_dtype == "float32":
+                raise
+            reason = str(e)
+    else:
+        reason = f"no threshold is measured for {check} graphs yet"
+    import tempfile
+
+    say(f"ONNX Runtime cannot run the {graph_dtype} graphs on CPU ({reason}); validating their float32 twin")
+    with tempfile.TemporaryDirectory(prefix=".twin-", dir=out.parent) as twin:
+        model = load_reference(info)
+        twin_dcfg = {**dcfg, "cache_dtype": "float32"}
+        _export_graphs(model, info, vcfg, twin_dcfg, Path(twin), {}, say, backend, accuracy_level, lm_head, "float32")
+        del model
+        gc.collect()
+        check32 = validation_key(info.precision, backend, accuracy_level, lm_head, "float32")
+        report = compare_with_onnxruntime(Path(twin), refs, vcfg, twin_dcfg, check32, backend, float64_model=lambda: load_reference(info))
+    return {"graph_dtype": graph_dtype, "graphs": f"not run on CPU: {reason}", "validated_graph_dtype": "float32",
+            "validated": "the float32 twin of these graphs (same export code path, float32 weights and activations)", **report}
+
+
 def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say, backend: str, accuracy_level: int,
-                   lm_head: str = "float") -> tuple[dict, dict]:
+                   lm_head: str = "float", graph_dtype: str = "float32") -> tuple[dict, dict]:
     """Export both graphs (quantized Linears lowered while exporting); returns (graphs, lowered-layer counts).
     A quantized `lm_head` also replaces the model's own lm_head (untied) by its rounded float equivalent,
-    so the validation that follows compares like with like."""
+    so the validation that follows compares like with like. `model`'s parameters are already in `graph_dtype`
+    (`lowering.cast_parameters`); the lowered layers' scales and the trace samples are cast here."""
     g = info.record.code("graphs")  # the family's graph builders
     from egm_edge.export.onnx_io import check_disk_space, export_graph, weight_bytes
 
@@ -128,6 +189,8 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
             raise CheckpointError(f"Checkpoint {info.path} says {info.precision} but holds no quantized Linear weights; re-run egm-edge quantize.")
         translations, layers, post = low.translation_table(accuracy_level), low.summary(replacements), low.pack_int4_weights
         say(f"lowering {sum(layers.values())} quantized Linear layers for {backend}: {layers}")
+        if graph_dtype != "float32":
+            low.cast_quantized(replacements, low.GRAPH_DTYPES[graph_dtype])
     if lm_head != "float":
         from egm_edge.export import lowering as low
 
@@ -160,6 +223,10 @@ def _export_graphs(model, info, vcfg, dcfg: dict, tmp: Path, timings: dict, say,
             say(f"exporting {name}.onnx ({size / 1e6:.1f} MB of weights)")
             t = time.perf_counter()
             args, shapes, dims = spec()
+            if graph_dtype != "float32":  # float inputs (pixels, features, KV cache) in the graph's dtype, ids stay int64
+                import torch
+
+                args = tuple(a.to(getattr(torch, graph_dtype)) if a.is_floating_point() else a for a in args)
             files = export_graph(module, args, tmp / f"{name}.onnx", io[0], io[1], shapes, dims, size,
                                  translations=translations, postprocess=post)
             if fused and name == "decoder":
@@ -182,7 +249,8 @@ def _swapped(model, replacements: dict):
     return swapped(model, replacements)
 
 
-def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, int4_accuracy_level: int, lm_head: str, vcfg, dcfg: dict, versions: dict, timings: dict, report: dict, opset: int) -> dict:
+def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, int4_accuracy_level: int, lm_head: str, vcfg, dcfg: dict,
+                    versions: dict, timings: dict, report: dict, opset: int, graph_dtype: str = "float32") -> dict:
     from egm_edge.artifacts import file_hashes, package_versions, write_manifest
     from egm_edge.export.validate import disabled_optimizers
 
@@ -194,7 +262,7 @@ def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, i
         family=info.family,
         architecture=info.architecture,
         precision=info.precision,
-        graph_dtype="float32",
+        graph_dtype=graph_dtype,
         opset=opset,
         inputs={"checkpoint": str(info.path.resolve()), "sha256": inputs},
         outputs={"sha256": file_hashes(out)},

@@ -14,7 +14,9 @@ ONNX Runtime runs vision.onnx -> decoder.onnx end to end on them (egm_edge.runti
 reference is transformers' model on the same pixels and tokens. Per output (image features, deepstack
 features, prefill logits, decode logits, final KV cache): cosine similarity
 and max abs error relative to the reference's max magnitude. Thresholds are
-per precision (`THRESHOLDS`); a miss raises EgmError quoting the figures.
+per precision and graph dtype (`THRESHOLDS`, `validation_key`); a miss raises EgmError quoting
+the figures. 16-bit graphs get their float inputs cast to their dtype and are compared with the
+float32 reference; a graph ONNX Runtime has no CPU kernel for raises `CpuCannotRun`.
 """
 
 from __future__ import annotations
@@ -53,21 +55,44 @@ THRESHOLDS = {
     # the error grows with depth: the random-weight EGM-2B (28 layers, flat logits, the worst case) reaches
     # cosine 0.99887 (benchmarks/egm2b_cpu.py), the tiny test models 0.9999+.
     "int4_awq/int8_compute": Threshold(cosine=0.998, rel_max_abs=1e-1),
+    # 16-bit graphs (TensorRT lowering) against the float32 PyTorch model: what the engine computes vs the full-precision
+    # model. Every unquantized weight and activation rounds to the graph's dtype (fp16 epsilon 9.8e-4, bf16 7.8e-3), once
+    # per op, so the max-abs error grows with depth. Measured on the tiny test models (2 text layers, tests/export/conftest,
+    # ONNX Runtime 1.32 CPU): fp16 full worst 1 - cosine 2.2e-7, rel max-abs 9.5e-4; fp16 int4_awq 2.3e-7, 1.1e-3.
+    # The bounds leave ~20x (about one epsilon per layer of a 28-36 layer EGM model); a wrong graph misses cosine first.
+    "full/float16": Threshold(cosine=0.999, rel_max_abs=2e-2),
+    "int4_awq/float16": Threshold(cosine=0.999, rel_max_abs=2e-2),
+    # Quantized activations: a 16-bit rounding of a Linear's input moves values across a quantization step (a whole fp8/int8
+    # step of error where the float32 reference has none). Measured (same models): fp8 worst 1 - cosine 3.6e-4, rel max-abs
+    # 4.6e-2; int8_sq (per-tensor int8, 256 steps) 3.9e-3, 1.1e-1; greedy tokens equal in both.
+    "fp8/float16": Threshold(cosine=0.998, rel_max_abs=1e-1),
+    "int8_sq/float16": Threshold(cosine=0.99, rel_max_abs=2.5e-1),
+    # bf16 keeps 8 mantissa bits to fp16's 11: 8x the fp16 max-abs bound. Not measured in ONNX Runtime (its CPU kernels
+    # lack bfloat16 Gemm, so the export validates the float32 twin); the HF model itself in bf16 vs float32 measured
+    # 1 - cosine 2.8e-5, rel max-abs 1.1e-2 on the tiny full model. fp8/int8 bf16 graphs have no bound yet: twin only.
+    "full/bfloat16": Threshold(cosine=0.995, rel_max_abs=1.6e-1),
+    "int4_awq/bfloat16": Threshold(cosine=0.995, rel_max_abs=1.6e-1),
 }
 
 
-def validation_key(precision: str, lowering: str = "onnxruntime", int4_accuracy_level: int = 0, lm_head: str = "float") -> str:
-    """The THRESHOLDS entry an export is checked against."""
+def validation_key(precision: str, lowering: str = "onnxruntime", int4_accuracy_level: int = 0, lm_head: str = "float",
+                   graph_dtype: str = "float32") -> str:
+    """The THRESHOLDS entry an export is checked against ("PRECISION/float16" for 16-bit graphs)."""
     nbits = precision == "int4_awq" or lm_head != "float"  # MatMulNBits somewhere in the decoder
     if nbits and lowering == "onnxruntime" and int4_accuracy_level == 4:
         return "int4_awq/int8_compute"
-    return precision
+    return precision if graph_dtype == "float32" else f"{precision}/{graph_dtype}"
+
+
+class CpuCannotRun(EgmError):
+    """ONNX Runtime on CPU has no kernel (or numpy no type) for these graphs' dtype: nothing was compared."""
 
 
 def disabled_optimizers(precision: str, backend: str = "onnxruntime") -> tuple[str, ...]:
     """ONNX Runtime graph transformers that must stay off to run this precision's graphs as written."""
     from egm_edge.export.lowering import QDQ_FUSION
 
+    precision = precision.split("/")[0]  # a validation key names the precision first
     return QDQ_FUSION if precision == "fp8" or (backend == "tensorrt" and precision != "full") else ()
 
 
@@ -255,6 +280,26 @@ def _reference(model, case: Case, steps: int, tokens: list[int] | None = None) -
     }
 
 
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class _Session:
+    """An ONNX Runtime session whose float feeds are cast to the graph's input dtypes (float32 on the host side)."""
+
+    def __init__(self, sess):
+        self.sess = sess
+        self.types = {i.name: i.type for i in sess.get_inputs()}
+
+    def run(self, outputs, feeds: dict):
+        cast = {}
+        for name, a in feeds.items():
+            t = self.types.get(name)
+            if np.issubdtype(a.dtype, np.floating) and t not in _ORT_FLOATS:
+                raise CpuCannotRun(f"input {name} is {t}, which numpy and ONNX Runtime's Python feeds do not carry")
+            cast[name] = a.astype(_ORT_FLOATS[t], copy=False) if np.issubdtype(a.dtype, np.floating) else a
+        return self.sess.run(outputs, cast)
+
+
 def _ort(vision, decoder, case: Case, tokens: list[int], vcfg: VisionGridConfig | TilingConfig, dcfg: dict) -> dict:
     ids = case.input_ids
     s = ids.shape[1]
@@ -297,8 +342,20 @@ def _sessions(out_dir: Path, precision: str, backend: str):
     # Validate what the CPU bundle will run: ONNX Runtime with all its graph optimisations.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     off = list(disabled_optimizers(precision, backend))
-    mk = lambda name: ort.InferenceSession(str(out_dir / name), so, providers=["CPUExecutionProvider"], disabled_optimizers=off)  # noqa: E731
+
+    def mk(name: str) -> _Session:
+        try:
+            return _Session(ort.InferenceSession(str(out_dir / name), so, providers=["CPUExecutionProvider"], disabled_optimizers=off))
+        except _ort_not_implemented() as e:  # a kernel missing for the graph's dtype: said, not hidden
+            raise CpuCannotRun(f"{name}: {' '.join(str(e).split())[:300]}") from None
+
     return mk("vision.onnx"), mk("decoder.onnx")
+
+
+def _ort_not_implemented():
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+    return OrtNotImplemented
 
 
 def reference_outputs(model, checkpoint: Path, vcfg: VisionGridConfig, dcfg: dict, steps: int = 4, seed: int = 0, *,
@@ -324,7 +381,10 @@ def compare_with_onnxruntime(out_dir: Path, refs: list, vcfg: VisionGridConfig, 
     report: dict = {"precision": precision, "backend": backend, "threshold": asdict(threshold), "steps": steps, "cases": {}}
     misses, gots = [], []
     for case, ref in refs:
-        got = _ort(vision, decoder, case, ref["tokens"], vcfg, dcfg)
+        try:
+            got = _ort(vision, decoder, case, ref["tokens"], vcfg, dcfg)
+        except _ort_not_implemented() as e:
+            raise CpuCannotRun(" ".join(str(e).split())[:300]) from None
         gots.append(got)
         outputs = {k: _metric(got[k], ref[k]) for k in OUTPUTS}
         agree = [int(a == b) for a, b in zip(got["greedy"], ref["tokens"])]
