@@ -20,8 +20,9 @@ import numpy as np
 
 
 class BatchCache:
-    def __init__(self, n_tensors: int, kv_heads: int, head_dim: int):
+    def __init__(self, n_tensors: int, kv_heads: int, head_dim: int, dtype=np.float32):
         self.n_tensors, self.kv_heads, self.head_dim = n_tensors, kv_heads, head_dim
+        self.dtype = np.dtype(dtype)
         self.arrays: list[np.ndarray] = []
         self.lengths: list[int] = []  # cache rows of each active sequence, in row order
         self.P = 0  # the column the next step writes
@@ -36,7 +37,7 @@ class BatchCache:
 
     def bytes_per_column(self) -> int:
         """Bytes one cached token of one row takes (all layers, keys and values)."""
-        return self.n_tensors * self.kv_heads * self.head_dim * 4
+        return self.n_tensors * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
@@ -49,7 +50,7 @@ class BatchCache:
         new_rows = max(rows, min(2 * have_rows, rows + 8)) if rows > have_rows else have_rows
         new_cols = max(columns + 1, 2 * self.capacity) if columns + 1 > self.capacity else self.capacity
         shape = (new_rows, self.kv_heads, new_cols, self.head_dim)
-        grown = [np.zeros(shape, np.float32) for _ in range(self.n_tensors)]
+        grown = [np.zeros(shape, self.dtype) for _ in range(self.n_tensors)]
         for old, new in zip(self.arrays, grown):
             new[: self.rows, :, : self.P] = old[: self.rows, :, : self.P]
         self.arrays = grown

@@ -41,9 +41,29 @@ class Executor(Protocol):
     #     """One step of B rows whose caches are arrays[i][:B] (egm_edge.runtime.batch_cache); writes column past_len."""
 
 
-def empty_cache(bundle: Bundle) -> list[np.ndarray]:
+def empty_cache(bundle: Bundle, dtype=np.float32) -> list[np.ndarray]:
     d = bundle.decoder
-    return [np.zeros((1, d.num_kv_heads, 0, d.head_dim), np.float32) for _ in range(2 * d.num_layers)]
+    return [np.zeros((1, d.num_kv_heads, 0, d.head_dim), dtype) for _ in range(2 * d.num_layers)]
+
+
+# ONNX element types the host feeds as numpy arrays; a 16-bit GPU bundle's graphs take float16 (its KV cache too).
+_NUMPY_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _refuse_bfloat16(bundle: Bundle):
+    raise UnsupportedError(f"Bundle {bundle.path} has bfloat16 graphs, which ONNX Runtime cannot run on a CPU; run the bundle "
+                           "with its TensorRT engines on the device (--executor tensorrt).")
+
+
+def _float_inputs(session, bundle: Bundle) -> dict[str, type]:
+    """Input name -> numpy dtype for the float inputs of `session`; bfloat16 graphs are refused in one sentence."""
+    out = {}
+    for i in session.get_inputs():
+        if i.type == "tensor(bfloat16)":
+            _refuse_bfloat16(bundle)
+        if i.type in _NUMPY_FLOATS:
+            out[i.name] = _NUMPY_FLOATS[i.type]
+    return out
 
 
 class KVBuffers:
@@ -51,17 +71,17 @@ class KVBuffers:
     the sequence so far), each wrapped once as the OrtValue that a step binds as both its past and its present,
     so GroupQueryAttention appends the new rows where they belong and a step copies no cache."""
 
-    def __init__(self, kv_heads: int, head_dim: int, n: int, capacity: int):
+    def __init__(self, kv_heads: int, head_dim: int, n: int, capacity: int, dtype=np.float32):
         import onnxruntime as ort
 
-        self.arrays = [np.zeros((1, kv_heads, capacity, head_dim), np.float32) for _ in range(n)]
+        self.arrays = [np.zeros((1, kv_heads, capacity, head_dim), dtype) for _ in range(n)]
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # views of the arrays, no copy
         self.capacity, self.length = capacity, 0
 
     def grown(self, needed: int) -> "KVBuffers":
         """A larger cache with the same rows (when a sequence outgrows its planned capacity)."""
         _, kv, _, hd = self.arrays[0].shape
-        bigger = KVBuffers(kv, hd, len(self.arrays), max(needed, 2 * self.capacity))
+        bigger = KVBuffers(kv, hd, len(self.arrays), max(needed, 2 * self.capacity), self.arrays[0].dtype)
         for old, new in zip(self.arrays, bigger.arrays):
             new[:, :, : self.length] = old[:, :, : self.length]
         bigger.length = self.length
@@ -100,6 +120,8 @@ class OrtExecutor:
                 raise CheckpointError(f"ONNX Runtime cannot load {name} of bundle {bundle.path} ({reason}); the file is damaged "
                                       "or was written for another onnxruntime, rebuild the bundle.") from None
 
+        if ((bundle.manifest.get("runtime") or {}).get("decoder") or {}).get("cache_dtype") == "bfloat16":
+            _refuse_bfloat16(bundle)  # before ONNX Runtime fails to load them with a kernel error
         self.vision = session("vision.onnx")
         self.decoder = session("decoder.onnx")
         # Optional prompt graph (build --prefill-int8): the same decoder with int8 GEMMs, used when many tokens
@@ -123,23 +145,31 @@ class OrtExecutor:
                 f"({n} layers); the bundle is inconsistent, rebuild it."
             )
         _check_decoder_shapes(bundle, self.decoder)
+        self._vision_floats = _float_inputs(self.vision, bundle)
+        self._decoder_floats = _float_inputs(self.decoder, bundle)
+        self.cache_dtype = np.dtype(self._decoder_floats.get(self.past_names[0], np.float32))
+
+    def _cast(self, feeds: dict, floats: dict) -> dict:
+        """Float feeds in the graph's input dtypes (the host computes in float32; a 16-bit graph takes float16)."""
+        return {k: (v.astype(floats[k], copy=False) if k in floats else v) for k, v in feeds.items()}
 
     def encode_image(self, pixel_patches, grid_inputs):
         name = "pixel_values" if "pixel_values" in self._vision_inputs else "pixel_patches"
-        feeds = {name: pixel_patches.astype(np.float32, copy=False)}
+        feeds = {name: pixel_patches}
         feeds.update({k: v for k, v in grid_inputs.items() if k in self._vision_inputs})
-        feats, deep = self.vision.run(["image_features", "deepstack_features"], feeds)
+        feats, deep = self.vision.run(["image_features", "deepstack_features"], self._cast(feeds, self._vision_floats))
         return feats, deep
 
     def new_cache(self, capacity: int):
         if not self.in_place:
-            return empty_cache(self.bundle)
+            return empty_cache(self.bundle, self.cache_dtype)
         d = self.bundle.decoder
-        return KVBuffers(d.num_kv_heads, d.head_dim, 2 * d.num_layers, max(1, int(capacity)))
+        return KVBuffers(d.num_kv_heads, d.head_dim, 2 * d.num_layers, max(1, int(capacity)), self.cache_dtype)
 
     def decode(self, feeds, past):
         prompt = self.prefill is not None and feeds["input_ids"].shape[1] > 1
         session = self.prefill if prompt else self.decoder
+        feeds = self._cast(feeds, self._decoder_floats)
         if isinstance(past, KVBuffers):
             return self._decode_in_place(session, feeds, past)
         all_feeds = dict(feeds)
@@ -152,6 +182,7 @@ class OrtExecutor:
         0..past_len-1 filled, padding masked by feeds["attention_mask"]); each row's new key and value land
         at column past_len. Returns logits [B, 1, V]."""
         b = feeds["input_ids"].shape[0]
+        feeds = self._cast(feeds, self._decoder_floats)
         if not self.in_place:  # a graph with a growing cache: pass the filled columns, keep the new one
             past = [np.ascontiguousarray(a[:b, :, :past_len]) for a in arrays]
             out = self.decoder.run(["logits", *self.present_names], {**feeds, **dict(zip(self.past_names, past))})

@@ -82,7 +82,7 @@ class Scheduler:
         self.batched = hasattr(ex, "decode_batch")
         self.max_batch = max_batch
         d = grounder.bundle.decoder
-        self.cache = BatchCache(2 * d.num_layers, d.num_kv_heads, d.head_dim)
+        self.cache = BatchCache(2 * d.num_layers, d.num_kv_heads, d.head_dim, getattr(ex, "cache_dtype", np.float32))
         self.kv_budget_bytes = kv_budget_bytes
         self._empty_feats = np.zeros((0, d.hidden_size), np.float32)
         self._empty_deep = np.zeros((d.num_deepstack, 0, d.hidden_size), np.float32)

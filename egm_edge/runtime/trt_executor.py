@@ -14,6 +14,10 @@ The KV cache stays on the GPU: `decode` returns the present keys/values as
 `DeviceTensor` handles that the decode loop passes back unchanged as the next
 past (each layer ping-pongs between two grow-only buffers, so a step reads one
 and writes the other); only logits and image features cross to the host.
+numpy has no bfloat16: a bf16 engine tensor is held on the host as its raw 16 bits
+(uint16), written from float32 by round-to-nearest-even and read back to float32
+(`to_bf16_bits` / `from_bf16_bits`), so a bf16 bundle's image features make the
+host round trip exactly as the engine stores them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,29 @@ def cudart():
                 "cuda-python is not installed; run `pip install cuda-python` (on a Jetson: the version matching JetPack's CUDA)."
             ) from None
     return runtime
+
+
+BF16_HOST = np.dtype(np.uint16)  # how a bf16 engine tensor lives in host memory: its raw bits
+
+
+def to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN stays NaN."""
+    x = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (x >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.ascontiguousarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def host_dtype(trt, dt) -> np.dtype:
+    """The numpy dtype a TensorRT tensor of type `dt` has on the host (bf16: its bits, see the module docstring)."""
+    if dt == getattr(getattr(trt, "DataType", None), "BF16", object()):
+        return BF16_HOST
+    return np.dtype(trt.nptype(dt))
 
 
 def _check(result):
@@ -111,7 +138,7 @@ class _Engine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.dtypes = {n: host_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.buffers: dict[object, tuple[int, int]] = {}  # name or (name, slot) -> (device pointer, capacity bytes)
         self.stream = _check(rt.cudaStreamCreate())
 
@@ -137,7 +164,8 @@ class _Engine:
             if isinstance(v, DeviceTensor):
                 shape, ptr, a = v.shape, v.ptr, None
             else:
-                a = np.ascontiguousarray(v, dtype=self.dtypes[name])
+                bits = self.dtypes[name] == BF16_HOST and np.asarray(v).dtype != BF16_HOST
+                a = to_bf16_bits(v) if bits else np.ascontiguousarray(v, dtype=self.dtypes[name])
                 shape, ptr = a.shape, self._buffer(name, a.nbytes)
             if not ctx.set_input_shape(name, tuple(shape)):
                 raise UnsupportedError(
@@ -166,7 +194,8 @@ class _Engine:
                 _check(rt.cudaMemcpyAsync(out.ctypes.data, self.buffers[name][0], out.nbytes,
                                           rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _check(rt.cudaStreamSynchronize(self.stream))
-        return [result[n] for n in outputs]
+        return [from_bf16_bits(result[n]) if isinstance(result[n], np.ndarray) and self.dtypes[n] == BF16_HOST else result[n]
+                for n in outputs]
 
 
 class TrtExecutor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from egm_edge.errors import UnsupportedError
@@ -200,3 +202,35 @@ def test_int4_weights_are_blocked_dequantize_to_float16_before_matmul(int4_fp16)
     assert check_graph(int4_fp16 / "decoder.onnx", "10.16").quantized == {"int4_blocked_weight": 14}
     v = json.loads((int4_fp16 / "manifest.json").read_text())["validation"]
     assert v["passed"] and v["precision"] == "int4_awq/float16" and v["validated_graph_dtype"] == "float16"
+
+
+def test_a_16_bit_gpu_bundle_runs_on_the_cpu_executor_alone_and_batched(exported_16, small_checkpoint, tmp_path):
+    """`--executor onnxruntime` on a GPU bundle runs its ONNX IR: float16 feeds and KV cache, one request alone or
+    in the in-flight batch with the same greedy tokens; bfloat16 graphs are refused in one sentence."""
+    from PIL import Image
+
+    from egm_edge.builder.tensorrt import build_tensorrt
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.models import spec_from_config
+    from egm_edge.plan import plan
+    from egm_edge.runtime.grounder import Grounder
+    from egm_edge.runtime.scheduler import Scheduler
+    from egm_edge.targets import load_target
+
+    target = load_target("jetson-orin-nx-16gb")
+    bundle = build_tensorrt(exported_16["float16"], tmp_path / "b16", target, plan(spec_from_config(small_checkpoint), target, "fp16", 32))
+    g = Grounder.open(bundle, executor="onnxruntime", image_cache_size=0)
+    assert g.executor.cache_dtype == np.float16
+    images = [Image.new("RGB", (64 + 32 * i, 96), (40 * i, 200, 90)) for i in range(3)]
+    kw = dict(think_budget=3, max_answer_tokens=6, max_new_tokens=14)
+    alone = [g.generate(im, "Locate the red circle", **kw) for im in images]
+    sched = Scheduler(g, max_batch=3)
+    jobs = [sched.submit(g.start(im, "Locate the red circle", **kw)) for im in images]
+    sched.run_until_idle()
+    assert [j.wait(deadline=0).text for j in jobs] == [r.text for r in alone] and sched.stats["peak_batch"] == 3
+    assert sched.cache.arrays[0].dtype == np.float16
+
+    h100 = load_target("h100")
+    b16 = build_tensorrt(exported_16["bfloat16"], tmp_path / "bbf", h100, plan(spec_from_config(small_checkpoint), h100, "bf16", 32))
+    with pytest.raises(UnsupportedError, match="bfloat16 graphs, which ONNX Runtime cannot run on a CPU"):
+        Grounder.open(b16, executor="onnxruntime")

@@ -199,3 +199,18 @@ def test_engines_for_another_key_are_refused(fake_gpu_bundle):
     shutil.move(d, bundle / "engines" / d.name.replace("trt10.16.0", "trt10.3.0"))
     with pytest.raises(CheckpointError, match="not portable.*--finalize"):
         Grounder.open(bundle)
+
+
+def test_bf16_host_bits_round_to_nearest_even_like_torch():
+    """A bf16 engine's tensors cross to the host as raw bits (numpy has no bfloat16): the conversion rounds as
+    torch's bfloat16 does, and reading back is exact."""
+    torch = pytest.importorskip("torch")
+    from egm_edge.runtime.trt_executor import from_bf16_bits, to_bf16_bits
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=5000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 5000),
+                        np.array([0.0, -0.0, 1.0, -2.5, 3.4e38, -3.4e38, 1e-40, np.inf, -np.inf], np.float32)])
+    ref = torch.from_numpy(x).to(torch.bfloat16)
+    assert np.array_equal(to_bf16_bits(x), ref.view(torch.int16).numpy().view(np.uint16))
+    assert np.array_equal(from_bf16_bits(to_bf16_bits(x)), ref.to(torch.float32).numpy())
+    assert np.isnan(from_bf16_bits(to_bf16_bits(np.array([np.nan], np.float32)))).all()
