@@ -45,12 +45,24 @@ def prompt_text_max(plan) -> int:
     return max(MIN_TEXT_TOKENS, 2 * plan.prompt_tokens)
 
 
+def _max_tiles(cfg) -> int:
+    """Tiles of the largest image a tiling processor makes: its grid of at most max_patches, plus the thumbnail."""
+    return cfg.max_patches + (1 if cfg.use_thumbnail and cfg.max_patches > 1 else 0)
+
+
 def _dims(plan, image_processor: dict, decoder: dict) -> dict[str, int]:
     """Token counts every profile is built from (see the module docstring)."""
-    merge = int(image_processor.get("merge_size", 2))
     img = plan.image.image_tokens
-    # The largest image the bundle's processor lets through (smart_resize keeps h*w <= max_pixels).
-    img_max = max(img, int(image_processor["max_pixels"]) // (int(image_processor.get("patch_size", 16)) * merge) ** 2)
+    if image_processor.get("image_processor_type", "").startswith("GotOcr2"):  # InternVL tiles: N tiles of fixed size
+        from egm_edge.runtime.tiling import TilingConfig
+
+        cfg = TilingConfig.from_dict(image_processor)
+        merge, per_tile = 1, cfg.tokens_per_tile
+        img_max = max(img, _max_tiles(cfg) * per_tile)
+    else:
+        merge = int(image_processor.get("merge_size", 2))
+        # The largest image the bundle's processor lets through (smart_resize keeps h*w <= max_pixels).
+        img_max = max(img, int(image_processor["max_pixels"]) // (int(image_processor.get("patch_size", 16)) * merge) ** 2)
     text_opt = plan.prompt_tokens
     text_max = prompt_text_max(plan)
     tail = plan.think_budget + plan.close_tokens + plan.answer_tokens
@@ -85,7 +97,12 @@ def decoder_profiles(decoder: dict, d: dict[str, int]) -> list[dict]:
 
 
 def vision_profiles(vision_inputs: dict[str, list], d: dict[str, int]) -> list[dict]:
-    """One profile over the patch count N (a multiple of merge^2): one merged token .. the planned image."""
+    """One profile over the leading dimension N: Qwen3-VL's patches (a multiple of merge^2, one merged token .. the
+    planned image), or InternVL's tiles (one tile .. the largest tiling; `tiles_opt`/`tiles_max` in `d`)."""
+    if "pixel_values" in vision_inputs:
+        points = [{"N": 1}, {"N": d["tiles_opt"]}, {"N": d["tiles_max"]}]
+        sym = {name: ("N", *[int(x) for x in shape[1:]]) for name, shape in vision_inputs.items()}
+        return [_profile("vision", sym, points)]
     per = d["merge"] ** 2
     points = [{"N": per}, {"N": d["image_opt"] * per}, {"N": d["image_max"] * per}]
     sym = {name: ("N", *[int(x) for x in shape[1:]]) for name, shape in vision_inputs.items()}
@@ -97,6 +114,10 @@ def build_plan(plan, target, export_manifest: dict, image_processor: dict, visio
     """The whole build plan as JSON-able data, with `plan_hash` last (see the module docstring)."""
     decoder = export_manifest["runtime"]["decoder"]
     d = _dims(plan, image_processor, decoder)
+    if "pixel_values" in vision_inputs:  # tiles: the plan's image and the largest tiling the capped processor makes
+        from egm_edge.runtime.tiling import TilingConfig
+
+        d = {**d, "tiles_opt": plan.image.tiles, "tiles_max": _max_tiles(TilingConfig.from_dict(image_processor))}
     spare = plan.usable_bytes - plan.total_bytes
     body = {
         "version": PLAN_VERSION,
@@ -105,7 +126,7 @@ def build_plan(plan, target, export_manifest: dict, image_processor: dict, visio
         "precision": plan.precision, "graph_dtype": export_manifest.get("graph_dtype", "float32"),
         "strongly_typed": True,
         "precision_source": "the graphs' Q/DQ nodes and tensor dtypes (STRONGLY_TYPED network; no builder precision flags)",
-        "tokens": {k: v for k, v in d.items() if k not in ("merge", "num_deepstack")} | {
+        "tokens": {k: v for k, v in d.items() if k not in ("merge", "num_deepstack", "tiles_opt", "tiles_max")} | {
             "think_budget": plan.think_budget, "budget_close": plan.close_tokens, "answer": plan.answer_tokens},
         "workspace_bytes": int(min(4 * GIB, max(256 * 1024**2, spare // 2))),
         "engines": {"vision": {"onnx": "vision.onnx", "profiles": vision_profiles(vision_inputs, d)},
@@ -145,6 +166,18 @@ def _notes(plan, export_manifest: dict) -> list[str]:
     return notes
 
 
+def _cap_tiles(path: Path, tiles: int) -> dict:
+    """Lower a tiling processor's max_patches so no image makes more tiles than the plan's (thumbnail included)."""
+    from egm_edge.runtime.tiling import TilingConfig
+
+    cfg = TilingConfig.from_json(path)
+    d = json.loads(path.read_text())
+    grid = tiles - 1 if cfg.use_thumbnail and tiles > 1 else tiles
+    d["max_patches"] = max(cfg.min_patches, min(cfg.max_patches, grid))
+    path.write_text(json.dumps(d, indent=2))
+    return d
+
+
 def _cap_image_size(path: Path, image_tokens: int) -> dict:
     """Lower the processor's max_pixels to the planned image (never below min_pixels); returns the written dict."""
     from egm_edge.runtime.preprocess import ImageProcessorConfig
@@ -177,8 +210,9 @@ def _copy_graph(export_dir: Path, tmp: Path, name: str, graph_entry: dict | None
     return files
 
 
-# (preprocessor, positions) the GPU/Jetson bundle builds: its engine plan and image cap assume Qwen3-VL's smart resize.
-TENSORRT_LAYOUTS = (("smart_resize", "mrope"),)
+# (preprocessor, positions) the GPU/Jetson bundle builds: Qwen3-VL's smart resize with M-RoPE, InternVL's tiles with
+# 1-D RoPE (profiles over the tile count, max_patches capped to the plan).
+TENSORRT_LAYOUTS = (("smart_resize", "mrope"), ("tiling", "rope1d"))
 
 
 def check_tensorrt_family(family, what: str) -> None:
@@ -220,7 +254,10 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
         for f in SIDE_FILES:
             if (export_dir / f).is_file():
                 shutil.copyfile(export_dir / f, tmp / f)
-        proc = _cap_image_size(tmp / "preprocessor_config.json", plan.image.image_tokens)
+        if family.preprocessor == "tiling":
+            proc = _cap_tiles(tmp / "preprocessor_config.json", plan.image.tiles)
+        else:
+            proc = _cap_image_size(tmp / "preprocessor_config.json", plan.image.image_tokens)
         bp = build_plan(plan, target, em, proc, _graph_inputs(tmp / "vision.onnx"), file_hashes(tmp, files))
         (tmp / "build_plan.json").write_text(json.dumps(bp, indent=2))
         gen = GenerationConfig.for_family(family, think_budget=plan.think_budget, budget_mode=budget_mode,

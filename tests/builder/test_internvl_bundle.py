@@ -230,3 +230,32 @@ def test_export_cli_reports_the_tiles_of_each_case(internvl_ckpt, tmp_path, caps
     assert main(["export", "--checkpoint", str(internvl_ckpt), "--out", str(tmp_path / "ex"), "--decode-steps", "2"]) == 0
     out = capsys.readouterr().out
     assert " random: tiles [2, 1]" in out and "greedy agreement" in out and "wrote" in out
+
+
+def test_gpu_bundle_plans_tiles_and_its_ir_grounds_like_the_cpu_bundle(internvl_ckpt, scene, tmp_path):
+    """A Jetson bundle of InternVL: its vision profile runs over the tile count (1 .. the largest tiling of the
+    processor, whose max_patches is capped to the plan), and its float16 ONNX IR, run by ONNX Runtime, grounds."""
+    from egm_edge.builder.tensorrt import build_tensorrt, graph_dtype_for
+    from egm_edge.export.pipeline import export
+    from egm_edge.models import spec_from_config
+    from egm_edge.plan import plan
+    from egm_edge.runtime.grounder import Grounder
+    from egm_edge.targets import load_target
+
+    target = load_target("jetson-orin-nano-8gb")
+    ex = export(internvl_ckpt, tmp_path / "export", lowering="tensorrt", graph_dtype=graph_dtype_for(target, "fp16"),
+                decode_steps=2)
+    spec = spec_from_config(internvl_ckpt)
+    p = plan(spec, target, "fp16", 32, image_wh=(300, 200))
+    bundle = build_tensorrt(ex, tmp_path / "bundle", target, p)
+    bp = json.loads((bundle / "build_plan.json").read_text())
+    shapes = bp["engines"]["vision"]["profiles"][0]["shapes"]["pixel_values"]
+    proc = json.loads((bundle / "preprocessor_config.json").read_text())
+    grid = p.image.tiles - 1 if p.image.tiles > 1 else 1
+    assert proc["max_patches"] == min(4, grid)
+    assert shapes["min"] == [1, 3, TILE, TILE] and shapes["opt"][0] == p.image.tiles
+    assert shapes["max"][0] == proc["max_patches"] + (1 if proc["max_patches"] > 1 else 0)
+    assert bp["tokens"]["image_max"] == shapes["max"][0] * 16
+    g = Grounder.open(bundle, executor="onnxruntime")
+    r = g.ground(str(scene), "the red square", think_budget=3, max_answer_tokens=6)
+    assert r.think_tokens <= 3 and r.timings["prompt_tokens"] > 16
