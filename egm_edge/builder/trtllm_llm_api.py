@@ -61,7 +61,7 @@ def main():
                                              modality="image", prompts=[PROMPT.replace({sentinel!r}, expression)],
                                              media=[image])
     for output in llm.generate(inputs, params):
-        print(output.outputs[0].text)  # the reasoning, </think>, then the JSON box (0..1000 of the image)
+        print(output.outputs[0].text)  # the reasoning, its close tag, then the box (0..1000 of the image)
 
 
 if __name__ == "__main__":
