@@ -65,10 +65,15 @@ def test_calibration_recipe_is_checked_before_any_work_and_shipped_names_are_acc
     assert preflight(config_dir, "int8_sq", "jetson-agx-orin-64gb", calib="synth").precision == "int8_sq"
 
 
-def test_an_internvl_checkpoint_for_a_gpu_is_refused_before_any_work(tmp_path, capsys):
+def test_a_layout_the_gpu_builder_lacks_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """InternVL's tiles build for GPUs now; a layout the GPU builder does not drive is still refused in one sentence."""
+    from egm_edge.builder import tensorrt
     from egm_edge.models import get_spec
+    from egm_edge.models.families import get_family
     from egm_edge.models.hf_config import to_hf_config
 
+    tensorrt.check_tensorrt_family(get_family("internvl"), "Checkpoint x")  # drives it: no refusal
+    monkeypatch.setattr(tensorrt, "TENSORRT_LAYOUTS", (("smart_resize", "mrope"),))
     d = tmp_path / "internvl"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(to_hf_config(get_spec("egm-internvl3-2b"))))
