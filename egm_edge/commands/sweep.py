@@ -5,7 +5,8 @@
 latency measured there (`egm_edge.sweep.deployed`). Rerunning the same command
 resumes: finished runs are read from records.jsonl, so changing only
 --latency-budget-ms or --memory-budget-gb redraws the plot and recomputes the
-recommendation without running a model.
+recommendation without running a model. `--cluster ADDRESS` runs a --model sweep's
+units on a Ray cluster (`egm_edge.sweep.cluster`), the same records as in-process.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-with-reasoning", action="store_true",
                    help="calibrate quantized recipes on the full model's own reasoning (quantize --calib-with-reasoning)")
     p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap on answer tokens after the reasoning closes (default 128)")
+    p.add_argument("--cluster", metavar="ADDRESS", default=None,
+                   help="with --model: run the sweep's units as Ray tasks on a running cluster (auto, HOST:PORT or "
+                        "ray://HOST:PORT; needs the cluster extra); targets other than cpu are measured on nodes started "
+                        "with --resources '{\"target:NAME\": 1}' (see runtime/README.md)")
+    p.add_argument("--cluster-timeout", type=float, default=120.0, metavar="S",
+                   help="with --cluster: report units whose target no node offers after S seconds (default 120)")
+    p.add_argument("--shared-dir", metavar="DIR", default=None,
+                   help="with --cluster: a folder every node sees at the same path; bundles are placed there and the "
+                        "data's images read where they are (default: both shipped through Ray's object store)")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help="with --cluster: samples per unit of work (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace another egm-edge artifact at --out (a sweep's own --out is resumed without it)")
 
@@ -70,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.endpoint or args.bundle:
         model_only = [o for o, v in (("--recipes", args.recipes), ("--calib", args.calib),
-                                     ("--calib-with-reasoning", args.calib_with_reasoning)) if v]
+                                     ("--calib-with-reasoning", args.calib_with_reasoning), ("--cluster", args.cluster),
+                                     ("--shared-dir", args.shared_dir), ("--shard-size", args.shard_size)) if v]
         if model_only:
             raise InputError(f"{model_only[0]} applies to --model sweeps only; an endpoint or a bundle serves one "
                              "configuration, named with --label.")
@@ -97,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, latency_budget_ms=args.latency_budget_ms, memory_budget_gb=args.memory_budget_gb,
         calibration=args.calib, image_root=args.image_root, strict=not args.lenient, max_answer_tokens=args.max_answer_tokens,
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
-        force=args.force,
+        force=args.force, cluster=args.cluster, cluster_timeout=args.cluster_timeout, shared_dir=args.shared_dir,
+        shard_size=args.shard_size,
     )
     print(result.summary())
     return 0

@@ -14,12 +14,20 @@ replaces only another egm-edge artifact). The table,
 the plots and the recommendation are then computed from the records alone
 (`analyze`), which is also how a different `latency_budget_ms` is answered
 without running anything again.
+
+The measurement is cut into units (`egm_edge.sweep.units`: recipe, budget, target,
+shard of samples) that an executor runs: in this process by default, or as Ray tasks
+with `cluster` (`egm_edge.sweep.cluster`), where targets other than cpu are measured
+on the nodes offering `target:<name>` (records with `measured_on`) and keep the
+planner's prediction until such a node has measured them. Either way this process
+alone writes runs/ and records.jsonl, each record as its run's last rows arrive.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +47,8 @@ class SweepResult:
     table: str
     ran: int = 0  # runs measured now (the rest came from records.jsonl)
     notes: list[str] = field(default_factory=list)
+    nodes: dict[str, dict] = field(default_factory=dict)  # where units ran now: {node: {"units", "seconds"}}
+    measure_s: float = 0.0  # wall seconds of the measurement phase (the executor running the units)
 
     def summary(self) -> str:
         lines = [self.table, ""]
@@ -124,22 +134,28 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
           limit: int | None = None, latency_budget_ms: float | None = None, memory_budget_gb: float | None = None,
           calibration=None, image_root=None, strict: bool = True, seed: int = 0, max_answer_tokens: int = 128,
           max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None,
-          calib_with_reasoning: bool = False, force: bool = False) -> SweepResult:
+          calib_with_reasoning: bool = False, force: bool = False, cluster: str | None = None,
+          cluster_timeout: float = 120.0, shared_dir=None, shard_size: int | None = None) -> SweepResult:
     """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring.
 
     `out_dir` is new, empty or a sweep's own (its records.jsonl: resumed); `force` replaces another egm-edge
-    artifact there, never a folder of other files nor one that is, holds or lies inside an input."""
+    artifact there, never a folder of other files nor one that is, holds or lies inside an input.
+    `cluster` ("auto", "HOST:PORT", "ray://HOST:PORT"): units run as Ray tasks (`egm_edge.sweep.cluster`), shards of
+    `shard_size` samples (default 16; locally one unit per run); units whose target no node offers for
+    `cluster_timeout` seconds are reported; `shared_dir`: a folder every node sees, bundles placed there."""
     from egm_edge.artifacts import check_output_dir, prepare_output_dir
     from egm_edge.reference.runner import read_model_config
     from egm_edge.sweep import bundles as B
     from egm_edge.sweep import records as R
-    from egm_edge.validate.api import load_data, run_side, subset
-    from egm_edge.runtime.settings import DecodeSettings
+    from egm_edge.validate.api import load_data, subset
     from egm_edge.sweep.analysis import budget_label
+    from egm_edge.sweep.units import Artifact, Unit, shards
     from egm_edge.validate.store import PredictionStore, sample_ids, samples_digest
 
     say = say or (lambda _m: None)
     model_dir, out = Path(model_dir), Path(out_dir)
+    executor = _executor(cluster, cluster_timeout, shared_dir, shard_size)
+    shard_size = shard_size or (16 if cluster else None)
     inputs = [model_dir] + [p for p in (data, calibration, image_root) if isinstance(p, (str, Path))]
     check_output_dir(out, force, inputs=inputs, own=is_sweep_dir, resume=True)  # before anything is read
     read_model_config(model_dir)
@@ -169,11 +185,15 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     cpu = next((t for t in tprofiles if t.name == "cpu"), None) or _targets(["cpu"])[0]
     others = [t for t in tprofiles if t.name != "cpu"]
 
+    if executor.name == "ray":
+        executor.connect()  # an unreachable cluster is one sentence before any bundle is built
     prepare_output_dir(out, force, inputs=inputs, own=is_sweep_dir)
     store = R.RecordStore(out)
     store.path.touch()  # marks the folder as this sweep's at once, so a run stopped while building its first bundle resumes
     caps = {"max_answer_tokens": max_answer_tokens, "max_seq_len": max_seq_len}
-    wanted, ran, total = [], 0, len(recipes) * len(budgets)
+    on_nodes = executor.name == "ray"  # targets other than cpu are then measured on the nodes that offer them
+    wanted, ran, total, plan, units = [], 0, len(recipes) * len(budgets), [], []
+    runs: dict[tuple, _Run] = {}
     for recipe in recipes:
         calib = calibration if calibration is not None else B.default_calibration()
         if recipe != B.FULL and isinstance(calib, (str, Path)) and not Path(calib).is_file():
@@ -182,38 +202,140 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         rkey = R.run_key(bkey, samples_digest(by_id), caps)
         keys = {b: [R.record_key(recipe, b, t.name, rkey) for t in [cpu, *others]] for b in budgets}
         wanted += [k for ks in keys.values() for k in ks]
-        have = store.keys()
-        todo = [b for b in budgets if not all(k in have for k in keys[b])]
+        have = {r["key"]: r for r in store.load()}
+        measured_on = {t.name for t in others if on_nodes and _offers(t, recipe)}
+        todo = [b for b in budgets if not all(_done(have.get(k), t.name in measured_on) for t, k in zip([cpu, *others], keys[b]))]
         if not todo:
             say(f"{recipe}: all {len(budgets)} budgets already recorded")
             continue
         runner = _runner(model_dir, recipe, out, cpu, calib, max_answer_tokens, max_seq_len, say, progress, calib_with_reasoning)
-        first = samples[0]
-        runner.predictor.predict(_image(first), first.expression, first.task, DecodeSettings(0, "hard", max_answer_tokens).resolved())  # warm-up
+        art = Artifact.of(runner.path, runner.kind)
         for b in todo:
             ran += 1
-            say(f"[{recipes.index(recipe) * len(budgets) + budgets.index(b) + 1}/{total}] {recipe}, think budget {budget_label(b)}")
-            measured = next((r for r in store.load() if r["key"] == keys[b][0]), None)
-            if measured is None:
-                settings = DecodeSettings(b, "hard", max_answer_tokens).resolved()
-                runs = PredictionStore(out / "runs", f"{recipe}-{budget_label(b)}", rkey)
-                run_side(runner.predictor, f"{recipe} @ {budget_label(b)}", by_id, groups, runs.pending(by_id), settings,
-                         runs, 1, progress)
-                rows = list(runs.load(by_id).values())
-                cap = b if isinstance(b, int) else max((r.get("think_tokens") or 0 for r in rows), default=0)
-                mem = R.predict(spec, cpu, recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
-                measured = R.measured_record(recipe, b, rkey, runner, rows, mem.get("memory_gib") if mem["supported"] else None)
-                store.append(measured)
-            think = measured["accuracy"]["mean_think_tokens"] or 0.0
-            cap = b if isinstance(b, int) else (measured["latency"].get("max_think_tokens") or 0)
-            for t, k in zip(others, keys[b][1:]):
-                if k in store.keys() or spec is None:
+            plan.append((recipe, b, rkey, keys[b], runner))
+            for t, k in zip([cpu, *others], keys[b]):
+                if (t is cpu and k in have) or (t is not cpu and (t.name not in measured_on or _done(have.get(k), True))):
                     continue
-                store.append(R.predicted_record(measured, t, R.predict(spec, t, recipe, think, cap, image_wh)))
+                name = f"{recipe}-{budget_label(b)}" if t is cpu else f"{t.name}-{recipe}-{budget_label(b)}"
+                runs[(recipe, b, t.name)] = run = _Run(recipe, b, t, k, rkey, runner, PredictionStore(out / "runs", name, rkey))
+                run.remaining = set(pend := run.store.pending(by_id))
+                units += [Unit(recipe, b, t.name, j, part, art, max_answer_tokens) for j, part in enumerate(shards(pend, shard_size))]
+
+    def finish(run: _Run) -> None:
+        """The run's record from its rows in runs/ (plus, for cpu, the predictions of targets not measured now)."""
+        rows = run.store.load(by_id)
+        rows = [rows[i] for i in ids if i in rows]
+        cap = run.budget if isinstance(run.budget, int) else max((r.get("think_tokens") or 0 for r in rows), default=0)
+        mem = R.predict(spec, run.target, run.recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
+        where = "; ".join(sorted(run.where))
+        rec = R.measured_record(run.recipe, run.budget, run.rkey, run.runner, rows, mem.get("memory_gib") if mem["supported"] else None,
+                                target=run.target.name, extra={"measured_on": where} if on_nodes and where else None)
+        if on_nodes and where:
+            rec["latency"]["measured_on"] = where
+        store.append(rec)
+        if run.target is cpu:
+            _predict_others(store, spec, rec, others, runs, image_wh)
+
+    def on_rows(unit, rows, info) -> None:
+        run = runs[unit.run]
+        for row in rows:
+            run.store.append(row)
+            run.remaining.discard(row["id"])
+        run.where.add(info["where"])
+        if not run.remaining:
+            finish(run)
+
+    def on_start(unit) -> None:
+        if unit.target == cpu.name and unit.shard == 0:
+            say(f"[{recipes.index(unit.recipe) * len(budgets) + budgets.index(unit.budget) + 1}/{total}] {unit.recipe}, "
+                f"think budget {budget_label(unit.budget)}")
+
+    for run in [r for r in runs.values() if not r.remaining]:  # every sample already in runs/: nothing to measure
+        finish(run)
+    t0 = time.perf_counter()
+    try:
+        nodes = executor.run(units, by_id, groups, on_rows, progress=progress, on_start=on_start, say=say) if units else {}
+    finally:
+        getattr(executor, "close", lambda: None)()
+    measure_s = time.perf_counter() - t0
+    notes += getattr(executor, "notes", [])
+    for recipe, b, rkey, ks, runner in plan:  # targets whose measurement did not finish (or was not asked for): predicted
+        measured = next((r for r in store.load() if r["key"] == ks[0]), None)
+        if measured is not None:
+            _predict_others(store, spec, measured, others, {}, image_wh)
+    for node, n in sorted(nodes.items()):
+        say(f"node {node}: {n['units']} units in {n['seconds']:.1f} s")
     records = [r for r in store.load() if r["key"] in set(wanted)]
     recs, plots, tab, more = analyze(records, out, targets=[cpu.name, *[t.name for t in others]],
                                      latency_budget_ms=latency_budget_ms, memory_budget_gb=memory_budget_gb)
-    return SweepResult(out, records, recs, plots, tab, ran, notes + more)
+    return SweepResult(out, records, recs, plots, tab, ran, notes + more, nodes, round(measure_s, 3))
+
+
+@dataclass
+class _Run:
+    """One (recipe, budget, target) being measured now: its prediction rows, the ids still missing, where it ran."""
+
+    recipe: str
+    budget: Any
+    target: Any  # a target profile
+    key: str
+    rkey: str
+    runner: "Runner"
+    store: Any  # validate.store.PredictionStore
+    remaining: set = field(default_factory=set)
+    where: set = field(default_factory=set)
+
+
+def _done(record: dict | None, measured_there: bool) -> bool:
+    """Whether a record needs no work: present, and measured where its target's latency is now measured on a node."""
+    return record is not None and (not measured_there or record.get("latency", {}).get("source") == "measured")
+
+
+def _offers(target, recipe: str) -> bool:
+    """Whether the target's profile runs the recipe at all (else its record is the planner's 'unsupported')."""
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.sweep.records import planner_precision
+    from egm_edge.targets import check_precision
+
+    try:
+        check_precision(target, planner_precision(recipe, target))
+    except UnsupportedError:
+        return False
+    return True
+
+
+def _predict_others(store, spec, measured: dict, others, runs: dict, image_wh) -> None:
+    """Predicted records, from a measured cpu record, for the targets with no record and none being measured."""
+    from egm_edge.sweep import records as R
+
+    if spec is None:
+        return
+    have = store.keys()
+    think = measured["accuracy"]["mean_think_tokens"] or 0.0
+    b = measured["think_budget"]
+    cap = b if isinstance(b, int) else (measured["latency"].get("max_think_tokens") or 0)
+    budget = "unlimited" if b is None else b
+    for t in others:
+        k = R.record_key(measured["recipe"], budget, t.name, measured["run_key"])
+        if k in have or (measured["recipe"], budget, t.name) in runs:
+            continue
+        store.append(R.predicted_record(measured, t, R.predict(spec, t, measured["recipe"], think, cap, image_wh)))
+
+
+def _executor(cluster: str | None, timeout_s: float, shared_dir, shard_size: int | None):
+    """The local executor (cluster None) or a Ray one; bad options are one sentence before any work."""
+    if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
+        raise InputError(f"The shard size must be a whole number of samples of at least 1, got {shard_size!r}.")
+    if cluster is None:
+        if shared_dir is not None:
+            raise InputError("--shared-dir applies to --cluster sweeps only; add --cluster ADDRESS or leave it out.")
+        from egm_edge.sweep.units import LocalExecutor
+
+        return LocalExecutor()
+    from egm_edge.sweep.cluster import RayExecutor, _ray
+
+    _ray()
+    return RayExecutor(cluster, timeout_s=timeout_s, shared_dir=shared_dir)
 
 
 def _image(sample) -> Any:

@@ -16,8 +16,9 @@ bundle measured where it runs) write measured records for the target they name,
 with `latency.measured_on` (where), the request's wall time per sample, the output
 tokens (an endpoint's from its `usage`), `budget_mechanism` (what capped the
 reasoning) and `data_key` (samples + caps, so sweeps of several deployments into one
-folder are compared on the same data). Records written before these fields existed
-read as before: every reader uses `.get` for them.
+folder are compared on the same data). A `--cluster` sweep's measured records name the
+Ray node(s) in `measured_on` too, for cpu and for each target measured on its own node.
+Records written before these fields existed read as before: every reader uses `.get` for them.
 """
 
 from __future__ import annotations

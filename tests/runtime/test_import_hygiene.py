@@ -1,14 +1,14 @@
-"""The runtime must not pull torch, transformers or modelopt: it runs on devices without them."""
+"""The runtime must not pull torch, transformers, modelopt or ray: it runs on devices without them."""
 
 import subprocess
 import sys
 
 import pytest
 
-FORBIDDEN = ("torch", "transformers", "modelopt")
+FORBIDDEN = ("torch", "transformers", "modelopt", "ray")
 
 
-@pytest.mark.parametrize("module", ["egm_edge", "egm_edge.runtime", "egm_edge.grounding", "egm_edge.cli"])
+@pytest.mark.parametrize("module", ["egm_edge", "egm_edge.runtime", "egm_edge.grounding", "egm_edge.cli", "egm_edge.sweep.cluster"])
 def test_import_pulls_no_heavy_framework(module):
     code = (
         f"import sys, pkgutil, importlib; import {module} as m\n"

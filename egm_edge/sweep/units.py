@@ -1,0 +1,146 @@
+"""Units of sweep work, (recipe, think budget, target, data shard), and the pure measurement of one.
+
+Contract: a `Unit` names what to measure (its `Artifact`: the bundle, or the reference
+checkpoint, named by the sha256 of its manifest), under which decode settings, for
+which target, on which sample ids. `measure(unit, predictor, samples, groups)` grounds
+those samples one request at a time and returns their prediction rows (validate's
+`predict_row`), in the unit's order; it writes no file. Executors run units and hand
+every row back to the driver (`on_rows(unit, rows, info)`), which alone writes
+`runs/` and `records.jsonl`: `LocalExecutor` here, one unit after another (the
+default), and `egm_edge.sweep.cluster.RayExecutor`, units as Ray tasks. Both open one
+predictor per artifact and warm it up once before its first measured request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a unit runs: a bundle (torch-free runtime) or a quantized checkpoint (PyTorch reference)."""
+
+    path: str  # on the driver
+    kind: str  # "bundle" | "checkpoint"
+    sha256: str  # of its manifest.json, written last by the stage that made it: the content key
+
+    @classmethod
+    def of(cls, path, kind: str) -> "Artifact":
+        from egm_edge.artifacts import sha256_file
+
+        return cls(str(Path(path).resolve()), kind, sha256_file(Path(path) / "manifest.json"))
+
+    def open(self, path=None):
+        """A predictor over this artifact at `path` (a worker's copy), else where the driver has it."""
+        from egm_edge.validate.predictors import BundlePredictor, CheckpointPredictor
+
+        where = Path(path or self.path)
+        return BundlePredictor(where) if self.kind == "bundle" else CheckpointPredictor(where)
+
+
+@dataclass(frozen=True)
+class Unit:
+    recipe: str
+    budget: int | str  # tokens or runtime.settings.UNLIMITED
+    target: str
+    shard: int
+    ids: tuple[str, ...]
+    artifact: Artifact
+    max_answer_tokens: int
+
+    @property
+    def run(self) -> tuple:
+        """The (recipe, budget, target) whose record this unit's rows feed."""
+        return (self.recipe, self.budget, self.target)
+
+    @property
+    def resource(self) -> str:
+        """The cluster resource a node must offer to run it: any CPU for target cpu, else `target:<name>`."""
+        return "CPU" if self.target == CPU else f"target:{self.target}"
+
+    def settings(self):
+        from egm_edge.runtime.settings import DecodeSettings
+
+        return DecodeSettings(self.budget, "hard", self.max_answer_tokens).resolved()
+
+    def label(self) -> str:
+        from egm_edge.sweep.analysis import budget_label
+
+        return f"{self.recipe} @ {budget_label(self.budget)} on {self.target} [shard {self.shard}]"
+
+
+def shards(ids: list[str], size: int | None) -> list[tuple[str, ...]]:
+    """`ids` in order, cut into pieces of `size` (None: one piece)."""
+    if not ids:
+        return []
+    size = size or len(ids)
+    return [tuple(ids[i:i + size]) for i in range(0, len(ids), size)]
+
+
+def warm_up(predictor, sample, max_answer_tokens: int) -> None:
+    """One grounding that is no latency figure: the first request pays for session start-up and caches."""
+    from egm_edge.runtime.image import load_image
+    from egm_edge.runtime.settings import DecodeSettings
+
+    image = load_image(sample.image, exif_transpose=False)
+    predictor.predict(image, sample.expression, sample.task, DecodeSettings(0, "hard", max_answer_tokens).resolved())
+
+
+def measure(unit: Unit, predictor, samples: dict, groups: dict, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """The prediction rows of the unit's samples, one request at a time; `on_row` sees each as it ends."""
+    from egm_edge.validate.api import predict_row
+
+    settings, rows = unit.settings(), []
+    for i in unit.ids:
+        rows.append(predict_row(predictor, samples[i], i, groups[i], settings))
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
+class LocalExecutor:
+    """Units one after another in this process, rows handed over as each sample ends (an interrupted run keeps
+    them), one progress bar per unit."""
+
+    name = "local"
+
+    def __init__(self):
+        self.predictors: dict[str, Any] = {}
+
+    def run(self, units: list[Unit], samples: dict, groups: dict, on_rows, *, progress: bool = True,
+            on_start: Callable[[Unit], None] | None = None, say=None) -> dict[str, dict]:
+        """Measure every unit; returns the per-node summary ({"this machine": {"units", "seconds"}})."""
+        from egm_edge.validate.api import progress_bar
+
+        node = {"units": 0, "seconds": 0.0}
+        for unit in units:
+            if on_start is not None:
+                on_start(unit)
+            t0 = time.perf_counter()
+            pred = self._predictor(unit, samples)
+            bar = progress_bar(len(unit.ids), f"{unit.label()} ({pred.kind})", progress)
+            info = {"node": "this machine", "where": "this machine"}
+
+            def one(row, bar=bar, unit=unit, info=info):
+                on_rows(unit, [row], info)
+                bar.update(1)
+
+            try:
+                measure(unit, pred, samples, groups, on_row=one)
+            finally:
+                bar.close()
+            node["units"] += 1
+            node["seconds"] += time.perf_counter() - t0
+        return {"this machine": node} if node["units"] else {}
+
+    def _predictor(self, unit: Unit, samples: dict):
+        art = unit.artifact
+        if art.sha256 not in self.predictors:
+            self.predictors[art.sha256] = pred = art.open()
+            warm_up(pred, samples[unit.ids[0]], unit.max_answer_tokens)
+        return self.predictors[art.sha256]
