@@ -399,7 +399,10 @@ class _Handler(BaseHTTPRequestHandler):
                 job = srv.engine.submit(seq)
                 del seq
                 events = _timed(job.events(deadline), cfg)
-                first = next(events)  # its vision graph and prefill have run: the pixels go back
+                try:
+                    first = next(events)  # its vision graph and prefill have run: the pixels go back
+                except EgmError as e:  # raised for this request's input while it ran (not a bug of ours): a 4xx
+                    raise HttpError(400, str(e)) from None
             self._generate(req, itertools.chain([first], events), full, cap, deadline)
         finally:
             if job is not None:

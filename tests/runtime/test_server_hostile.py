@@ -332,3 +332,26 @@ def test_our_bugs_get_500_with_an_error_id_in_the_log(grounder, scene, caplog):
         assert status == 200
     finally:
         s.close()
+
+
+class _RefusingGrounder(_BuggyGrounder):
+    """The real grounder whose first prefill refuses the request's input in one sentence (an EgmError)."""
+
+    def prefill(self, *a, **kw):
+        self.calls += 1
+        if self.calls == 1:
+            from egm_edge.errors import InputError
+
+            raise InputError("This image cannot be encoded; send another.")
+        return self.real.prefill(*a, **kw)
+
+
+def test_an_input_refusal_inside_the_batch_is_a_400_with_its_sentence(grounder, scene):
+    s = Running(_RefusingGrounder(grounder))
+    try:
+        body = json.dumps(chat_body(scene.read_bytes())).encode()
+        status, resp = post(s.url, body)
+        assert status == 400 and resp["error"]["message"] == "This image cannot be encoded; send another."
+        assert post(s.url, body)[0] == 200
+    finally:
+        s.close()
