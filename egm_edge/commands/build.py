@@ -10,6 +10,9 @@ Three ways in, exactly one per call:
   in one go (egm_edge.builder.pipeline), stages reused, impossible combinations
   refused before any work.
 - `--finalize BUNDLE`: on the device, compile the bundle's TensorRT engines.
+With `--cluster ADDRESS`, a gpu/jetson bundle (built here, or given to --finalize) is
+finalized as a Ray task on a node offering `target:<its target>` (egm_edge.builder.remote):
+the engines stay on that device, this process prints the node and where they lie.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-int8", action="store_true",
                    help="cpu target: add a prompt graph with dynamic int8 Linear layers (faster prefill; costs an int8 "
                         "copy of the language model; its logit agreement goes into the manifest)")
+    from egm_edge.commands.validate import add_cluster_arguments
+
+    add_cluster_arguments(p, "gpu/jetson targets: after the bundle is built here (or for --finalize BUNDLE), compile its "
+                             "TensorRT engines as a Ray task on a node started with --resources '{\"target:NAME\": 1}' "
+                             "(auto, HOST:PORT or ray://HOST:PORT; needs the cluster extra); the engines stay there",
+                          shards=False)
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out (with --finalize: recompile engines)")
 
 
@@ -85,9 +94,43 @@ def _plan_for_export(args, target, budget):
     return p
 
 
+def _cluster(args):
+    """The Ray executor --cluster asks for, connected now (an unreachable head is refused before any build), or None."""
+    if args.cluster is None:
+        if args.shared_dir is not None:
+            from egm_edge.errors import InputError
+
+            raise InputError("--shared-dir applies to --cluster builds only; add --cluster ADDRESS or leave it out.")
+        return None
+    if args.target is not None and not args.finalize:
+        from egm_edge.targets import load_target
+
+        if load_target(args.target).kind not in ("gpu", "jetson"):
+            from egm_edge.errors import UnsupportedError
+
+            raise UnsupportedError(f"--cluster compiles TensorRT engines on a node of a gpu or jetson target; target "
+                                   f"{args.target} has none to compile, so build it here without --cluster.")
+    from egm_edge.sweep.units import executor_for
+
+    ex = executor_for(args.cluster, args.cluster_timeout, args.shared_dir)
+    ex.connect()
+    return ex
+
+
+def _finalize_remote(bundle, ex, force: bool, say) -> int:
+    from egm_edge.builder.remote import finalize_on_cluster
+
+    got = finalize_on_cluster(bundle, ex, force=force, say=say)
+    print(f"engines: {got['engines']} on ray node {got['node']} (target {got['target']})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     say = lambda m: print(f"[build] {m}", flush=True)  # noqa: E731
+    ex = _cluster(args)
     if args.finalize:
+        if ex is not None:
+            return _finalize_remote(args.finalize, ex, args.force, say)
         from egm_edge.builder.tensorrt import finalize
 
         print(f"engines: {finalize(args.finalize, force=args.force, progress=say)}")
@@ -107,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force, budget_mode=args.budget_mode, max_answer_tokens=args.max_answer_tokens,
             max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
         print(f"bundle: {out}")
-        return 0
+        return _finalize_remote(out, ex, args.force, say) if ex is not None else 0
     from egm_edge.targets import load_target
 
     if args.block_size is not None:
@@ -133,4 +176,4 @@ def run(args: argparse.Namespace) -> int:
                              max_answer_tokens=args.max_answer_tokens, force=args.force, kv_cache=args.kv_cache,
                              max_batch_size=args.max_batch_size, progress=say)
     print(f"bundle: {out}")
-    return 0
+    return _finalize_remote(out, ex, args.force, say) if ex is not None else 0

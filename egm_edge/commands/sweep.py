@@ -23,7 +23,7 @@ def _list(text: str) -> list[str]:
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    from egm_edge.commands.validate import add_endpoint_kind_argument
+    from egm_edge.commands.validate import add_cluster_arguments, add_endpoint_kind_argument
 
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", metavar="DIR", help="full-precision Qwen3-VL checkpoint directory: CPU bundles per recipe")
@@ -59,17 +59,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-with-reasoning", action="store_true",
                    help="calibrate quantized recipes on the full model's own reasoning (quantize --calib-with-reasoning)")
     p.add_argument("--max-answer-tokens", type=int, default=128, metavar="N", help="cap on answer tokens after the reasoning closes (default 128)")
-    p.add_argument("--cluster", metavar="ADDRESS", default=None,
-                   help="with --model: run the sweep's units as Ray tasks on a running cluster (auto, HOST:PORT or "
-                        "ray://HOST:PORT; needs the cluster extra); targets other than cpu are measured on nodes started "
-                        "with --resources '{\"target:NAME\": 1}' (see runtime/README.md)")
-    p.add_argument("--cluster-timeout", type=float, default=120.0, metavar="S",
-                   help="with --cluster: report units whose target no node offers after S seconds (default 120)")
-    p.add_argument("--shared-dir", metavar="DIR", default=None,
-                   help="with --cluster: a folder every node sees at the same path; bundles are placed there and the "
-                        "data's images read where they are (default: both shipped through Ray's object store)")
-    p.add_argument("--shard-size", type=int, default=None, metavar="N",
-                   help="with --cluster: samples per unit of work (default 16)")
+    add_cluster_arguments(p, "with --model: run the sweep's units as Ray tasks on a running cluster (auto, HOST:PORT or "
+                             "ray://HOST:PORT; needs the cluster extra); targets other than cpu are measured on nodes started "
+                             "with --resources '{\"target:NAME\": 1}' (see runtime/README.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace another egm-edge artifact at --out (a sweep's own --out is resumed without it)")
 

@@ -4,7 +4,8 @@ Exit status: 0 the gate passed (splits under --min-split-n samples are reported,
 not gated); 1 a drop exceeded its limit (the split and the size are printed); 2
 bad input (missing data file, malformed lines in strict mode, missing images,
 different tokenizers, an endpoint that does not answer) or an incomplete run
-(samples that failed after retries; rerunning retries only them).
+(samples that failed after retries; rerunning retries only them). `--cluster ADDRESS`
+predicts the local sides as Ray tasks (egm_edge.validate.cluster), the same report.
 """
 
 from __future__ import annotations
@@ -25,6 +26,20 @@ def add_endpoint_kind_argument(p: argparse.ArgumentParser) -> None:
                         "budget_mode), trtllm and vllm (thinking_token_budget), sglang (custom_params.thinking_budget, kept "
                         "only under --enable-strict-thinking), openai (none: max_tokens only); auto (default) reads "
                         "/v1/models owned_by and falls back to openai")
+
+
+def add_cluster_arguments(p: argparse.ArgumentParser, cluster_help: str, shards: bool = True) -> None:
+    """--cluster and its options, as sweep, validate and build spell them (egm_edge.sweep.cluster)."""
+    p.add_argument("--cluster", metavar="ADDRESS", default=None, help=cluster_help)
+    p.add_argument("--cluster-timeout", type=float, default=120.0, metavar="S",
+                   help="with --cluster: report units whose target no node offers after S seconds (default 120)")
+    p.add_argument("--shared-dir", metavar="DIR", default=None,
+                   help="with --cluster: a folder every node sees at the same path; bundles are placed there"
+                        + (" and the data's images read where they are (default: both" if shards else " (default:")
+                        + " shipped through Ray's object store)")
+    if shards:
+        p.add_argument("--shard-size", type=int, default=None, metavar="N",
+                       help="with --cluster: samples per unit of work (default 16)")
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -60,6 +75,8 @@ def register(p: argparse.ArgumentParser) -> None:
                         "bundles and checkpoints say their own")
     p.add_argument("--model-name", metavar="NAME", help="model name to send to endpoints (default: the first of /v1/models)")
     add_endpoint_kind_argument(p)
+    add_cluster_arguments(p, "predict the bundle and checkpoint sides as Ray tasks on a running cluster (auto, HOST:PORT "
+                             "or ray://HOST:PORT; needs the cluster extra); endpoints are still asked from this process")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per endpoint request (default 120)")
     p.add_argument("--retries", type=int, default=3, metavar="N", help="retries of a failed endpoint request (default 3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -80,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, image_root=args.image_root, strict=not args.lenient, model_name=args.model_name,
         max_answer_tokens=args.max_answer_tokens, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
         timeout_s=args.timeout, retries=args.retries, api_key=api_key, gate=args.gate,
-        min_split_n=args.min_split_n, force=args.force, family=args.family,
+        min_split_n=args.min_split_n, force=args.force, family=args.family, cluster=args.cluster,
+        cluster_timeout=args.cluster_timeout, shared_dir=args.shared_dir, shard_size=args.shard_size,
     )
     print(report.summary())
     return report.exit_code

@@ -149,12 +149,12 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     from egm_edge.sweep import records as R
     from egm_edge.validate.api import load_data, subset
     from egm_edge.sweep.analysis import budget_label
-    from egm_edge.sweep.units import Artifact, Unit, shards
+    from egm_edge.sweep.units import Artifact, Unit, executor_for, shards
     from egm_edge.validate.store import PredictionStore, sample_ids, samples_digest
 
     say = say or (lambda _m: None)
     model_dir, out = Path(model_dir), Path(out_dir)
-    executor = _executor(cluster, cluster_timeout, shared_dir, shard_size)
+    executor = executor_for(cluster, cluster_timeout, shared_dir, shard_size)
     shard_size = shard_size or (16 if cluster else None)
     inputs = [model_dir] + [p for p in (data, calibration, image_root) if isinstance(p, (str, Path))]
     check_output_dir(out, force, inputs=inputs, own=is_sweep_dir, resume=True)  # before anything is read
@@ -320,22 +320,6 @@ def _predict_others(store, spec, measured: dict, others, runs: dict, image_wh) -
         if k in have or (measured["recipe"], budget, t.name) in runs:
             continue
         store.append(R.predicted_record(measured, t, R.predict(spec, t, measured["recipe"], think, cap, image_wh)))
-
-
-def _executor(cluster: str | None, timeout_s: float, shared_dir, shard_size: int | None):
-    """The local executor (cluster None) or a Ray one; bad options are one sentence before any work."""
-    if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
-        raise InputError(f"The shard size must be a whole number of samples of at least 1, got {shard_size!r}.")
-    if cluster is None:
-        if shared_dir is not None:
-            raise InputError("--shared-dir applies to --cluster sweeps only; add --cluster ADDRESS or leave it out.")
-        from egm_edge.sweep.units import LocalExecutor
-
-        return LocalExecutor()
-    from egm_edge.sweep.cluster import RayExecutor, _ray
-
-    _ray()
-    return RayExecutor(cluster, timeout_s=timeout_s, shared_dir=shared_dir)
 
 
 def _image(sample) -> Any:

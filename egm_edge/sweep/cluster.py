@@ -1,4 +1,4 @@
-"""`RayExecutor`: sweep units as Ray tasks across a cluster, results streamed back to the single-writer driver.
+"""`RayExecutor`: sweep and validate units as Ray tasks across a cluster, results streamed back to the single-writer driver.
 
 Contract: `RayExecutor(address)` connects to a running Ray cluster ("auto", "HOST:PORT"
 or "ray://HOST:PORT"; a process already connected keeps its connection) and runs the
@@ -14,8 +14,10 @@ with their shard the same way unless `shared_dir` says every node sees the data'
 paths. Tasks retry on another worker when theirs dies (`max_retries`); the driver gets
 each unit's rows once, from its one successful attempt, and is the only writer of
 runs/ and records.jsonl. Units whose resource no node offers for `timeout_s` are
-cancelled and reported in one sentence, never waited on forever. Ray is imported only
-inside these functions: `pip install 'egm-edge[cluster]'`.
+cancelled and reported in one sentence, never waited on forever. `call(fn, artifact,
+target, *args)` runs one function on the node's copy of an artifact, on a node of that
+target (how `build --cluster` finalizes a bundle on its device), under the same rules.
+Ray is imported only inside these functions: `pip install 'egm-edge[cluster]'`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from egm_edge.errors import InputError
+from egm_edge.errors import EgmError, InputError
 
 MAX_RETRIES = 3  # per unit, on a worker or node that died (Ray's own retry)
 _PREDICTORS: dict[str, Any] = {}  # per worker process: one warm predictor per artifact
@@ -74,17 +76,48 @@ class RayExecutor:
             _ray().shutdown()
             self._ours = False
 
-    def run(self, units, samples: dict, groups: dict, on_rows, *, progress: bool = True, on_start=None, say=None) -> dict:
+    def run(self, units, samples: dict, groups: dict, on_rows, *, progress: bool = True, on_start=None, say=None,
+            desc: str = "sweep units") -> dict:
         """Run every unit as a Ray task; `on_rows(unit, rows, info)` on the driver as each one ends. Returns
         {node: {"units", "seconds"}}; units that failed or found no node are in `self.notes`, their rows absent."""
         ray = _ray()
         self.connect()
         try:
-            return self._run(ray, units, samples, groups, on_rows, progress)
+            return self._run(ray, units, samples, groups, on_rows, progress, desc)
         finally:
             self.close()  # only a connection this executor opened
 
-    def _run(self, ray, units, samples, groups, on_rows, progress) -> dict:
+    def call(self, fn, art, target: str, *args):
+        """`fn(path, *args)` as one Ray task on a node offering `target` (path: that node's copy of `art`); returns
+        (its result, the node). InputError with the unschedulable sentence when no node offers it for `timeout_s`."""
+        from egm_edge.sweep.units import resource_for
+
+        ray = _ray()
+        self.connect()
+        try:
+            res = resource_for(target)
+            opts = {"num_cpus": 1, "max_retries": self.max_retries, **({"resources": {res: 1}} if res != "CPU" else {})}
+            ref = ray.remote(_call_task).options(**opts).remote(fn, art, [self._ship_artifact(ray, art)], self.shared_dir, *args)
+            pending, missing_since = {ref: _Job(target, res)}, {}
+            try:
+                while pending:
+                    if ray.wait([ref], num_returns=1, timeout=0.5)[0]:
+                        out = ray.get(ref)
+                        return out["result"], out["node"]
+                    self._drop_unschedulable(ray, pending, missing_since)
+            except ray.exceptions.RayError as e:  # the task's worker or node died more than max_retries times
+                if isinstance(e, ray.exceptions.RayTaskError):
+                    raise  # an exception inside fn itself: a bug, with its traceback
+                raise EgmError(f"The cluster task for target {target} failed ({_first_line(e)}); rerun the same command "
+                               "to retry it.") from None
+            except BaseException:
+                ray.cancel(ref, force=True)
+                raise
+            raise InputError(self.notes[-1])
+        finally:
+            self.close()
+
+    def _run(self, ray, units, samples, groups, on_rows, progress, desc) -> dict:
         task = ray.remote(_unit_task)
         unique = {u.artifact.sha256: u.artifact for u in units}
         artifacts = {sha: self._ship_artifact(ray, art) for sha, art in unique.items()}  # packed once each
@@ -100,7 +133,7 @@ class RayExecutor:
             ref = task.options(**opts).remote(u, {i: samples[i] for i in u.ids}, {i: groups[i] for i in u.ids},
                                               [artifacts[u.artifact.sha256]], [images.get(u.ids)], self.shared_dir)
             pending[ref] = u
-        bar = _bar(len(units), progress)
+        bar = _bar(len(units), progress, desc)
         nodes: dict[str, dict] = {}
         missing_since: dict[str, float] = {}
         try:
@@ -154,7 +187,7 @@ class RayExecutor:
         if self.shared_dir is None:
             return ray.put(_pack_dir(Path(art.path)))
         dest = Path(self.shared_dir) / art.sha256
-        if not (dest / "manifest.json").is_file():
+        if not dest.is_dir():  # only ever renamed into place whole
             tmp = dest.with_name(f".{art.sha256}.{os.getpid()}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(art.path, tmp)
@@ -182,11 +215,18 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                          "or pass the address it printed.") from None
 
 
-def _bar(total: int, enabled: bool):
+class _Job:
+    """What `_drop_unschedulable` needs of a pending task: its target and the resource that target asks for."""
+
+    def __init__(self, target: str, resource: str):
+        self.target, self.resource = target, resource
+
+
+def _bar(total: int, enabled: bool, desc: str = "sweep units"):
     """One bar on the driver for the whole cluster: units done of all, with tqdm's rate and ETA."""
     from egm_edge.validate.api import progress_bar
 
-    bar = progress_bar(total, "sweep units (ray)", enabled)
+    bar = progress_bar(total, f"{desc} (ray)", enabled)
     if hasattr(bar, "unit"):
         bar.unit = "unit"
     return bar
@@ -219,7 +259,7 @@ def _materialise(art, box: list, shared_dir: str | None) -> Path:
     if shared_dir is not None:
         return Path(shared_dir) / art.sha256
     dest = _cache() / art.sha256
-    if (dest / "manifest.json").is_file():
+    if dest.is_dir():  # only ever renamed into place whole
         return dest
     import ray
 
@@ -260,8 +300,6 @@ def _localise(samples: dict, box: list) -> dict:
 
 def _unit_task(unit, samples: dict, groups: dict, artifact_box: list, images_box: list, shared_dir: str | None) -> dict:
     """One unit on a worker (runs under Ray): its rows, written nowhere, with the node and seconds it took."""
-    import socket
-
     import ray
 
     from egm_edge.sweep.units import measure, warm_up
@@ -280,6 +318,20 @@ def _unit_task(unit, samples: dict, groups: dict, artifact_box: list, images_box
     rows = measure(unit, _PREDICTORS[art.sha256], local, groups)
     for r in rows:
         r["image"] = str(samples[r["id"]].image)  # the driver's path: what its store compares samples by
-    node = f"{ray.util.get_node_ip_address()} ({ctx.get_node_id()[:8]}, {socket.gethostname()})"
+    node = _node()
     return {"rows": rows, "node": node, "where": f"ray node {node}", "pid": os.getpid(),
             "seconds": time.perf_counter() - t0}
+
+
+def _node() -> str:
+    """This worker's node as reports name it: IP, the node id's first 8 hex digits, host name."""
+    import socket
+
+    import ray
+
+    return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]}, {socket.gethostname()})"
+
+
+def _call_task(fn, art, artifact_box: list, shared_dir: str | None, *args) -> dict:
+    """`fn` on this node's copy of the artifact (runs under Ray), with the node it ran on."""
+    return {"result": fn(_materialise(art, artifact_box, shared_dir), *args), "node": _node()}

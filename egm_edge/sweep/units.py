@@ -1,14 +1,16 @@
-"""Units of sweep work, (recipe, think budget, target, data shard), and the pure measurement of one.
+"""Units of sweep and validate work, (recipe or side, think budget, target, data shard), and the pure measurement of one.
 
 Contract: a `Unit` names what to measure (its `Artifact`: the bundle, or the reference
-checkpoint, named by the sha256 of its manifest), under which decode settings, for
-which target, on which sample ids. `measure(unit, predictor, samples, groups)` grounds
+checkpoint, named by the sha256 of its manifest, or of its fingerprint when it has
+none), under which decode settings (the sweep's budget with a hard close, or the
+whole `DecodeSettings` validate resolved), for which target, on which sample ids. `measure(unit, predictor, samples, groups)` grounds
 those samples one request at a time and returns their prediction rows (validate's
 `predict_row`), in the unit's order; it writes no file. Executors run units and hand
 every row back to the driver (`on_rows(unit, rows, info)`), which alone writes
 `runs/` and `records.jsonl`: `LocalExecutor` here, one unit after another (the
-default), and `egm_edge.sweep.cluster.RayExecutor`, units as Ray tasks. Both open one
-predictor per artifact and warm it up once before its first measured request.
+default), and `egm_edge.sweep.cluster.RayExecutor`, units as Ray tasks (`executor_for`
+picks one; bad options are one sentence before any work). Both open one predictor per
+artifact and warm it up once before its first measured request.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class Artifact:
 
         return cls(str(Path(path).resolve()), kind, sha256_file(Path(path) / "manifest.json"))
 
+    @classmethod
+    def of_predictor(cls, pred) -> "Artifact":
+        """The artifact a local predictor runs; a checkpoint without a manifest is named by its fingerprint."""
+        import hashlib
+        import json
+
+        if (Path(pred.path) / "manifest.json").is_file():
+            return cls.of(pred.path, pred.kind)
+        blob = json.dumps(pred.fingerprint(), sort_keys=True).encode()
+        return cls(str(Path(pred.path).resolve()), pred.kind, hashlib.sha256(blob).hexdigest())
+
     def open(self, path=None):
         """A predictor over this artifact at `path` (a worker's copy), else where the driver has it."""
         from egm_edge.validate.predictors import BundlePredictor, CheckpointPredictor
@@ -52,6 +65,7 @@ class Unit:
     ids: tuple[str, ...]
     artifact: Artifact
     max_answer_tokens: int
+    decode: Any = None  # a whole resolved DecodeSettings (validate); None: `budget` with a hard close (sweep)
 
     @property
     def run(self) -> tuple:
@@ -61,17 +75,41 @@ class Unit:
     @property
     def resource(self) -> str:
         """The cluster resource a node must offer to run it: any CPU for target cpu, else `target:<name>`."""
-        return "CPU" if self.target == CPU else f"target:{self.target}"
+        return resource_for(self.target)
 
     def settings(self):
         from egm_edge.runtime.settings import DecodeSettings
 
+        if self.decode is not None:
+            return self.decode
         return DecodeSettings(self.budget, "hard", self.max_answer_tokens).resolved()
 
     def label(self) -> str:
         from egm_edge.sweep.analysis import budget_label
 
         return f"{self.recipe} @ {budget_label(self.budget)} on {self.target} [shard {self.shard}]"
+
+
+def resource_for(target: str) -> str:
+    """The cluster resource a node must offer to run work for `target`: any CPU for cpu, else `target:<name>`."""
+    return "CPU" if target == CPU else f"target:{target}"
+
+
+def executor_for(cluster: str | None, timeout_s: float = 120.0, shared_dir=None, shard_size: int | None = None,
+                 what: str = "sweeps"):
+    """The local executor (cluster None) or a Ray one; bad options are one sentence before any work."""
+    from egm_edge.errors import InputError
+
+    if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
+        raise InputError(f"The shard size must be a whole number of samples of at least 1, got {shard_size!r}.")
+    if cluster is None:
+        if shared_dir is not None:
+            raise InputError(f"--shared-dir applies to --cluster {what} only; add --cluster ADDRESS or leave it out.")
+        return LocalExecutor()
+    from egm_edge.sweep.cluster import RayExecutor, _ray
+
+    _ray()
+    return RayExecutor(cluster, timeout_s=timeout_s, shared_dir=shared_dir)
 
 
 def shards(ids: list[str], size: int | None) -> list[tuple[str, ...]]:

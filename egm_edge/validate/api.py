@@ -15,6 +15,9 @@ prediction files; the gate fails when a drop exceeds its limit on any split or
 the pooled overall with enough samples to judge (`min_split_n`; smaller ones are
 reported as too small), and the result is incomplete while errors remain. The
 overall is also reported as EGM reports it, the mean of the per-split figures.
+With `cluster`, local sides (bundles, checkpoints) predict as Ray tasks over shards of
+samples (`egm_edge.validate.cluster`), this process still the only writer of the
+prediction files, so the report and resumption are those of the in-process run.
 """
 
 from __future__ import annotations
@@ -129,18 +132,27 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="sample")
 
 
+def _row(sample, sid: str, group: str) -> dict:
+    return {"id": sid, "split": group, "task": sample.task, "image": str(sample.image), "expression": sample.expression,
+            "gt": gt_box(sample), "error": None}
+
+
+def error_row(sample, sid: str, group: str, error: str) -> dict:
+    """The row of a sample that has no prediction: an ERROR, counted per split and retried by a rerun."""
+    return {**_row(sample, sid, group), "error": error, "latency_ms": None}
+
+
 def predict_row(predictor, sample, sid: str, group: str, settings: DecodeSettings) -> dict:
     from egm_edge.grounding import hit, iou
     from egm_edge.runtime.image import load_image
 
-    row = {"id": sid, "split": group, "task": sample.task, "image": str(sample.image), "expression": sample.expression,
-           "gt": gt_box(sample), "error": None}
+    row = _row(sample, sid, group)
     t0 = time.perf_counter()
     try:
         image = load_image(sample.image, exif_transpose=False)  # RefCOCO boxes live in the stored frame
         result = predictor.predict(image, sample.expression, sample.task, settings)
     except EgmError as e:
-        return {**row, "error": str(e), "latency_ms": None}
+        return error_row(sample, sid, group, str(e))
     wall = (time.perf_counter() - t0) * 1000.0
     v = iou(result.box, sample.bbox)
     return {**row, "iou": v, "hit": hit(v), "parsed": result.box is not None, "think_tokens": result.think_tokens,
@@ -203,7 +215,8 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
              max_answer_tokens: int | None = None, max_new_tokens: int | None = None, progress: bool = True,
              worst_k: int = 8, timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.5,
              api_key: str | None = None, gate: str = "significant", min_split_n: int | None = None,
-             force: bool = False, settings: DecodeSettings | None = None, family: str | None = None) -> Report:
+             force: bool = False, settings: DecodeSettings | None = None, family: str | None = None,
+             cluster: str | None = None, cluster_timeout: float = 120.0, shared_dir=None, shard_size: int | None = None) -> Report:
     """Validate `candidate` against `reference` on `data` into `out_dir`; see the module docstring.
 
     candidate/reference: a bundle dir, a checkpoint dir, an http(s) URL, or a predictor object.
@@ -216,7 +229,11 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     (default `stats.MIN_GATE_N`, see there why); smaller ones are reported as too small to gate.
     out_dir: new, empty, or a validation's own (its predictions files: resumed); `force` replaces another
     egm-edge artifact there, never a folder of other files nor one that is, holds or lies inside an input.
+    cluster ("auto", "HOST:PORT", "ray://HOST:PORT"): bundle and checkpoint sides run as Ray tasks, `shard_size` samples
+    each (default 16), shipped through the object store or `shared_dir`; units whose target no node offers for
+    `cluster_timeout` seconds are reported and their samples left as errors (see `egm_edge.validate.cluster`).
     """
+    from egm_edge.sweep.units import executor_for
     from egm_edge.validate import report as rep
     from egm_edge.validate import stats
 
@@ -231,6 +248,7 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
             raise InputError(f"{name} must be a non-negative number of points, got {v!r}.")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise InputError(f"concurrency must be a positive whole number, got {concurrency!r}.")
+    executor = executor_for(cluster, cluster_timeout, shared_dir, shard_size, what="validations")
     asked = (settings or DecodeSettings()).override(think_budget=think_budget, budget_mode=budget_mode,
                                                     max_answer_tokens=max_answer_tokens, max_new_tokens=max_new_tokens)
     if isinstance(data, (str, Path)) and not Path(data).exists():
@@ -254,15 +272,32 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
     groups = {i: _group_of(s, key) for i, s in by_id.items()}
     settings = _resolve_settings(cand, asked)
 
+    from egm_edge.validate.cluster import on_cluster, predict_on_cluster
+
+    remote = executor.name == "ray" and (on_cluster(ref) or on_cluster(cand))
+    if remote:
+        executor.connect()  # an unreachable cluster is one sentence before the output folder is touched
     out = prepare_output_dir(out_dir, force, inputs=inputs, own=is_validation_dir)
-    rows, runs = {}, {}
+    rows, runs, jobs, cluster_notes = {}, {}, [], []
     for side, pred in (("reference", ref), ("candidate", cand)):
         store = PredictionStore(out, side, config_hash(pred.fingerprint(), settings.to_dict()))
         todo = store.pending(by_id)
-        wall = run_side(pred, side, by_id, groups, todo, settings, store, concurrency, progress) if todo else 0.0
-        rows[side] = store.load(by_id)
-        runs[side] = {"predicted_now": len(todo), "reused": len(ids) - len(todo), "wall_s": round(wall, 2),
+        runs[side] = {"predicted_now": len(todo), "reused": len(ids) - len(todo), "wall_s": 0.0,
                       "predictions": store.path.name, "config": store.config}
+        if todo and remote and on_cluster(pred):
+            jobs.append((side, pred, store, todo))
+        elif todo:
+            runs[side]["wall_s"] = round(run_side(pred, side, by_id, groups, todo, settings, store, concurrency, progress), 2)
+    if jobs:
+        got = predict_on_cluster(executor, jobs, by_id, groups, settings, shard_size=shard_size, progress=progress)
+        for side, *_ in jobs:
+            runs[side].update(wall_s=got["wall_s"][side], where=sorted(got["nodes"]))
+        cluster_notes = got["notes"]
+    elif remote:
+        executor.close()
+    for side in ("reference", "candidate"):
+        loaded = PredictionStore(out, side, runs[side]["config"]).load(by_id)
+        rows[side] = {i: loaded[i] for i in ids if i in loaded}  # sample order, however the rows arrived
 
     per_group = {}
     for name, gids in stats.group_ids({i: {"split": groups[i]} for i in ids}, ids).items():
@@ -293,7 +328,7 @@ def validate(candidate, reference, data, *, out_dir, split_by: str = "split", ma
         "runs": runs,
         "groups": per_group,
         "split_mean": stats.split_mean(per_group),
-        "notes": rep.notes(rows, settings, errors) + _gate_notes(per_group, min_split_n),
+        "notes": rep.notes(rows, settings, errors) + _gate_notes(per_group, min_split_n) + cluster_notes,
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     report = Report(verdict, failures, out, body)

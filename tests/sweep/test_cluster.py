@@ -1,9 +1,11 @@
-"""A sweep on a real local Ray cluster (a head and one more node, loopback only) gives the in-process records.
+"""A sweep and a validation on a real local Ray cluster (a head and one more node, loopback only) give the
+in-process records and report; `build --finalize --cluster` runs on the node of the bundle's target.
 
 The cluster: a head with 1 CPU and a second node (its own raylet) with 1 CPU that also offers
 `target:jetson-orin-nano-8gb`, as a Jetson joining with `ray start --resources` would. The embedded
 tiny grounder is swept in-process once; the cluster sweeps reuse its bundle (copied into their --out,
-found by its key), so the whole file stays within about a minute here.
+found by its key), and the validation compares that bundle with the grounder's checkpoint, so the
+whole file stays within about two minutes here.
 """
 
 from __future__ import annotations
@@ -218,3 +220,93 @@ def test_bad_cluster_options_are_one_sentence(local, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "Nothing answers at 127.0.0.1:1" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o").exists()  # refused before any bundle was built
+
+
+# ---- validate --cluster --------------------------------------------------------------------------------
+
+
+def _without_latency(groups: dict) -> dict:
+    """The report's per-split figures less the latency percentiles (wall-clock: no two runs share them)."""
+    return {g: {k: ({m: v for m, v in fig.items() if m != "latency_ms"} if k in ("reference", "candidate") else fig)
+                for k, fig in body.items()} for g, body in groups.items()}
+
+
+def _validate(local, out, **kw):
+    from egm_edge.assets import default_model_dir
+    from egm_edge.validate import validate
+
+    data, local_out, _ = local
+    return validate(local_out / "bundles" / "full", default_model_dir(), data, out_dir=out, think_budget=16,
+                    max_answer_tokens=64, min_split_n=1, progress=False, **kw)
+
+
+def test_validate_on_the_cluster_reports_what_the_in_process_run_reports_and_resumes(local, cluster, tmp_path, capsys):
+    here = _validate(local, tmp_path / "here")
+    there = _validate(local, tmp_path / "there", cluster="auto", shard_size=2)
+    for key in ("verdict", "failures", "held", "too_small", "errors", "split_mean", "thresholds", "settings"):
+        assert there.data[key] == here.data[key], key
+    assert _without_latency(there.data["groups"]) == _without_latency(here.data["groups"])
+    assert here.data["groups"]["overall"]["candidate"]["scored"] == 6  # a check that could fail: every sample scored
+    for side in ("reference", "candidate"):
+        assert there.data["runs"][side]["config"] == here.data["runs"][side]["config"]  # the same resume keys
+        assert len(there.data["runs"][side]["where"]) >= 1
+        mine, theirs = (sorted(map(_what_was_answered, _side_rows(d, side))) for d in (tmp_path / "there", tmp_path / "here"))
+        assert mine == theirs and len(mine) == 6  # each sample once, answered as in-process
+    from egm_edge.cli import main
+
+    data, local_out, _ = local
+    before = {s: (tmp_path / "there" / f"predictions-{s}.jsonl").read_text() for s in ("reference", "candidate")}
+    args = ["validate", "--candidate", str(local_out / "bundles" / "full"), "--reference", _model(), "--data", str(data),
+            "--out", str(tmp_path / "there"), "--think-budget", "16", "--max-answer-tokens", "64", "--min-split-n", "1",
+            "--no-progress", "--cluster", "auto", "--shard-size", "2"]
+    assert main(args) == there.exit_code
+    capsys.readouterr()
+    rerun = json.loads((tmp_path / "there" / "report.json").read_text())
+    assert all(rerun["runs"][s]["predicted_now"] == 0 and rerun["runs"][s]["reused"] == 6 for s in before)
+    assert {s: (tmp_path / "there" / f"predictions-{s}.jsonl").read_text() for s in before} == before
+
+
+def _model() -> str:
+    from egm_edge.assets import default_model_dir
+
+    return str(default_model_dir())
+
+
+def _side_rows(out: Path, side: str) -> list[dict]:
+    return [json.loads(x) for x in (out / f"predictions-{side}.jsonl").read_text().splitlines()]
+
+
+# ---- build --cluster -----------------------------------------------------------------------------------
+
+
+def test_build_finalize_on_the_cluster_runs_on_the_node_of_the_target_and_brings_back_its_refusal(
+        cluster, tiny_export_trt, tmp_path, capsys):
+    from egm_edge.builder.tensorrt import build_tensorrt
+    from egm_edge.cli import main
+    from egm_edge.models import spec_from_config
+    from egm_edge.plan import plan
+    from egm_edge.targets import load_target
+
+    target = load_target(NANO)
+    bundle = build_tensorrt(tiny_export_trt, tmp_path / "b", target, plan(spec_from_config(tiny_export_trt), target, "fp16", 32))
+    worker = cluster.list_all_nodes()[1].node_id[:8]  # the node started with target:jetson-orin-nano-8gb
+    assert main(["build", "--finalize", str(bundle), "--cluster", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"({worker}, " in err and "could not finalize b for jetson-orin-nano-8gb" in err
+    assert "TensorRT is not importable here; run `egm-edge build --finalize` on the target device" in err  # finalize's own
+    assert not (bundle / "engines").exists()  # nothing compiled on the driver
+
+
+def test_build_for_a_target_no_node_offers_is_reported_unschedulable(cluster, tiny_export_trt, tmp_path, capsys):
+    from egm_edge.cli import main
+
+    t0 = time.perf_counter()
+    rc = main(["build", "--export", str(tiny_export_trt), "--target", NX, "--out", str(tmp_path / "b"), "--think-budget", "32",
+               "--cluster", "auto", "--cluster-timeout", "2"])
+    wall = time.perf_counter() - t0
+    captured = capsys.readouterr()
+    assert rc == 2 and f"bundle: {tmp_path / 'b'}" in captured.out  # built here; only the engines wait for a node
+    assert captured.err.strip().splitlines()[-1].endswith(
+        f"1 unit(s) for target {NX} were unschedulable: no node offered the resource target:{NX} within 2 s; "
+        f"start one with `ray start --address HEAD --resources '{{\"target:{NX}\": 1}}'` and rerun the same command.")
+    assert wall < 60
