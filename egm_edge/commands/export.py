@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         worst = min(figs["outputs"].items(), key=lambda kv: kv[1]["cosine"])
         images = f"grids {figs['grids']}" if "grids" in figs else f"tiles {figs.get('tiles')}"  # patch grids or tiles
         print(f"{case:>7}: {images}, worst cosine {worst[1]['cosine']:.7f} ({worst[0]}), "
-              f"greedy agreement {figs['greedy_agreement']:.0%}")
+              f"greedy agreement {figs['greedy_agreement']:.0%}"
+              + (f" ({figs['tie_steps']} of {figs['tie_steps'] + figs['decided_steps']} steps were ties within the logits error)"
+                 if figs.get("tie_steps") else ""))
     v = manifest["validation"]
     if v.get("graphs"):  # 16-bit graphs ONNX Runtime could not run on CPU: say which graphs were checked
         print(f"{manifest['graph_dtype']} graphs {v['graphs']}; validated: {v.get('validated', v.get('validated_graph_dtype'))}")
