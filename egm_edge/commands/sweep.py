@@ -62,6 +62,10 @@ def register(p: argparse.ArgumentParser) -> None:
     add_cluster_arguments(p, "with --model: run the sweep's units as Ray tasks on a running cluster (auto, HOST:PORT or "
                              "ray://HOST:PORT; needs the cluster extra); targets other than cpu are measured on nodes started "
                              "with --resources '{\"target:NAME\": 1}' (see runtime/README.md)")
+    p.add_argument("--target-engine", choices=("tensorrt", "cpu"), default=None,
+                   help="with --cluster: what a gpu/jetson target's node measures: tensorrt (default: that target's own "
+                        "bundle, built here, its engines compiled on the node if it has none) or cpu (the recipe's CPU "
+                        "bundle through ONNX Runtime on the node's CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help="replace another egm-edge artifact at --out (a sweep's own --out is resumed without it)")
 
@@ -75,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.endpoint or args.bundle:
         model_only = [o for o, v in (("--recipes", args.recipes), ("--calib", args.calib),
                                      ("--calib-with-reasoning", args.calib_with_reasoning), ("--cluster", args.cluster),
-                                     ("--shared-dir", args.shared_dir), ("--shard-size", args.shard_size)) if v]
+                                     ("--shared-dir", args.shared_dir), ("--shard-size", args.shard_size),
+                                     ("--target-engine", args.target_engine)) if v]
         if model_only:
             raise InputError(f"{model_only[0]} applies to --model sweeps only; an endpoint or a bundle serves one "
                              "configuration, named with --label.")
@@ -96,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
                                     ("--endpoint-kind", args.endpoint_kind != "auto"), ("--executor", args.executor != "auto")) if v]
     if deployed_only:
         raise InputError(f"{deployed_only[0]} applies to --endpoint or --bundle sweeps; a --model sweep names its runs by recipe.")
+    if args.target_engine and not args.cluster:
+        raise InputError("--target-engine applies to --cluster sweeps only (in this process every target but cpu is "
+                         "predicted); add --cluster ADDRESS or leave it out.")
     result = sweep(
         args.model, recipes=args.recipes or ["full", "fp8", "int4_awq"], budgets=args.budgets, targets=args.target or ["cpu"],
         data=args.data, out_dir=args.out,
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calib, image_root=args.image_root, strict=not args.lenient, max_answer_tokens=args.max_answer_tokens,
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
         force=args.force, cluster=args.cluster, cluster_timeout=args.cluster_timeout, shared_dir=args.shared_dir,
-        shard_size=args.shard_size,
+        shard_size=args.shard_size, target_engine=args.target_engine or "tensorrt",
     )
     print(result.summary())
     return 0

@@ -19,8 +19,15 @@ The measurement is cut into units (`egm_edge.sweep.units`: recipe, budget, targe
 shard of samples) that an executor runs: in this process by default, or as Ray tasks
 with `cluster` (`egm_edge.sweep.cluster`), where targets other than cpu are measured
 on the nodes offering `target:<name>` (records with `measured_on`) and keep the
-planner's prediction until such a node has measured them. Either way this process
-alone writes runs/ and records.jsonl, each record as its run's last rows arrive.
+planner's prediction until such a node has measured them. There, with `target_engine`
+"tensorrt" (the default), a gpu/jetson target runs its own bundle, built here once per
+recipe (`bundles.device_bundle_for`) and shipped like the CPU ones, whose engines the
+node compiles if it has none; a node that cannot (no TensorRT) says so in one sentence
+among the notes and the target keeps its predicted record. With "cpu" a target's node
+runs the recipe's CPU bundle through ONNX Runtime. Every measured record says its
+`engine` (records without it were "onnxruntime-cpu", or "pytorch-reference" when
+measured with a checkpoint). Either way this process alone writes runs/ and
+records.jsonl, each record as its run's last rows arrive.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from egm_edge.errors import CheckpointError, InputError
 
 DEFAULT_RECIPES = ("full", "fp8", "int4_awq")
 DEFAULT_BUDGETS = (0, 16, 32, 64, 128, "unlimited")  # runtime.settings.UNLIMITED
+TARGET_ENGINES = ("tensorrt", "cpu")  # what a --cluster sweep runs on a gpu/jetson target's node
+ORT_CPU = "onnxruntime-cpu"  # a record's `engine` for the CPU bundle (and for records older than the field)
 
 
 @dataclass
@@ -118,8 +127,13 @@ def _provenance(records: list[dict]) -> list[str]:
         out.append("Accuracy is measured on this machine with the CPU bundle (or, for recipes the CPU runtime cannot run, the "
                    "quantized checkpoint through the PyTorch reference); latency is measured for target cpu and predicted by "
                    "the planner (roofline x calibrated efficiency) for other targets; memory is predicted.")
-    for (target, where) in dict.fromkeys((r["target"], r["measured_on"]) for r in records if r.get("measured_on")):
-        out.append(f"On {target}, accuracy and latency are measured at {where}, one request at a time; memory is not measured.")
+    how = {"tensorrt": "its own bundle's TensorRT engines", ORT_CPU: "the CPU bundle through ONNX Runtime",
+           "pytorch-reference": "the PyTorch reference"}
+    for (target, where, engine) in dict.fromkeys((r["target"], r["measured_on"], r.get("engine")) for r in records
+                                                 if r.get("measured_on")):
+        through = f" with {how.get(engine, engine)}" if engine else ""
+        out.append(f"On {target}, accuracy and latency are measured at {where}{through}, one request at a time; memory is not "
+                   "measured.")
     return out
 
 
@@ -135,14 +149,16 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
           calibration=None, image_root=None, strict: bool = True, seed: int = 0, max_answer_tokens: int = 128,
           max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None,
           calib_with_reasoning: bool = False, force: bool = False, cluster: str | None = None,
-          cluster_timeout: float = 120.0, shared_dir=None, shard_size: int | None = None) -> SweepResult:
+          cluster_timeout: float = 120.0, shared_dir=None, shard_size: int | None = None,
+          target_engine: str = "tensorrt") -> SweepResult:
     """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring.
 
     `out_dir` is new, empty or a sweep's own (its records.jsonl: resumed); `force` replaces another egm-edge
     artifact there, never a folder of other files nor one that is, holds or lies inside an input.
     `cluster` ("auto", "HOST:PORT", "ray://HOST:PORT"): units run as Ray tasks (`egm_edge.sweep.cluster`), shards of
     `shard_size` samples (default 16; locally one unit per run); units whose target no node offers for
-    `cluster_timeout` seconds are reported; `shared_dir`: a folder every node sees, bundles placed there."""
+    `cluster_timeout` seconds are reported; `shared_dir`: a folder every node sees, bundles placed there;
+    `target_engine` ("tensorrt" or "cpu"): what a gpu/jetson target's node runs (see the module docstring)."""
     from egm_edge.artifacts import check_output_dir, prepare_output_dir
     from egm_edge.reference.runner import read_model_config
     from egm_edge.sweep import bundles as B
@@ -154,6 +170,8 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
 
     say = say or (lambda _m: None)
     model_dir, out = Path(model_dir), Path(out_dir)
+    if target_engine not in TARGET_ENGINES:
+        raise InputError(f"Unknown target engine {target_engine!r}. Choose from: {', '.join(TARGET_ENGINES)}.")
     executor = executor_for(cluster, cluster_timeout, shared_dir, shard_size)
     shard_size = shard_size or (16 if cluster else None)
     inputs = [model_dir] + [p for p in (data, calibration, image_root) if isinstance(p, (str, Path))]
@@ -204,22 +222,35 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         wanted += [k for ks in keys.values() for k in ks]
         have = {r["key"]: r for r in store.load()}
         measured_on = {t.name for t in others if on_nodes and _offers(t, recipe)}
-        todo = [b for b in budgets if not all(_done(have.get(k), t.name in measured_on) for t, k in zip([cpu, *others], keys[b]))]
+        engine = {t.name: _target_engine(t, target_engine) for t in others}
+        todo = [b for b in budgets if not all(_done(have.get(k), t.name in measured_on, engine.get(t.name))
+                                              for t, k in zip([cpu, *others], keys[b]))]
         if not todo:
             say(f"{recipe}: all {len(budgets)} budgets already recorded")
             continue
         runner = _runner(model_dir, recipe, out, cpu, calib, max_answer_tokens, max_seq_len, say, progress, calib_with_reasoning)
         art = Artifact.of(runner.path, runner.kind)
+        on_device = {t.name: _device_runner(model_dir, recipe, t, out, calib, budgets, image_wh, max_answer_tokens, say,
+                                            calib_with_reasoning, notes)
+                     for t in others if t.name in measured_on and engine[t.name] == "tensorrt"}
+        measured_on -= {name for name, r in on_device.items() if r is None}  # no bundle: the planner's record stays
         for b in todo:
             ran += 1
             plan.append((recipe, b, rkey, keys[b], runner))
             for t, k in zip([cpu, *others], keys[b]):
-                if (t is cpu and k in have) or (t is not cpu and (t.name not in measured_on or _done(have.get(k), True))):
+                if (t is cpu and k in have) or (t is not cpu and (t.name not in measured_on or
+                                                          _done(have.get(k), True, engine[t.name]))):
                     continue
                 name = f"{recipe}-{budget_label(b)}" if t is cpu else f"{t.name}-{recipe}-{budget_label(b)}"
-                runs[(recipe, b, t.name)] = run = _Run(recipe, b, t, k, rkey, runner, PredictionStore(out / "runs", name, rkey))
+                r_runner, r_art, config = runner, art, rkey
+                if on_device.get(t.name) is not None:  # its own bundle's rows, apart from the CPU bundle's in that file
+                    r_runner = on_device[t.name]
+                    r_art = Artifact.of(r_runner.path, "bundle", engine="tensorrt")
+                    config = f"{rkey}|tensorrt|{r_art.sha256[:16]}"
+                runs[(recipe, b, t.name)] = run = _Run(recipe, b, t, k, rkey, r_runner, PredictionStore(out / "runs", name, config),
+                                                       engine="tensorrt" if r_runner is not runner else _engine_of(runner))
                 run.remaining = set(pend := run.store.pending(by_id))
-                units += [Unit(recipe, b, t.name, j, part, art, max_answer_tokens) for j, part in enumerate(shards(pend, shard_size))]
+                units += [Unit(recipe, b, t.name, j, part, r_art, max_answer_tokens) for j, part in enumerate(shards(pend, shard_size))]
 
     def finish(run: _Run) -> None:
         """The run's record from its rows in runs/ (plus, for cpu, the predictions of targets not measured now)."""
@@ -229,7 +260,8 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         mem = R.predict(spec, run.target, run.recipe, 0, cap, image_wh) if spec is not None else {"supported": False}
         where = "; ".join(sorted(run.where))
         rec = R.measured_record(run.recipe, run.budget, run.rkey, run.runner, rows, mem.get("memory_gib") if mem["supported"] else None,
-                                target=run.target.name, extra={"measured_on": where} if on_nodes and where else None)
+                                target=run.target.name,
+                                extra={"engine": run.engine, **({"measured_on": where} if on_nodes and where else {})})
         if on_nodes and where:
             rec["latency"]["measured_on"] = where
         store.append(rec)
@@ -284,11 +316,47 @@ class _Run:
     store: Any  # validate.store.PredictionStore
     remaining: set = field(default_factory=set)
     where: set = field(default_factory=set)
+    engine: str = ORT_CPU  # the record's `engine`
 
 
-def _done(record: dict | None, measured_there: bool) -> bool:
-    """Whether a record needs no work: present, and measured where its target's latency is now measured on a node."""
-    return record is not None and (not measured_there or record.get("latency", {}).get("source") == "measured")
+def _done(record: dict | None, measured_there: bool, engine: str | None = None) -> bool:
+    """Whether a record needs no work: present, and measured where its target's latency is now measured on a node,
+    through TensorRT exactly when `engine` is "tensorrt" (a sweep switching --target-engine measures again)."""
+    if record is None or not measured_there:
+        return record is not None
+    on_trt = record.get("engine", ORT_CPU) == "tensorrt"
+    return record.get("latency", {}).get("source") == "measured" and (engine is None or on_trt == (engine == "tensorrt"))
+
+
+def _target_engine(target, target_engine: str) -> str:
+    """The `engine` a --cluster sweep measures `target` through on its node: TensorRT engines or the CPU bundle."""
+    return "tensorrt" if target_engine == "tensorrt" and target.kind != "cpu" else ORT_CPU
+
+
+def _engine_of(runner) -> str:
+    """The `engine` of a record measured with the recipe's CPU runner."""
+    return ORT_CPU if runner.kind == "bundle" else "pytorch-reference"
+
+
+def _device_runner(model_dir: Path, recipe: str, target, out: Path, calib, budgets, image_wh, max_answer_tokens: int, say,
+                   with_reasoning: bool, notes: list[str]) -> "Runner | None":
+    """The recipe's own bundle for gpu/jetson `target`, built here once (engines compiled on its node), or None with
+    the pipeline's refusal among `notes`: that target then keeps the planner's records."""
+    from egm_edge.errors import EgmError
+    from egm_edge.runtime.bundle import open_bundle
+    from egm_edge.runtime.settings import UNLIMITED
+    from egm_edge.sweep import bundles as B
+
+    cap = UNLIMITED if UNLIMITED in budgets else max(budgets)  # one bundle planned for every budget of the sweep
+    try:
+        path, _ = B.device_bundle_for(model_dir, recipe, target, out / "bundles", out / "stages", calibration=calib,
+                                      think_budget=cap, image_wh=image_wh, max_answer_tokens=max_answer_tokens, say=say,
+                                      with_reasoning=with_reasoning)
+    except EgmError as e:
+        notes.append(f"No {target.name} bundle of {recipe} could be built here ({str(e).rstrip('.')}); its records keep the "
+                     "planner's prediction (--target-engine cpu measures the CPU bundle on that node instead).")
+        return None
+    return Runner(None, path, open_bundle(path).precision, "bundle", None)
 
 
 def _offers(target, recipe: str) -> bool:

@@ -12,6 +12,14 @@ not divide by 128; the quantized checkpoint is kept and reused under
 `bundles_dir/.work/<recipe>/` (removed afterwards) -> build_cpu. Stages write
 their own manifests and rename into place, so an interrupted build leaves
 nothing that looks reusable.
+
+`device_bundle_for(model_dir, recipe, target, bundles_dir, work_dir, ...)` is the same for
+a gpu/jetson target measured on its own node (`sweep --cluster --target-engine tensorrt`):
+`bundles_dir/<recipe>-<target>`, built by `builder.pipeline.build_from_model` with its
+stages kept in `work_dir` (one export per checkpoint and graph dtype, whichever targets
+share it) and planned for the sweep's largest think budget; reused while
+`bundles_dir/<recipe>-<target>.sweep-key` matches its inputs. Its engines are compiled on
+the device, not here.
 """
 
 from __future__ import annotations
@@ -147,3 +155,35 @@ def bundle_for(model_dir, recipe: str, bundles_dir, *, checkpoints_dir=None, cal
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out, False
+
+
+def device_bundle_for(model_dir, recipe: str, target, bundles_dir, work_dir, *, calibration=None, think_budget,
+                      image_wh: tuple[int, int], max_answer_tokens: int = 128, say: Callable[[str], None] | None = None,
+                      with_reasoning: bool = False) -> tuple[Path, bool]:
+    """(bundle path, reused?) of `recipe` for a gpu/jetson `target` (see the module docstring); the pipeline's own
+    one-sentence refusals (a precision the target lacks, a plan that does not fit, no CUDA to quantize) pass through."""
+    from egm_edge.artifacts import read_manifest
+    from egm_edge.builder.pipeline import build_from_model
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.runtime.settings import budget_to_json
+
+    say = say or (lambda _m: None)
+    model_dir, bundles_dir = Path(model_dir), Path(bundles_dir)
+    if with_reasoning and recipe != FULL:
+        raise UnsupportedError(f"Recipe {recipe} calibrated on the model's own reasoning has no {target.name} bundle in a "
+                               "sweep; build it with `egm-edge build` and sweep it with --bundle on the device.")
+    calibration = calibration if calibration is not None else default_calibration()
+    caps = {"target": target.name, "think_budget": budget_to_json(think_budget), "image_wh": list(image_wh),
+            "max_answer_tokens": max_answer_tokens}
+    key = bundle_key(model_dir, recipe, calibration, caps)
+    out, key_file = bundles_dir / f"{recipe}-{target.name}", bundles_dir / f"{recipe}-{target.name}.sweep-key"
+    if (read_manifest(out) or {}).get("stage") == "build" and key_file.is_file() and key_file.read_text().strip() == key:
+        say(f"{recipe}: reusing {out} (inputs unchanged)")
+        return out, True
+    key_file.unlink(missing_ok=True)
+    say(f"{recipe}: building the {target.name} bundle (its TensorRT engines are compiled on that target's node)")
+    build_from_model(model_dir, recipe, target, out, calib=None if recipe == FULL else calibration, think_budget=think_budget,
+                     image_wh=image_wh, work_dir=work_dir, force=True, max_answer_tokens=max_answer_tokens, progress=say)
+    key_file.write_text(key + "\n")  # after the build renamed its bundle into place: only a finished one is reused
+    return out, False
+

@@ -14,7 +14,11 @@ with their shard the same way unless `shared_dir` says every node sees the data'
 paths. Tasks retry on another worker when theirs dies (`max_retries`); the driver gets
 each unit's rows once, from its one successful attempt, and is the only writer of
 runs/ and records.jsonl. Units whose resource no node offers for `timeout_s` are
-cancelled and reported in one sentence, never waited on forever. `call(fn, artifact,
+cancelled and reported in one sentence, never waited on forever. A unit whose node
+refuses to open its artifact (an `EgmError` while opening or warming up: no TensorRT
+there, another GPU) comes back with that sentence instead of rows; such units are
+reported once per target and sentence, naming the node(s), and the worker does not
+try that artifact again. `call(fn, artifact,
 target, *args)` runs one function on the node's copy of an artifact, on a node of that
 target (how `build --cluster` finalizes a bundle on its device), under the same rules.
 Ray is imported only inside these functions: `pip install 'egm-edge[cluster]'`.
@@ -33,7 +37,8 @@ from typing import Any
 from egm_edge.errors import EgmError, InputError
 
 MAX_RETRIES = 3  # per unit, on a worker or node that died (Ray's own retry)
-_PREDICTORS: dict[str, Any] = {}  # per worker process: one warm predictor per artifact
+_PREDICTORS: dict[str, Any] = {}  # per worker process: one warm predictor per artifact (its `key`)
+_REFUSED: dict[str, str] = {}  # per worker process: artifacts this node refused to open, with the sentence
 
 
 def _ray():
@@ -136,6 +141,7 @@ class RayExecutor:
         bar = _bar(len(units), progress, desc)
         nodes: dict[str, dict] = {}
         missing_since: dict[str, float] = {}
+        refused: dict[tuple, dict] = {}  # (target, sentence) -> {"units", "nodes"}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
@@ -147,6 +153,12 @@ class RayExecutor:
                         self.notes.append(f"unit {unit.label()} failed ({_first_line(e)}); its samples have no rows, "
                                           "rerun the same command to retry them.")
                     else:
+                        if "refusal" in out:
+                            r = refused.setdefault((unit.target, out["refusal"]), {"units": 0, "nodes": []})
+                            r["units"] += 1
+                            r["nodes"] += [out["node"]] if out["node"] not in r["nodes"] else []
+                            bar.update(1)
+                            continue
                         on_rows(unit, out["rows"], out)
                         n = nodes.setdefault(out["node"], {"units": 0, "seconds": 0.0})
                         n["units"] += 1
@@ -159,6 +171,10 @@ class RayExecutor:
             raise
         finally:
             bar.close()
+        for (target, why), r in refused.items():
+            self.notes.append(f"{r['units']} unit(s) for target {target} could not run on ray node {', '.join(r['nodes'])} "
+                              f"({why.rstrip('.')}); their samples have no rows from it (a sweep keeps that target's predicted "
+                              "record): rerun the same command once that node can run them.")
         return nodes
 
     def _drop_unschedulable(self, ray, pending: dict, missing_since: dict) -> None:
@@ -310,15 +326,20 @@ def _unit_task(unit, samples: dict, groups: dict, artifact_box: list, images_box
     if cpus and not os.environ.get("EGM_EDGE_THREADS"):
         os.environ["EGM_EDGE_THREADS"] = str(cpus)  # the CPUs Ray gave this task, not every core of the node
     local = _localise(samples, images_box)
-    art = unit.artifact
-    if art.sha256 not in _PREDICTORS:
-        pred = art.open(_materialise(art, artifact_box, shared_dir))
-        warm_up(pred, local[unit.ids[0]], unit.max_answer_tokens)
-        _PREDICTORS[art.sha256] = pred
-    rows = measure(unit, _PREDICTORS[art.sha256], local, groups)
+    art, node = unit.artifact, _node()
+    if art.key not in _PREDICTORS and art.key not in _REFUSED:
+        try:
+            pred = art.open(_materialise(art, artifact_box, shared_dir))
+            warm_up(pred, local[unit.ids[0]], unit.max_answer_tokens)
+        except EgmError as e:  # this node's refusal, in its one sentence: data for the driver, never a crash
+            _REFUSED[art.key] = str(e)
+        else:
+            _PREDICTORS[art.key] = pred
+    if art.key in _REFUSED:
+        return {"rows": [], "refusal": _REFUSED[art.key], "node": node, "seconds": time.perf_counter() - t0}
+    rows = measure(unit, _PREDICTORS[art.key], local, groups)
     for r in rows:
         r["image"] = str(samples[r["id"]].image)  # the driver's path: what its store compares samples by
-    node = _node()
     return {"rows": rows, "node": node, "where": f"ray node {node}", "pid": os.getpid(),
             "seconds": time.perf_counter() - t0}
 

@@ -18,6 +18,8 @@ tokens (an endpoint's from its `usage`), `budget_mechanism` (what capped the
 reasoning) and `data_key` (samples + caps, so sweeps of several deployments into one
 folder are compared on the same data). A `--cluster` sweep's measured records name the
 Ray node(s) in `measured_on` too, for cpu and for each target measured on its own node.
+A --model sweep's measured records say their `engine`: "tensorrt" (a target's own bundle
+on its node), "onnxruntime-cpu" (the CPU bundle) or "pytorch-reference" (a checkpoint).
 Records written before these fields existed read as before: every reader uses `.get` for them.
 """
 

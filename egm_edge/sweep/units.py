@@ -10,7 +10,10 @@ every row back to the driver (`on_rows(unit, rows, info)`), which alone writes
 `runs/` and `records.jsonl`: `LocalExecutor` here, one unit after another (the
 default), and `egm_edge.sweep.cluster.RayExecutor`, units as Ray tasks (`executor_for`
 picks one; bad options are one sentence before any work). Both open one predictor per
-artifact and warm it up once before its first measured request.
+artifact and warm it up once before its first measured request. An artifact whose `engine`
+is "tensorrt" (a gpu/jetson bundle a sweep measures on its device) is opened by compiling
+its engines for the device at hand if it has none (`builder.tensorrt.finalize`) and
+running them; that device's refusal (no TensorRT, another GPU) is raised in one sentence.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 CPU = "cpu"
+TENSORRT = "tensorrt"  # Artifact.engine: the bundle's TensorRT engines, compiled on the node if it has none
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,18 @@ class Artifact:
     path: str  # on the driver
     kind: str  # "bundle" | "checkpoint"
     sha256: str  # of its manifest.json, written last by the stage that made it: the content key
+    engine: str | None = None  # TENSORRT, or None: a bundle through its executor "auto", a checkpoint through PyTorch
 
     @classmethod
-    def of(cls, path, kind: str) -> "Artifact":
+    def of(cls, path, kind: str, engine: str | None = None) -> "Artifact":
         from egm_edge.artifacts import sha256_file
 
-        return cls(str(Path(path).resolve()), kind, sha256_file(Path(path) / "manifest.json"))
+        return cls(str(Path(path).resolve()), kind, sha256_file(Path(path) / "manifest.json"), engine)
+
+    @property
+    def key(self) -> str:
+        """What one warm predictor serves: the content and the engine it runs through."""
+        return f"{self.sha256}|{self.engine or 'auto'}"
 
     @classmethod
     def of_predictor(cls, pred) -> "Artifact":
@@ -53,6 +63,11 @@ class Artifact:
         from egm_edge.validate.predictors import BundlePredictor, CheckpointPredictor
 
         where = Path(path or self.path)
+        if self.engine == TENSORRT:
+            from egm_edge.builder.tensorrt import finalize
+
+            finalize(where)  # reuses this device's engines when the bundle already has them
+            return BundlePredictor(where, executor=TENSORRT)
         return BundlePredictor(where) if self.kind == "bundle" else CheckpointPredictor(where)
 
 
@@ -178,7 +193,7 @@ class LocalExecutor:
 
     def _predictor(self, unit: Unit, samples: dict):
         art = unit.artifact
-        if art.sha256 not in self.predictors:
-            self.predictors[art.sha256] = pred = art.open()
+        if art.key not in self.predictors:
+            self.predictors[art.key] = pred = art.open()
             warm_up(pred, samples[unit.ids[0]], unit.max_answer_tokens)
-        return self.predictors[art.sha256]
+        return self.predictors[art.key]

@@ -5,7 +5,8 @@ The cluster: a head with 1 CPU and a second node (its own raylet) with 1 CPU tha
 `target:jetson-orin-nano-8gb`, as a Jetson joining with `ray start --resources` would. The embedded
 tiny grounder is swept in-process once; the cluster sweeps reuse its bundle (copied into their --out,
 found by its key), and the validation compares that bundle with the grounder's checkpoint, so the
-whole file stays within about two minutes here.
+whole file stays within about two minutes here. No node has TensorRT: the default --target-engine
+tensorrt meets the nano node's real refusal, and the sweeps that measure there pass --target-engine cpu.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _what_was_answered(row: dict) -> tuple:
 def swept(local, cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray") / "out"
     t0 = time.perf_counter()
-    res = _cluster_sweep(local, out, targets=("cpu", NANO, NX), cluster_timeout=3)
+    res = _cluster_sweep(local, out, targets=("cpu", NANO, NX), cluster_timeout=3, target_engine="cpu")
     return out, res, time.perf_counter() - t0
 
 
@@ -123,9 +124,12 @@ def test_a_node_offering_the_target_measures_its_units(swept, cluster):
     for b in (0, 32):
         nano = by[(NANO, b)]
         assert nano["latency"]["source"] == "measured" and nano["latency"]["mean_ms"] > 0
+        assert nano["engine"] == by[("cpu", b)]["engine"] == "onnxruntime-cpu"  # --target-engine cpu: the CPU bundle there
         assert worker in nano["measured_on"] and nano["latency"]["measured_on"] == nano["measured_on"]
         assert nano["accuracy"] == by[("cpu", b)]["accuracy"]  # the same bundle, measured on that node
-    assert f"On {NANO}, accuracy and latency are measured at ray node" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"On {NANO}, accuracy and latency are measured at ray node" in report
+    assert "with the CPU bundle through ONNX Runtime, one request at a time" in report
 
 
 def test_a_target_no_node_offers_is_reported_not_waited_on(swept):
@@ -146,13 +150,54 @@ def test_the_same_command_with_cluster_resumes_without_measuring_again(local, sw
     out, _, _ = swept
     before = (out / "records.jsonl").read_text()
     args = ["sweep", "--model", str(default_model_dir()), "--recipes", "full", "--budgets", "0,32", "--target", f"cpu,{NANO}",
-            "--data", str(data), "--out", str(out), "--max-answer-tokens", "64", "--no-progress", "--cluster", "auto"]
+            "--data", str(data), "--out", str(out), "--max-answer-tokens", "64", "--no-progress", "--cluster", "auto",
+            "--target-engine", "cpu"]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "full: all 2 budgets already recorded" in text and "(0 runs measured now)" in text
     assert (out / "records.jsonl").read_text() == before
     assert main(["sweep", "--bundle", str(out / "bundles" / "full"), *args[7:]]) == 2  # a deployed sweep has no units
     assert "--cluster applies to --model sweeps only" in capsys.readouterr().err
+
+
+def test_by_default_a_target_node_without_tensorrt_says_so_once_and_its_target_keeps_the_prediction(
+        local, cluster, tmp_path, capsys):
+    from egm_edge.cli import main
+    from egm_edge.sweep.records import RecordStore
+
+    data, local_out, _ = local
+    out = _out_with_bundle(local_out, tmp_path / "out")
+    args = ["sweep", "--model", _model(), "--recipes", "full", "--budgets", "0", "--target", f"cpu,{NANO}", "--data", str(data),
+            "--out", str(out), "--max-answer-tokens", "64", "--no-progress", "--cluster", "auto", "--shard-size", "2"]
+    assert main(args) == 0  # as with unschedulable units: the sweep ends, its notes say what was not measured
+    text = capsys.readouterr().out
+    worker = cluster.list_all_nodes()[1].node_id[:8]  # the node offering target:jetson-orin-nano-8gb, without TensorRT
+    said = [line for line in text.splitlines() if "could not run on ray node" in line]
+    assert len(said) == 1, text  # once for the target, not once per unit
+    assert said[0].startswith(f"note: 3 unit(s) for target {NANO} could not run on ray node ") and f"({worker}, " in said[0]
+    assert "(TensorRT is not importable here; run `egm-edge build --finalize` on the target device" in said[0]  # finalize's own
+    bundle = out / "bundles" / f"full-{NANO}"
+    assert (bundle / "build_plan.json").is_file() and not (bundle / "engines").exists()  # built here, compiled only there
+    by = {r["target"]: r for r in RecordStore(out).load()}
+    assert by[NANO]["latency"]["source"] == "predicted" and "engine" not in by[NANO]
+    assert by["cpu"]["latency"]["source"] == "measured" and by["cpu"]["engine"] == "onnxruntime-cpu"
+    # The same command again: the nano bundle is reused (no second export), the node asked again, the same one note.
+    assert main(args) == 0
+    again = capsys.readouterr().out
+    assert f"full: reusing {bundle} (inputs unchanged)" in again and "exporting" not in again
+    assert [line for line in again.splitlines() if "could not run on ray node" in line] == said
+
+
+def test_a_rerun_measures_a_target_again_only_when_the_target_engine_changed():
+    from egm_edge.sweep.api import _done
+
+    def measured(engine=None):
+        return {"latency": {"source": "measured"}, **({"engine": engine} if engine else {})}
+
+    for record in (measured(), measured("onnxruntime-cpu"), measured("pytorch-reference")):  # no field: written before it
+        assert _done(record, True, "onnxruntime-cpu") and not _done(record, True, "tensorrt")
+    assert _done(measured("tensorrt"), True, "tensorrt") and not _done(measured("tensorrt"), True, "onnxruntime-cpu")
+    assert not _done({"latency": {"source": "predicted"}}, True, "tensorrt")
 
 
 def _raylet_children(cluster, title: bytes) -> list[int]:
@@ -202,7 +247,7 @@ def test_a_worker_killed_mid_unit_loses_and_duplicates_nothing(local, cluster, t
     assert len(lines) == len({json.loads(x)["key"] for x in lines}) == 2
 
 
-def test_bad_cluster_options_are_one_sentence(local, tmp_path):
+def test_bad_cluster_options_are_one_sentence(local, tmp_path, capsys):
     from egm_edge.assets import default_model_dir
     from egm_edge.errors import InputError
     from egm_edge.sweep import sweep
@@ -214,6 +259,13 @@ def test_bad_cluster_options_are_one_sentence(local, tmp_path):
                       ({"shard_size": 0}, "shard size must be a whole number")):
         with pytest.raises(InputError, match=match):
             sweep(default_model_dir(), data=data, out_dir=tmp_path / "o", **{**KW, **kw})
+    with pytest.raises(InputError, match="Unknown target engine 'gpu'. Choose from: tensorrt, cpu."):
+        sweep(default_model_dir(), data=data, out_dir=tmp_path / "o", cluster="auto", target_engine="gpu", **KW)
+    from egm_edge.cli import main
+
+    assert main(["sweep", "--model", _model(), "--data", str(data), "--out", str(tmp_path / "o"), "--target-engine", "cpu"]) == 2
+    assert "--target-engine applies to --cluster sweeps only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     # A head that is not there: one sentence at once (in a fresh process: this one is connected to the test cluster).
     cmd = [sys.executable, "-m", "egm_edge", "sweep", "--model", str(default_model_dir()), "--recipes", "full", "--budgets", "0",
            "--data", str(data), "--out", str(tmp_path / "o"), "--cluster", "127.0.0.1:1"]
