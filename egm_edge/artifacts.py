@@ -62,6 +62,17 @@ def cache_root() -> Path:
     return Path(base) / "egm-edge"
 
 
+def available_host_memory() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable); None where /proc/meminfo cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def shipped_dir(name: str, checkout: str) -> Path:
     """A data folder the wheel ships as egm_edge/_data/<name>; in a source checkout, <repo>/<checkout>."""
     packaged = Path(__file__).resolve().parent / "_data" / name

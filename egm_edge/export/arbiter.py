@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from egm_edge.artifacts import available_host_memory
 from egm_edge.errors import EgmError
 
 # The export may round up to SLACK times as much as PyTorch's fp32 does: different summation orders, and a max over a
@@ -27,23 +28,10 @@ SLACK = 4.0
 
 
 def _rel(got: np.ndarray, exact: np.ndarray) -> float:
-    """max |got - exact| relative to max |exact|."""
-    g, e = np.asarray(got, np.float64).ravel(), np.asarray(exact, np.float64).ravel()
-    if g.shape != e.shape:
-        return float("inf")
-    scale = float(np.abs(e).max()) if e.size else 0.0
-    err = float(np.abs(g - e).max()) if e.size else 0.0
-    return err / scale if scale > 0 else err
+    """max |got - exact| relative to max |exact| (the validation's own measure)."""
+    from egm_edge.export.validate import _metric
 
-
-def _available_bytes() -> int | None:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _metric(got, exact)["rel_max_abs"]
 
 
 def float64_outputs(refs: list, load: Callable[[], object]) -> list[dict]:
@@ -52,7 +40,7 @@ def float64_outputs(refs: list, load: Callable[[], object]) -> list[dict]:
 
     model = load()
     extra = 4 * sum(p.numel() for p in model.parameters())  # float64 minus the float32 copy it replaces
-    free = _available_bytes()
+    free = available_host_memory()
     if free is not None and extra > free:
         raise EgmError(f"Checking the export against a float64 reference needs {extra / 2**30:.1f} GiB more memory, "
                        f"{free / 2**30:.1f} GiB are available; free memory and run the export again.")

@@ -67,13 +67,9 @@ def available_memory(device: str) -> int | None:
         import torch
 
         return int(torch.cuda.mem_get_info()[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from egm_edge.artifacts import available_host_memory
+
+    return available_host_memory()
 
 
 def check_memory(model_dir: Path, dtype: str, device: str) -> dict[str, Any]:
