@@ -191,15 +191,20 @@ class OrtExecutor:
             return out[0]
         import onnxruntime as ort
 
-        io = self.decoder.io_binding()
+        views = [ort.OrtValue.ortvalue_from_numpy(a[:b]) for a in arrays]  # a prefix of rows: contiguous, no copy
+        return self._run_sharing(self.decoder, feeds, views)
+
+    def _run_sharing(self, session, feeds, values) -> np.ndarray:
+        """Run `session` with each layer's past and present bound to the same OrtValue (the cache is updated in
+        place); returns the logits."""
+        io = session.io_binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(value))
         io.bind_output("logits")
-        views = [ort.OrtValue.ortvalue_from_numpy(a[:b]) for a in arrays]  # a prefix of rows: contiguous, no copy
-        for past_name, present_name, value in zip(self.past_names, self.present_names, views):
+        for past_name, present_name, value in zip(self.past_names, self.present_names, values):
             io.bind_ortvalue_input(past_name, value)
             io.bind_ortvalue_output(present_name, value)
-        self.decoder.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
     def _decode_in_place(self, session, feeds, cache: KVBuffers):
@@ -209,16 +214,9 @@ class OrtExecutor:
                              f"{total - feeds['input_ids'].shape[1]} past tokens for batch {feeds['input_ids'].shape[0]}")
         if total > cache.capacity:
             cache = cache.grown(total)
-        io = session.io_binding()
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
-        io.bind_output("logits")
-        for past_name, present_name, value in zip(self.past_names, self.present_names, cache.values):
-            io.bind_ortvalue_input(past_name, value)
-            io.bind_ortvalue_output(present_name, value)
-        session.run_with_iobinding(io)
+        logits = self._run_sharing(session, feeds, cache.values)
         cache.length = total
-        return io.get_outputs()[0].numpy(), cache
+        return logits, cache
 
 
 def _check_decoder_shapes(bundle: Bundle, session) -> None:

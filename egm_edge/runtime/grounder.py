@@ -75,6 +75,8 @@ class Grounder:
             )
         self._cache: OrderedDict[str, tuple] = OrderedDict()
         self._cache_size = image_cache_size
+        d = bundle.decoder
+        self._no_image = (np.zeros((0, d.hidden_size), np.float32), np.zeros((d.num_deepstack, 0, d.hidden_size), np.float32))
 
     @classmethod
     def open(cls, bundle_dir, executor: str = "auto", threads: int | None = None, verify: bool = False,
@@ -209,13 +211,26 @@ class Grounder:
         seq.marks["prefilled"] = time.perf_counter()
         return logits[0, -1], cache
 
+    def decode_feeds(self, seqs: list[Sequence], attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One decode step's feeds for `seqs`, each feeding its `token` at its own position. `attention_mask`
+        [B, P+1] comes from a batch's cache; a sequence alone sees its whole history."""
+        feats, deep = self._no_image
+        if attention_mask is None:
+            (seq,) = seqs
+            attention_mask = np.ones((1, seq.n_total + 1), np.int64)
+        return {
+            "input_ids": np.asarray([[s.token] for s in seqs], np.int64),
+            "image_features": feats,
+            "deepstack_features": deep,
+            "position_ids": decode_position_ids([s.n_total for s in seqs], np.concatenate([s.deltas for s in seqs]), 1),
+            "attention_mask": attention_mask,
+            "logits_index": np.zeros((len(seqs), 1), np.int64),
+        }
+
     def _run(self, image, text: str, **kw) -> Iterator[TokenEvent]:
         """One request alone: its own cache, one decode call per token."""
         seq = self.start(image, text, **kw)
         logits, past = self.prefill(seq, self.executor.new_cache(seq.capacity))
-        d = self.bundle.decoder
-        empty_feats = np.zeros((0, d.hidden_size), np.float32)
-        empty_deep = np.zeros((d.num_deepstack, 0, d.hidden_size), np.float32)
         while True:
             ev = seq.step(logits)
             if ev is None:
@@ -223,17 +238,7 @@ class Grounder:
             yield ev
             if seq.done:
                 break
-            out, past = self.executor.decode(
-                {
-                    "input_ids": np.asarray([[seq.token]], np.int64),
-                    "image_features": empty_feats,
-                    "deepstack_features": empty_deep,
-                    "position_ids": decode_position_ids([seq.n_total], seq.deltas, 1),
-                    "attention_mask": np.ones((1, seq.n_total + 1), np.int64),
-                    "logits_index": np.zeros((1, 1), np.int64),
-                },
-                past,
-            )
+            out, past = self.executor.decode(self.decode_feeds([seq]), past)
             seq.fed()
             logits = out[0, -1]
         yield seq.finish()

@@ -31,7 +31,6 @@ from typing import Iterator
 import numpy as np
 
 from egm_edge.runtime.batch_cache import BatchCache
-from egm_edge.runtime.mrope import decode_position_ids
 from egm_edge.runtime.sequence import Sequence, TokenEvent
 
 
@@ -84,12 +83,9 @@ class Scheduler:
         d = grounder.bundle.decoder
         self.cache = BatchCache(2 * d.num_layers, d.num_kv_heads, d.head_dim, getattr(ex, "cache_dtype", np.float32))
         self.kv_budget_bytes = kv_budget_bytes
-        self._empty_feats = np.zeros((0, d.hidden_size), np.float32)
-        self._empty_deep = np.zeros((d.num_deepstack, 0, d.hidden_size), np.float32)
         self.waiting: deque[Job] = deque()
         self.active: list[Job] = []  # row order of the batch cache (batched), or turn order (one at a time)
         self._caches: dict[int, object] = {}  # id(job) -> its own cache, when decoding one row at a time
-        self._logits: dict[int, np.ndarray] = {}
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = self._paused = False
@@ -223,30 +219,26 @@ class Scheduler:
             self.active.pop(i)
             self._caches.pop(id(job), None)
 
+    def _counted(self, rows: int, seconds: float) -> None:
+        """Account one decoder call of `rows` rows."""
+        st = self.stats
+        st["decode_s"] += seconds
+        st["steps"] += 1
+        st["rows_decoded"] += rows
+        st["peak_batch"] = max(st["peak_batch"], rows)
+
     def _decode_batched(self) -> None:
         jobs = list(self.active)
         b = len(jobs)
-        mask = self.cache.prepare_step()
-        feeds = {
-            "input_ids": np.asarray([[j.seq.token] for j in jobs], np.int64),
-            "image_features": self._empty_feats,
-            "deepstack_features": self._empty_deep,
-            "position_ids": decode_position_ids([j.seq.n_total for j in jobs], np.concatenate([j.seq.deltas for j in jobs]), 1),
-            "attention_mask": mask,
-            "logits_index": np.zeros((b, 1), np.int64),
-        }
+        feeds = self.g.decode_feeds([j.seq for j in jobs], self.cache.prepare_step())
         t0 = time.perf_counter()
         logits = self.g.executor.decode_batch(feeds, self.cache.arrays, self.cache.P)
-        self.stats["decode_s"] += time.perf_counter() - t0
+        self._counted(b, time.perf_counter() - t0)
         self.cache.advance()
-        self.stats["steps"] += 1
-        self.stats["rows_decoded"] += b
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], b)
         self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self.cache.nbytes())
         finished = []
         for k, job in enumerate(jobs):
-            job.seq.fed()
-            job.seq.batch_sizes.append(b)
+            job.seq.fed(batch=b)
             if self._emit(job, logits[k, -1]):
                 finished.append(job)
         for job in finished:
@@ -257,24 +249,9 @@ class Scheduler:
         job = self.active.pop(0)
         seq = job.seq
         t0 = time.perf_counter()
-        out, cache = self.g.executor.decode(
-            {
-                "input_ids": np.asarray([[seq.token]], np.int64),
-                "image_features": self._empty_feats,
-                "deepstack_features": self._empty_deep,
-                "position_ids": decode_position_ids([seq.n_total], seq.deltas, 1),
-                "attention_mask": np.ones((1, seq.n_total + 1), np.int64),
-                "logits_index": np.zeros((1, 1), np.int64),
-            },
-            self._caches[id(job)],
-        )
-        self.stats["decode_s"] += time.perf_counter() - t0
-        self._caches[id(job)] = cache
-        seq.fed()
-        seq.batch_sizes.append(1)
-        self.stats["steps"] += 1
-        self.stats["rows_decoded"] += 1
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], 1)
+        out, self._caches[id(job)] = self.g.executor.decode(self.g.decode_feeds([seq]), self._caches[id(job)])
+        self._counted(1, time.perf_counter() - t0)
+        seq.fed(batch=1)
         if self._emit(job, out[0, -1]):
             self._caches.pop(id(job), None)
         else:
@@ -288,14 +265,11 @@ class Scheduler:
 
 
 def default_kv_budget(share: float = 0.25) -> int | None:
-    """A share of the memory available now (None where /proc/meminfo cannot be read: no limit but max_batch)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(int(line.split()[1]) * 1024 * share)
-    except OSError:
-        return None
-    return None
+    """A share of the memory available now (None where it cannot be read: no limit but max_batch)."""
+    from egm_edge.artifacts import available_host_memory
+
+    free = available_host_memory()
+    return None if free is None else int(free * share)
 
 
 def _rows(cache, n: int) -> list[np.ndarray]:

@@ -117,10 +117,11 @@ class Sequence:
         self.token = None if self.done else token
         return TokenEvent(token, piece, phase, forced is not None)
 
-    def fed(self) -> None:
-        """The token from `step` went through a decode call: the cache holds one more row."""
+    def fed(self, batch: int = 1) -> None:
+        """The token from `step` went through a decode call of `batch` rows: the cache holds one more row."""
         self.n_total += 1
         self.decode_steps += 1
+        self.batch_sizes.append(batch)
 
     def finish(self) -> TokenEvent:
         """The final event, carrying the `GroundingResult` with its timing breakdown."""
