@@ -241,6 +241,17 @@ def onnx_bytes_per_token(path: Path) -> int:
     return total
 
 
+def hf_greedy(model, out, new_tokens: int) -> list[int]:
+    """`new_tokens` greedy tokens from a transformers forward's output `out` (its logits and KV cache), one
+    forward per token after the first (no generate(): its extra work is not what is timed)."""
+    past, nxt, toks = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
+    for _ in range(new_tokens - 1):
+        toks.append(int(nxt))
+        o = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+    return toks + [int(nxt)]
+
+
 def time_transformers(ckpt: Path, dtype: str, threads: int, repeats: int) -> dict:
     """Eager transformers: vision encode, prefill (the whole prompt, image included, minus vision) and a
     64-step greedy decode with its KV cache, on the same pixels and prompt ids as the bundles."""
@@ -269,13 +280,8 @@ def time_transformers(ckpt: Path, dtype: str, threads: int, repeats: int) -> dic
             out = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, use_cache=True,
                         mm_token_type_ids=(ids == model.config.image_token_id).long(), logits_to_keep=1)
             t2 = time.perf_counter()
-            past, nxt, toks = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
             t3 = time.perf_counter()
-            for _ in range(NEW_TOKENS - 1):
-                toks.append(int(nxt))
-                o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(int(nxt))
+            toks = hf_greedy(model, out, NEW_TOKENS)
             t4 = time.perf_counter()
             runs.append({"vision": (t1 - t0) * 1e3, "prefill": (t2 - t1) * 1e3 - (t1 - t0) * 1e3,
                          "ms_per_token": (t4 - t3) * 1e3 / (NEW_TOKENS - 1)})

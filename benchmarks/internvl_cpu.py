@@ -45,7 +45,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from egm2b_cpu import CALIB as CALIB_2B, agreement, bench_image, bundle_timings, egm, plot, run_stage  # noqa: E402
+from egm2b_cpu import CALIB as CALIB_2B, agreement, bench_image, bundle_timings, egm, hf_greedy, plot, run_stage  # noqa: E402
 
 SPEC = "egm-internvl3-1b"
 QWEN_TOKENIZER = REPO.parent / "shared" / "data" / "qwen3-vl-tokenizer"
@@ -206,13 +206,8 @@ def time_transformers(ckpt: Path, dtype: str, threads: int, repeats: int) -> dic
             out = model(input_ids=ids, pixel_values=pixels, use_cache=True, logits_to_keep=1)
             t2 = time.perf_counter()
             rss.setdefault("prefill", rss_gb())
-            past, nxt, toks = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True), []
             t3 = time.perf_counter()
-            for _ in range(NEW_TOKENS - 1):
-                toks.append(int(nxt))
-                o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
-            toks.append(int(nxt))
+            toks = hf_greedy(model, out, NEW_TOKENS)
             t4 = time.perf_counter()
             rss.setdefault("decode", rss_gb())
             runs.append({"vision": (t1 - t0) * 1e3, "prefill": (t2 - t1 - (t1 - t0)) * 1e3,
