@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from egm_edge.errors import CheckpointError, InputError, UnsupportedError
-from egm_edge.quantize.recipes import RECIPES
+from egm_edge.quantize.recipes import AUTO_EFFECTIVE_BITS, AUTO_FORMATS, RECIPES
 
 try:  # Python 3.11+
     import tomllib
@@ -79,7 +79,16 @@ PRECISIONS: dict[str, Precision] = {
     "fp16": Precision("fp16", "FP16", 2.0, "fp16", description="16-bit float weights and activations."),
     "bf16": Precision("bf16", "BF16", 2.0, "bf16", (8, 0), description="bfloat16 weights and activations (SM 8.0+)."),
     **{name: _from_recipe(name) for name in ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")},
+    # Per-layer formats (egm_edge.quantize.auto): planned at the default constraint, weight-only compute (the
+    # conservative reading: INT8/FP8 layers run faster than that). A checkpoint's own bytes replace this once it exists.
+    "auto": Precision("auto", "mixed per-layer (AutoQuantize)", AUTO_EFFECTIVE_BITS / 8, None,
+                      description=RECIPES["auto"].description),
 }
+
+
+def auto_formats(target: "TargetProfile") -> tuple[str, ...]:
+    """The per-layer formats recipe auto may give a layer on `target`: those of AUTO_FORMATS its bundles run."""
+    return tuple(f for f in AUTO_FORMATS if f in target.precisions)
 
 
 def get_precision(name: str) -> Precision:
@@ -247,6 +256,11 @@ CHECKPOINT_ONLY = "checkpoint only (TensorRT-LLM serving config), no bundle"
 def check_precision(target: TargetProfile, precision: str) -> Precision:
     """The `Precision` if a bundle for `target` can be built in it, else `UnsupportedError` with the reason and the choices."""
     p = get_precision(precision)
+    if precision == "auto":
+        if not auto_formats(target):
+            raise UnsupportedError(f"Recipe auto mixes {', '.join(AUTO_FORMATS)} per layer and target {target.name} runs none of "
+                                   f"them; choose from: {', '.join(n for n in PRECISIONS if n in target.precisions)}.")
+        return p
     if precision in target.serving_precisions:
         choices = ", ".join(n for n in PRECISIONS if n in target.precisions)
         raise UnsupportedError(
@@ -257,6 +271,14 @@ def check_precision(target: TargetProfile, precision: str) -> Precision:
         choices = ", ".join(n for n in PRECISIONS if n in target.precisions)
         raise UnsupportedError(f"Unsupported precision {precision!r} for target {target.name} ({_why_not(target, p)}). Choose from: {choices}.")
     return p
+
+
+def check_layer_formats(target: TargetProfile, formats, what: str) -> None:
+    """A per-layer mixed artifact (recipe auto) runs on `target` only if every layer's format does."""
+    bad = sorted({f for f in formats if f != "16-bit" and f not in target.precisions})
+    if bad:
+        raise UnsupportedError(f"{what} has {', '.join(bad)} layers, which target {target.name} cannot run ({_why_not(target, get_precision(bad[0]))}); "
+                               f"re-quantize with --recipe auto --target {target.name}.")
 
 
 def check_servable(target: TargetProfile, precision: str) -> Precision:

@@ -123,3 +123,25 @@ def scene(tmp_path_factory):
     d.ellipse((170, 60, 260, 150), fill=(30, 60, 200))
     img.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def grounds_like_reference():
+    """check(bundle, checkpoint): the bundle's greedy tokens, box and token counts equal the PyTorch reference's on
+    two synthetic scenes (a quantized checkpoint through the dequantizing loader)."""
+
+    def check(bundle, checkpoint, n: int = 2):
+        from egm_edge.reference import ReferenceRunner
+        from egm_edge.runtime.grounder import Grounder
+        from egm_edge.synth import draw, render
+
+        runtime, reference = Grounder.open(bundle), ReferenceRunner.open(checkpoint)
+        for i in range(n):
+            s = draw(11, i)
+            kw = dict(think_budget=6, max_answer_tokens=8, max_new_tokens=24)
+            got, ref = runtime.ground(render(s.scene), s.expr.sent, **kw), reference.ground(render(s.scene), s.expr.sent, **kw)
+            # Same tokens; a word-level test tokenizer has no decoder, so the two sides space special tokens differently.
+            assert "".join(got.text.split()) == "".join(ref.text.split()) and got.box == ref.box
+            assert (got.think_tokens, got.answer_tokens) == (ref.think_tokens, ref.answer_tokens)
+
+    return check

@@ -225,6 +225,10 @@ def build_cpu(export_dir, out_dir, *, think_budget: int | str | None = None, bud
     em = _read_export(export_dir)
     family = export_family(export_dir, em)
     family.require("runtime", f"Export {export_dir}")
+    if em.get("precision") == "auto":
+        from egm_edge.targets import check_layer_formats, load_target
+
+        check_layer_formats(load_target("cpu"), (em.get("layer_formats") or {}).values(), f"Export {export_dir}")
     # Validated before any work; a budget not given is the built-in one, unlimited (up to max_seq_len).
     defaults = DecodeSettings(think_budget, budget_mode, max_answer_tokens).resolved()
     gen = GenerationConfig.for_family(family, think_budget=budget_to_json(defaults.think_budget),

@@ -57,7 +57,7 @@ def full_precision(target) -> str:
 
 def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int | str | None = None, kv_cache: str | None = None,
               image_wh: tuple[int, int] | None = None, out_dir=None, force: bool = False, work_dir=None,
-              block_size: int | None = None) -> Preflight:
+              block_size: int | None = None, effective_bits: float | None = None) -> Preflight:
     """All refusals of the module docstring, in order; returns the decided plan.
 
     think_budget: tokens, UNLIMITED ('none': planned at all the context window holds, see `plan_for`) or None
@@ -92,7 +92,7 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int |
         check_kv_dtype(target, kv_cache)
     from egm_edge.export.validate import THRESHOLDS
 
-    if recipe not in THRESHOLDS:
+    if recipe not in THRESHOLDS and recipe != "auto":  # auto lowers as its layers' formats (CheckpointInfo.lowered_as)
         raise UnsupportedError(f"Recipe {recipe} cannot be exported to ONNX yet (export lowers {', '.join(THRESHOLDS)}); "
                                f"choose one of those for {target.name}.")
     lowering = "onnxruntime" if target.kind == "cpu" else "tensorrt"  # egm_edge.export.lowering.LOWERINGS
@@ -123,8 +123,11 @@ def preflight(model_dir, recipe: str, target, *, calib=None, think_budget: int |
         from egm_edge.quantize.recipes import QuantSpec, choose_int4_block
 
         widths = config_widths(json.loads((model_dir / "config.json").read_text()))
+        from egm_edge.targets import auto_formats
+
         block, note = choose_int4_block(recipe, widths.values(), block_size)
-        quant = QuantSpec(recipe, kv_cache, block_size=block)
+        quant = QuantSpec(recipe, kv_cache, block_size=block, formats=auto_formats(target) if recipe == "auto" else (),
+                          effective_bits=effective_bits if recipe == "auto" else None)
         check_block_sizes(widths, quant)
         notes += [note] if note else []
     elif block_size is not None:
@@ -194,7 +197,7 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
                      kv_cache: str | None = None, image_wh: tuple[int, int] | None = None, work_dir=None, force: bool = False,
                      budget_mode: str = "hard", max_answer_tokens: int | None = None, max_batch_size: int = 8,
                      vision_int8: bool = False, prefill_int8: bool = False, progress: Callable[[str], None] | None = None,
-                     block_size: int | None = None) -> Path:
+                     block_size: int | None = None, effective_bits: float | None = None) -> Path:
     """Run quantize -> export -> build for `target` into `out_dir`; returns `out_dir` (see the module docstring).
 
     think_budget and block_size as in `preflight`; the decisions it made for them are said through `progress`."""
@@ -205,7 +208,7 @@ def build_from_model(model_dir, recipe: str, target, out_dir, *, calib=None, thi
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir.parent / f"{out_dir.name}-stages"
     pf = preflight(model_dir, recipe, target, calib=calib, think_budget=think_budget, kv_cache=kv_cache, image_wh=image_wh,
-                   out_dir=out_dir, force=force, work_dir=work, block_size=block_size)
+                   out_dir=out_dir, force=force, work_dir=work, block_size=block_size, effective_bits=effective_bits)
     for note in pf.notes:
         say(note)
     say(f"plan: {pf.plan.verdict}")

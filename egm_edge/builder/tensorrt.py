@@ -244,6 +244,10 @@ def build_tensorrt(export_dir, out_dir, target, plan, *, budget_mode: str = "har
     if (exported == "full") != (plan.precision in ("fp32", "fp16", "bf16")) or (exported != "full" and exported != plan.precision):
         raise UnsupportedError(f"Export {export_dir} holds {exported} weights but the plan is for {plan.precision}; "
                                "plan the precision the export was made with.")
+    if exported == "auto":
+        from egm_edge.targets import check_layer_formats
+
+        check_layer_formats(target, (em.get("layer_formats") or {}).values(), f"Export {export_dir}")
     say(f"checking the graphs against TensorRT {target.software.get('tensorrt')}'s ONNX support and Q/DQ rules")
     contract = require_tensorrt_graphs(export_dir, target)
     t0 = time.perf_counter()

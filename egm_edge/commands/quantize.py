@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from egm_edge.quantize.recipes import KV_CACHE, RECIPES, SERVING_NOTE, VISION_MODES
+from egm_edge.quantize.recipes import AUTO_EFFECTIVE_BITS, AUTO_FORMATS, AWQ_ALGORITHMS, KV_CACHE, RECIPES, SERVING_NOTE, VISION_MODES
 
 NAME = "quantize"
 HELP = "Quantize an EGM checkpoint with NVIDIA ModelOpt (fp8, int4_awq, w4a8_awq, int8_sq, nvfp4) into a unified HF checkpoint."
@@ -25,6 +25,17 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="calibrate on prompt + the full model's own reasoning and answer (slower, closer to decoding)")
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="INT4 weight block (int4_awq, w4a8_awq): 128 or 64 (default: the largest of 128, 64 that divides every layer width)")
+    p.add_argument("--awq", metavar="A", default=None,
+                   help=f"AWQ variant for INT4 weights: {', '.join(AWQ_ALGORITHMS)} (default: the recipe's, awq_lite)")
+    p.add_argument("--target", metavar="T", default=None,
+                   help=f"recipe auto: search the per-layer formats this target runs (of {', '.join(AUTO_FORMATS)}; 16-bit always)")
+    p.add_argument("--formats", metavar="F,F", default=None,
+                   help=f"recipe auto: the per-layer formats to search instead of the target's, comma-separated ({', '.join(AUTO_FORMATS)})")
+    p.add_argument("--effective-bits", type=float, default=None, metavar="B",
+                   help=f"recipe auto: average bits per language-model Linear weight (4-16, default {AUTO_EFFECTIVE_BITS:g})")
+    p.add_argument("--max-bytes", default=None, metavar="N",
+                   help="recipe auto: the largest decoder (language model + lm_head) to write, in bytes (suffixes K, M, G: powers of 1024); "
+                        "sets the effective bits")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="where calibration sets are materialised (default ~/.cache/egm-edge)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded and calibrated in: auto (the checkpoint's), float32, bfloat16, float16")
@@ -38,14 +49,18 @@ def run(args: argparse.Namespace) -> int:
     note = _int4_block_note(args)
     if note:
         print(note, flush=True)
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     out = quantize(
         args.model, args.recipe, args.calib, args.out,
         kv_cache=args.kv_cache, vision=args.vision, calib_with_reasoning=args.calib_with_reasoning,
-        block_size=args.block_size, force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, fidelity=not args.no_fidelity,
+        block_size=args.block_size, awq=args.awq, target=args.target, formats=formats, effective_bits=args.effective_bits,
+        max_bytes=parse_bytes(args.max_bytes) if args.max_bytes is not None else None,
+        force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, fidelity=not args.no_fidelity,
     )
     m = json.loads((out / "manifest.json").read_text())
     if args.json:
-        print(json.dumps({k: m.get(k) for k in ("recipe", "quantizers", "calibration", "fidelity", "timings")}, indent=2))
+        print(json.dumps({k: m.get(k) for k in ("recipe", "quantizers", "auto", "decoder_bytes", "calibration", "fidelity", "timings")},
+                         indent=2))
         return 0
     census = m["quantizers"]["enabled"]
     groups = ", ".join(f"{g} {sum(census[g].values())}" for g in ("language_model", "vision", "lm_head", "kv_cache"))
@@ -57,9 +72,30 @@ def run(args: argparse.Namespace) -> int:
     if (fid.get("logits") or {}).get("positions"):
         lg = fid["logits"]
         print(f"held-out logits: cosine {lg['logit_cosine_mean']:.4f} (min {lg['logit_cosine_min']:.4f}), top-1 agreement {lg['top1_agreement']:.1%}")
+    auto = m.get("auto")
+    if auto:
+        counts = ", ".join(f"{f} {n}" for f, n in auto["summary"]["formats"].items())
+        print(f"per-layer formats ({auto['effective_bits_target']:g} effective bits): {counts}; decoder "
+              f"{m['decoder_bytes']['quantized'] / 2**20:.2f} MiB = {auto['decoder_fraction']:.0%} of the full model's "
+              f"(map: {out / auto['picture']})")
     print(f"calibration: {m['calibration']['calibration']['n']} samples, sha256 {m['calibration']['sha256'][:16]}")
     print(f"wrote {out} ({m['recipe']['name']}, {m['timings']['total_s']:.1f} s)")
     return 0
+
+
+def parse_bytes(text: str) -> int:
+    """'1500000', '1.5M', '2G' -> bytes (K, M, G are powers of 1024); one sentence for anything else."""
+    from egm_edge.errors import InputError
+
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        n = -1
+    if not n > 0:
+        raise InputError(f"--max-bytes {text!r} is not a size; give bytes, or a number with K, M or G (e.g. 1.5M).")
+    return int(n)
 
 
 def _int4_block_note(args: argparse.Namespace) -> str | None:

@@ -52,6 +52,25 @@ class CheckpointInfo:
         return (self.config.get("architectures") or [self.record.architectures[0]])[0]
 
     @property
+    def layer_formats(self) -> dict[str, str]:
+        """{module: recipe name} of a per-layer mixed checkpoint (recipe auto; {"*": format} where its search gave every
+        quantized layer one format); {} for a single-recipe one."""
+        from egm_edge.quantize.layer_map import ALGO_FORMATS, layer_formats
+
+        formats = layer_formats(self.quant_config)
+        one = ALGO_FORMATS.get(str((self.quant_config.get("quantization") or {}).get("quant_algo")))
+        return formats or ({"*": one} if self.precision == "auto" and one else {})
+
+    @property
+    def lowered_as(self) -> str:
+        """The precision whose export threshold and ONNX Runtime settings apply: the checkpoint's own, or for a
+        per-layer mixed one the loosest of its layers' formats (INT8 activations, then FP8, then weight-only INT4)."""
+        if self.precision != "auto":
+            return self.precision
+        used = set(self.layer_formats.values())
+        return next((p for p in ("int8_sq", "fp8", "int4_awq") if p in used), "full")
+
+    @property
     def text(self) -> dict:
         return self.config.get("text_config") or {}
 

@@ -85,9 +85,12 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, *, lowering: str = "
     if graph_dtype != "float32" and backend != "tensorrt":
         raise UnsupportedError(f"The {backend} lowering writes float32 graphs (CPU bundles); {graph_dtype} graphs are for TensorRT: "
                                "pass --lowering tensorrt or drop --graph-dtype.")
-    if info.precision not in THRESHOLDS:
+    if info.lowered_as not in THRESHOLDS:
         raise UnsupportedError(f"Checkpoint {info.path} is {info.precision}, which export cannot lower for ONNX Runtime; "
                                f"export one of: {', '.join(dict.fromkeys(k.split('/')[0] for k in THRESHOLDS))}.")
+    if info.precision == "auto" and backend == "onnxruntime" and {"fp8", "int8_sq"} <= set(info.layer_formats.values()):
+        raise UnsupportedError(f"Checkpoint {info.path} mixes FP8 and INT8 layers, which only the TensorRT lowering runs together; "
+                               "export it with --lowering tensorrt, or re-quantize with --recipe auto --target cpu.")
     versions = check_environment(OPSET)
     check_disk_space(out_dir.parent, _fp32_estimate(info))
     with staged_output(out_dir, force=force, inputs=[info.path]) as tmp:
@@ -145,7 +148,7 @@ def _validate(info, out: Path, refs: list, vcfg, dcfg: dict, backend: str, accur
 
     from egm_edge.export.validate import THRESHOLDS
 
-    check = validation_key(info.precision, backend, accuracy_level, lm_head, graph_dtype)
+    check = validation_key(info.lowered_as, backend, accuracy_level, lm_head, graph_dtype)
     if check in THRESHOLDS or graph_dtype == "float32":
         try:
             return {"graph_dtype": graph_dtype, "validated_graph_dtype": graph_dtype,
@@ -165,7 +168,7 @@ def _validate(info, out: Path, refs: list, vcfg, dcfg: dict, backend: str, accur
         _export_graphs(model, info, vcfg, twin_dcfg, Path(twin), {}, say, backend, accuracy_level, lm_head, "float32")
         del model
         gc.collect()
-        check32 = validation_key(info.precision, backend, accuracy_level, lm_head, "float32")
+        check32 = validation_key(info.lowered_as, backend, accuracy_level, lm_head, "float32")
         report = compare_with_onnxruntime(Path(twin), refs, vcfg, twin_dcfg, check32, backend, float64_model=lambda: load_reference(info))
     return {"graph_dtype": graph_dtype, "graphs": f"not run on CPU: {reason}", "validated_graph_dtype": "float32",
             "validated": "the float32 twin of these graphs (same export code path, float32 weights and activations)", **report}
@@ -262,6 +265,7 @@ def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, i
         family=info.family,
         architecture=info.architecture,
         precision=info.precision,
+        **({"layer_formats": info.layer_formats, "lowered_as": info.lowered_as} if info.precision == "auto" else {}),
         graph_dtype=graph_dtype,
         opset=opset,
         inputs={"checkpoint": str(info.path.resolve()), "sha256": inputs},
@@ -271,7 +275,7 @@ def _write_manifest(info, out: Path, graphs: dict, layers: dict, backend: str, i
         lowered_layers=layers,
         int4_accuracy_level=int4_accuracy_level if layers and backend == "onnxruntime" else None,
         lm_head=lm_head,
-        onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.precision, backend))},
+        onnxruntime={"disabled_optimizers": list(disabled_optimizers(info.lowered_as, backend))},
         runtime={"decoder": dcfg, "vision": vcfg.to_dict()},
         versions={**package_versions(), **versions},
         timings_s={k: round(v, 3) for k, v in timings.items()},

@@ -36,6 +36,7 @@ SIDE_FILES = (
 )
 # Peak memory over the weights in the load dtype: the model, ModelOpt's export copies, activations.
 MEMORY_FACTOR = 2.5
+_STORED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # what export_hf_checkpoint stores an unquantized weight in
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
 
 
@@ -129,9 +130,47 @@ def _progress(items, desc: str, enabled: bool):
 
 
 def _expected_quant_algo(spec: QuantSpec) -> set[str]:
+    from egm_edge.quantize.recipes import RECIPES
+
+    if spec.recipe == "auto":  # one format for every searched layer exports as that format
+        return {"MIXED_PRECISION", *(RECIPES[f].quant_algo for f in spec.formats)}
     algo = spec.recipe_spec.quant_algo
     # An FP8 vision tower beside a non-FP8 language model is per-layer mixed in ModelOpt's export.
     return {algo} if spec.vision == "16bit" or algo == "FP8" else {"MIXED_PRECISION"}
+
+
+def _grad_enabled():
+    import torch
+
+    return torch.enable_grad()
+
+
+def _auto_report(tmp: Path, hf_quant: dict, linears: dict[str, str], family, search: dict, full_decoder: int, max_bytes,
+                 spec) -> dict:
+    """The manifest's `auto` section (search figures, per-layer formats, decoder bytes) and layer_map.png beside it.
+    `linears`: the language model's Linear names as the checkpoint stores them -> as the model names them."""
+    from egm_edge.quantize import layer_map as lm
+
+    cfg = json.loads((tmp / "config.json").read_text())
+    formats = lm.layer_formats(hf_quant, linears)  # one format for every searched layer: ModelOpt wrote that one quant_algo
+    full = {model_name: formats.get(saved, lm.SIXTEEN) for saved, model_name in linears.items()}
+    quantized = lm.decoder_bytes(tmp, family)
+    if max_bytes is not None and quantized > int(max_bytes):
+        raise EgmError(f"AutoQuantize at {spec.effective_bits:g} effective bits wrote a {quantized / 2**20:.2f} MiB decoder, over "
+                       f"--max-bytes {int(max_bytes) / 2**20:.2f} MiB; lower --max-bytes a little (scales and norms are extra).")
+    title = f"{cfg.get('architectures', ['?'])[0]}: {spec.effective_bits:g} effective bits, {quantized / full_decoder:.0%} of the full decoder"
+    lm.draw(full, tmp / "layer_map.png", title)
+    return {**search, "formats": list(spec.formats), "max_bytes": max_bytes, "layers": full, "summary": lm.summary(full),
+            "decoder_fraction": round(quantized / full_decoder, 4), "picture": "layer_map.png"}
+
+
+def _saved_linear_names(model, family) -> dict[str, str]:
+    """{name the checkpoint stores a language-model Linear under: the model's name} (transformers' save-time renaming)."""
+    from egm_edge.quantize.loader import saved_names
+    from egm_edge.quantize.policy import linear_widths
+
+    renamed = {k.rpartition(".")[0]: v.rpartition(".")[0] for k, v in saved_names(model).items()}
+    return {renamed.get(name, name): name for name in linear_widths(model, family)}
 
 
 def quantize(
@@ -144,6 +183,11 @@ def quantize(
     vision: str = "16bit",
     calib_with_reasoning: bool = False,
     block_size: int | None = None,
+    awq: str | None = None,
+    target=None,
+    formats=None,
+    effective_bits: float | None = None,
+    max_bytes: int | None = None,
     force: bool = False,
     cache_dir=None,
     device: str | None = None,
@@ -152,7 +196,10 @@ def quantize(
     progress: bool = True,
 ) -> Path:
     """Quantize `model_dir` with `recipe` (a name or a QuantSpec) calibrated on `calibration`
-    (a TOML path or a CalibrationRecipe) into `out_dir`; returns `out_dir` (see module docstring)."""
+    (a TOML path or a CalibrationRecipe) into `out_dir`; returns `out_dir` (see module docstring).
+
+    Recipe auto (`egm_edge.quantize.auto`): per-layer formats among `formats`, or those of AUTO_FORMATS that `target`
+    (a name, path or TargetProfile) runs, under `effective_bits` or a decoder of at most `max_bytes` bytes."""
     from egm_edge.artifacts import check_output_dir, file_hashes, sha256_file, staged_output, write_manifest
     from egm_edge.quantize import calibset
     from egm_edge.quantize.calibration import CalibrationRecipe, recipe_file, sample_task, select_samples
@@ -160,7 +207,15 @@ def quantize(
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning, block_size)
+    if not isinstance(recipe, QuantSpec) and recipe == "auto" and not formats and target is not None:
+        from egm_edge.targets import auto_formats, load_target
+
+        formats = auto_formats(load_target(target) if isinstance(target, (str, Path)) else target)
+    if max_bytes is not None and (effective_bits is not None or recipe != "auto"):
+        raise EgmError("--max-bytes sets recipe auto's constraint from a decoder size; give it alone with --recipe auto "
+                       "(not with --effective-bits or another recipe).")
+    spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning, block_size, awq,
+                                                                  tuple(formats or ()), effective_bits)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     inputs = [model_dir] + ([recipe_file(calibration)] if isinstance(calibration, (str, Path)) else [])
     check_output_dir(out_dir, force, inputs=inputs)  # before torch loads: --out may never clobber the model or the recipe
@@ -204,6 +259,15 @@ def quantize(
     runner = ReferenceRunner.open(model_dir, dtype=dtype, device=device)
     model = runner.model
     timings["load_s"] = time.perf_counter() - t0
+    from egm_edge.quantize.layer_map import decoder_bytes
+
+    full_decoder = decoder_bytes(model_dir, family)
+    if spec.recipe == "auto" and max_bytes is not None:
+        from egm_edge.quantize import auto
+
+        n_linear = auto.linear_params(model, family)
+        spec = replace(spec, effective_bits=auto.effective_bits_for_bytes(
+            int(max_bytes), full_decoder, n_linear, _STORED_BYTES[dtype], spec.weight_block_size))
 
     image_cfg = calibset.image_config_for(runner.image_config, calib_recipe.max_pixels, calib_recipe.min_pixels)
     key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes, calib_samples + hold_samples,
@@ -240,7 +304,7 @@ def quantize(
 
     import modelopt.torch.quantization as mtq
 
-    quant_cfg = policy.build_modelopt_config(spec, family)
+    quant_cfg = policy.build_modelopt_config(spec, family) if spec.recipe != "auto" else None
     pdtype = next(model.parameters()).dtype
 
     def forward_loop(m):
@@ -250,13 +314,23 @@ def quantize(
                 m(**calibset.model_inputs(it, image_token_id, device, pdtype), logits_to_keep=1)
 
     t0 = time.perf_counter()
-    model = mtq.quantize(model, quant_cfg, forward_loop=forward_loop)
+    search = None
+    if spec.recipe == "auto":
+        from egm_edge.quantize import auto
+
+        close = runner.tokenizer.token_to_id(family.tokens.think_close)
+        with _grad_enabled():
+            model, search = auto.search(model, spec, family, calib_items, answer_from=close, progress=progress,
+                                        forward_inputs=lambda it: calibset.model_inputs(it, image_token_id, device, pdtype))
+    else:
+        model = mtq.quantize(model, quant_cfg, forward_loop=forward_loop)
     timings["calibrate_s"] = time.perf_counter() - t0
     census = policy.count_quantizers(model, family)
     policy.check_counts(census, spec, linears)
 
     from modelopt.torch.export import export_hf_checkpoint
 
+    linear_names = _saved_linear_names(model, family) if search is not None else {}
     with staged_output(out_dir, force, inputs=inputs) as tmp:
         t0 = time.perf_counter()
         export_hf_checkpoint(model, export_dir=tmp)
@@ -275,6 +349,9 @@ def quantize(
                 f"for {spec.describe()}; expected {sorted(_expected_quant_algo(spec))} and {spec.kv_cache_quant_algo!r}."
             )
 
+        layers = None
+        if search is not None:
+            layers = _auto_report(tmp, hf_quant, linear_names, family, search, full_decoder, max_bytes, spec)
         report: dict[str, Any] = {"recipe": spec.describe()}
         if fidelity:
             t0 = time.perf_counter()
@@ -300,6 +377,8 @@ def quantize(
             policy={"vision": spec.vision, "lm_head": "16-bit", "embeddings": "16-bit", "kv_cache": spec.kv_cache or "16-bit",
                     "modelopt_config": spec.recipe_spec.modelopt_config},
             quantizers={"enabled": census, "expected": policy.expected_census(spec, linears), "linear_layers": linears},
+            auto=layers,
+            decoder_bytes={"full": full_decoder, "quantized": decoder_bytes(tmp, family)},
             calibration={"recipe": calib_recipe.to_dict(), "sha256": calib_sha, "file": str(calib_file), "reused": reused,
                          "with_reasoning": spec.calib_with_reasoning, "sources": source_summary,
                          "calibration": calibset.stats(calib_items), "holdout": calibset.stats(hold_items)},

@@ -62,6 +62,8 @@ def build_modelopt_config(spec: QuantSpec, family) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
     recipe = spec.recipe_spec
+    if recipe.name == "auto":
+        raise ValueError("recipe auto has no single ModelOpt config; egm_edge.quantize.auto builds one per candidate format")
     base = getattr(mtq, recipe.modelopt_config, None)
     if base is None:
         raise UnsupportedError(
@@ -71,6 +73,8 @@ def build_modelopt_config(spec: QuantSpec, family) -> dict[str, Any]:
     entries = list(cfg.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
     if spec.block_size is not None:
         _set_int4_block(entries, spec.block_size)
+    if spec.awq is not None and spec.awq != _method(cfg.get("algorithm")):
+        cfg["algorithm"] = {"method": spec.awq}  # ModelOpt's AWQ{Lite,Clip,Full}CalibConfig, its own defaults
     if spec.kv_cache:
         kv = copy.deepcopy(getattr(mtq, KV_CACHE[spec.kv_cache][0]))
         entries += list(kv["quant_cfg"])
@@ -82,6 +86,10 @@ def build_modelopt_config(spec: QuantSpec, family) -> dict[str, Any]:
     entries += policy_entries(spec, family, fp8_w, fp8_i)
     cfg["quant_cfg"] = entries
     return cfg
+
+
+def _method(algorithm) -> str | None:
+    return algorithm.get("method") if isinstance(algorithm, dict) else algorithm
 
 
 def _set_int4_block(entries: list[dict[str, Any]], block: int) -> None:
@@ -172,7 +180,7 @@ def expected_census(spec: QuantSpec, linears: dict[str, int]) -> dict[str, dict[
     want = empty_census()
     n = linears["language_model"]
     want["language_model"]["weight"] = n
-    want["language_model"]["input"] = 0 if recipe.weight_only else n
+    want["language_model"]["input"] = 0 if recipe.weight_only or recipe.name == "auto" else n
     if spec.vision == "fp8":
         want["vision"]["weight"] = want["vision"]["input"] = linears["vision"]
     if spec.kv_cache:
@@ -181,13 +189,19 @@ def expected_census(spec: QuantSpec, linears: dict[str, int]) -> dict[str, dict[
 
 
 def check_counts(census: dict[str, dict[str, int]], spec: QuantSpec, linears: dict[str, int]) -> None:
-    """Raise EgmError naming every group whose enabled-quantizer count contradicts the spec."""
+    """Raise EgmError naming every group whose enabled-quantizer count contradicts the spec.
+
+    Recipe auto: the search decides how many language-model Linears are quantized (at most all of them); every other
+    group must stay off, as the policy says."""
     want = expected_census(spec, linears)
     problems = []
     for group, kinds in want.items():
         for kind, n in kinds.items():
             got = census.get(group, {}).get(kind, 0)
-            if got != n:
+            if spec.recipe == "auto" and group == "language_model" and kind in ("weight", "input"):
+                if got > linears["language_model"]:
+                    problems.append(f"{group} {kind} quantizers: {got}, more than its {linears['language_model']} Linear layers")
+            elif got != n:
                 problems.append(f"{group} {kind} quantizers: {got}, expected {n}")
     if census["language_model"]["weight"] == 0:
         problems.insert(0, "no language-model weight is quantized")

@@ -52,8 +52,21 @@ RECIPES: dict[str, Recipe] = {
                description="INT8 per-channel weights and per-tensor activations after SmoothQuant."),
         Recipe("nvfp4", "NVFP4_DEFAULT_CFG", "nvfp4", "nvfp4", "max", "NVFP4", block_size=16, needs_cuda=True,
                description="NVFP4 (e2m1, block 16, FP8 block scales) weights and activations (Blackwell)."),
+        # Per-layer formats chosen by ModelOpt's AutoQuantize (egm_edge.quantize.auto) among AUTO_FORMATS that the target
+        # runs, 16-bit always a choice; no single ModelOpt config of its own (each format's recipe config is a candidate).
+        Recipe("auto", "", "mixed", "mixed", "auto_quantize", "MIXED_PRECISION",
+               description="Per-layer INT4 AWQ / INT8 SmoothQuant / FP8 / 16-bit chosen by ModelOpt AutoQuantize under a size "
+                           "constraint, scored by the loss on the model's own reasoning and answer (box tokens weighted)."),
     )
 }
+# Formats AutoQuantize may give a layer (those of them the target runs); "do not quantize" (16-bit) is always one.
+AUTO_FORMATS = ("int4_awq", "int8_sq", "fp8")
+# ModelOpt's AWQ calibration variants for INT4 recipes (--awq): awq_lite searches one smoothing exponent per layer,
+# awq_clip a weight clipping ratio per block, awq_full both. Default: the recipe's own (awq_lite), chosen from the
+# comparison in benchmarks/README.md ("INT4 AWQ variants").
+AWQ_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full")
+# The default AutoQuantize constraint: effective bits over the language model's Linear weights (16 = unquantized).
+AUTO_EFFECTIVE_BITS = 6.0
 
 SERVING_NOTE = ("vLLM's ModelOpt loader takes only the FP8/NVFP4 families: int4_awq, w4a8_awq and int8_sq checkpoints "
                 "are for TensorRT-LLM only; w4a8_awq and nvfp4 are checkpoint only (no egm-edge bundle can hold them)")
@@ -74,7 +87,7 @@ def choose_int4_block(recipe: str, widths, block_size: int | None = None) -> tup
     models their recipe's 128, which is returned as None so their specs and stage keys stay as they were.
     Recipes without INT4 blocks, and models no block divides (quantize then refuses naming a width), get None.
     """
-    if block_size is not None or recipe not in RECIPES or RECIPES[recipe].weights != "int4":
+    if block_size is not None or recipe not in RECIPES or RECIPES[recipe].weights not in ("int4", "mixed"):
         return block_size, None
     widths = [int(w) for w in widths if w]
     order = sorted(INT4_BLOCK_SIZES, reverse=True)
@@ -82,7 +95,7 @@ def choose_int4_block(recipe: str, widths, block_size: int | None = None) -> tup
     if block is None:
         return None, None
     note = f"{recipe} block size {block} (the largest of {', '.join(map(str, order))} that divides every layer width)"
-    return (None if block == RECIPES[recipe].block_size else block), note
+    return (None if block == (RECIPES[recipe].block_size or RECIPES["int4_awq"].block_size) else block), note
 
 
 def recipe_names() -> list[str]:
@@ -106,11 +119,21 @@ class QuantSpec:
     vision: str = "16bit"
     calib_with_reasoning: bool = False
     block_size: int | None = None  # INT4 block override (TensorRT-LLM's AWQ kernels take 64 or 128); None = recipe's
+    awq: str | None = None  # AWQ variant of INT4 recipes (AWQ_ALGORITHMS); None = the recipe's algorithm
+    formats: tuple[str, ...] = ()  # auto only: the per-layer candidates (AUTO_FORMATS the target runs)
+    effective_bits: float | None = None  # auto only: AutoQuantize's constraint over the language model's Linear weights
 
     def __post_init__(self) -> None:
         recipe = get_recipe(self.recipe)
+        self._check_auto(recipe)
+        if self.awq is not None:
+            if self.awq not in AWQ_ALGORITHMS:
+                raise InputError(f"Unknown AWQ variant {self.awq!r}. Choose from: {', '.join(AWQ_ALGORITHMS)}.")
+            if recipe.weights not in ("int4", "mixed") or (recipe.name == "auto" and "int4_awq" not in self.formats):
+                raise InputError(f"--awq {self.awq} sets how INT4 AWQ weights are calibrated and {self.describe_recipe()} has none; "
+                                 "drop it, or choose int4_awq.")
         if self.block_size is not None:
-            if recipe.weights != "int4":
+            if recipe.weights not in ("int4", "mixed") or (recipe.name == "auto" and "int4_awq" not in self.formats):
                 raise InputError(f"Recipe {self.recipe} has no INT4 weight blocks to resize; drop the block size (it applies to int4_awq and w4a8_awq).")
             if self.block_size not in INT4_BLOCK_SIZES:
                 raise InputError(f"INT4 block size {self.block_size!r} is not supported. Choose from: {', '.join(map(str, INT4_BLOCK_SIZES))}.")
@@ -121,12 +144,40 @@ class QuantSpec:
         if not isinstance(self.calib_with_reasoning, bool):
             raise InputError(f"calib_with_reasoning must be true or false, got {self.calib_with_reasoning!r}.")
 
+    def _check_auto(self, recipe: Recipe) -> None:
+        if recipe.name != "auto":
+            if self.formats or self.effective_bits is not None:
+                raise InputError(f"Per-layer formats and effective bits are AutoQuantize settings and recipe {recipe.name} is one format; "
+                                 "drop them, or choose --recipe auto.")
+            return
+        object.__setattr__(self, "formats", tuple(self.formats))
+        if self.kv_cache is not None or self.vision != "16bit":
+            raise InputError("Recipe auto searches the language model's Linear layers only; drop --kv-cache and --vision "
+                             "(the KV cache and the vision tower stay 16-bit).")
+        if not self.formats:
+            raise InputError("Recipe auto searches per-layer formats among those a target runs; pass --target "
+                             f"(e.g. cpu, jetson-orin-nano-8gb) or formats from: {', '.join(AUTO_FORMATS)}.")
+        bad = [f for f in self.formats if f not in AUTO_FORMATS]
+        if bad or len(set(self.formats)) != len(self.formats):
+            raise InputError(f"AutoQuantize formats {list(self.formats)} must be distinct names from: {', '.join(AUTO_FORMATS)}.")
+        bits = AUTO_EFFECTIVE_BITS if self.effective_bits is None else self.effective_bits
+        if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 4.0 <= float(bits) <= 16.0:
+            raise InputError(f"Effective bits {self.effective_bits!r} must be a number from 4 (all INT4) to 16 (nothing quantized).")
+        object.__setattr__(self, "effective_bits", float(bits))
+        # The score is the loss on the model's own reasoning and answer: the calibration set must hold them.
+        object.__setattr__(self, "calib_with_reasoning", True)
+
+    def describe_recipe(self) -> str:
+        return f"recipe {self.recipe}" + (f" (formats {', '.join(self.formats)})" if self.formats else "")
+
     @property
     def recipe_spec(self) -> Recipe:
         return RECIPES[self.recipe]
 
     @property
     def weight_block_size(self) -> int | None:
+        if self.recipe == "auto":
+            return (self.block_size or RECIPES["int4_awq"].block_size) if "int4_awq" in self.formats else None
         return self.block_size or self.recipe_spec.block_size
 
     @property
@@ -134,7 +185,9 @@ class QuantSpec:
         return KV_CACHE[self.kv_cache][1] if self.kv_cache else None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SPEC_VERSION, **asdict(self), "recipe_spec": asdict(self.recipe_spec)}
+        d = {"version": SPEC_VERSION, **asdict(self), "recipe_spec": asdict(self.recipe_spec)}
+        d["formats"] = list(self.formats)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
@@ -143,12 +196,17 @@ class QuantSpec:
         version = d.get("version", SPEC_VERSION)
         if version != SPEC_VERSION:
             raise InputError(f"Quantization spec version {version!r} is not supported (this egm-edge reads version {SPEC_VERSION}).")
-        unknown = set(d) - {"version", "recipe", "kv_cache", "vision", "calib_with_reasoning", "block_size", "recipe_spec"}
+        unknown = set(d) - {"version", "recipe", "kv_cache", "vision", "calib_with_reasoning", "block_size", "awq", "formats",
+                            "effective_bits", "recipe_spec"}
         if unknown:
             raise InputError(f"Quantization spec has unknown keys {sorted(unknown)}; remove them.")
         if "recipe" not in d:
             raise InputError("Quantization spec lacks 'recipe'; add one of: " + ", ".join(RECIPES) + ".")
-        spec = cls(d["recipe"], d.get("kv_cache"), d.get("vision", "16bit"), d.get("calib_with_reasoning", False), d.get("block_size"))
+        formats = d.get("formats") or ()
+        if not isinstance(formats, (list, tuple)):
+            raise InputError(f"Quantization spec 'formats' must be a list of format names, got {formats!r}.")
+        spec = cls(d["recipe"], d.get("kv_cache"), d.get("vision", "16bit"), d.get("calib_with_reasoning", False), d.get("block_size"),
+                   d.get("awq"), tuple(formats), d.get("effective_bits"))
         stored = d.get("recipe_spec")
         if stored is not None and stored != asdict(spec.recipe_spec):
             raise InputError(
@@ -170,6 +228,10 @@ class QuantSpec:
 
     def describe(self) -> str:
         parts = [self.recipe if self.block_size is None else f"{self.recipe} (block {self.block_size})"]
+        if self.recipe == "auto":
+            parts.append(f"{self.effective_bits:g} effective bits over {'/'.join(self.formats)}/16-bit")
+        if self.awq:
+            parts.append(self.awq)
         if self.kv_cache:
             parts.append(f"kv {self.kv_cache}")
         parts.append(f"vision {self.vision}")

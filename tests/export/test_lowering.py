@@ -174,30 +174,20 @@ def test_activation_quantized_exports_validate(quant_base, tmp_path, precision):
     shutil.rmtree(out)
 
 
-def test_int4_cpu_bundle_runs_like_the_dequantized_reference(quant_base, tmp_path):
+def test_int4_cpu_bundle_runs_like_the_dequantized_reference(quant_base, tmp_path, grounds_like_reference):
     """int4_awq checkpoint -> export (MatMulNBits) -> cpu bundle: the runtime's greedy tokens equal the PyTorch
     reference on the same quantized checkpoint, and the decoder is a fraction of the fp32 weights."""
     from quantized import write_quantized
 
     from egm_edge.builder import build_cpu
     from egm_edge.export import export
-    from egm_edge.reference import ReferenceRunner
-    from egm_edge.runtime.grounder import Grounder
-    from egm_edge.synth import draw, render
 
     ckpt = write_quantized(quant_base, tmp_path / "ckpt-int4", "int4_awq")
     bundle = build_cpu(export(ckpt, tmp_path / "ir", decode_steps=2), tmp_path / "bundle", max_answer_tokens=8)
     fp32_bytes = (quant_base / "model.safetensors").stat().st_size
     int4_bytes = sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("decoder.onnx"))
     assert int4_bytes < 0.5 * fp32_bytes, (int4_bytes, fp32_bytes)
-    runtime, reference = Grounder.open(bundle), ReferenceRunner.open(ckpt)
-    for i in range(2):
-        s = draw(11, i)
-        kw = dict(think_budget=6, max_answer_tokens=8, max_new_tokens=24)
-        got, ref = runtime.ground(render(s.scene), s.expr.sent, **kw), reference.ground(render(s.scene), s.expr.sent, **kw)
-        # Same tokens; this word-level test tokenizer has no decoder, so the two sides space special tokens differently.
-        assert "".join(got.text.split()) == "".join(ref.text.split()) and got.box == ref.box
-        assert (got.think_tokens, got.answer_tokens) == (ref.think_tokens, ref.answer_tokens)
+    grounds_like_reference(bundle, ckpt)
 
 
 @pytest.mark.parametrize("mode,bits,block", [("int4", 4, 32), ("int8", 8, 128)])

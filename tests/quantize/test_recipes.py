@@ -13,7 +13,10 @@ from egm_edge.quantize.recipes import KV_CACHE, RECIPES, VISION_MODES, QuantSpec
 
 
 def all_specs():
+    yield QuantSpec("auto", formats=("int4_awq", "int8_sq"), effective_bits=5.5, awq="awq_full")
     for r in RECIPES:
+        if r == "auto":  # one language-model search, its own spec checks (tests/quantize/test_auto.py)
+            continue
         for kv in (None, *KV_CACHE):
             for vision in VISION_MODES:
                 for reasoning in (False, True):
@@ -21,7 +24,7 @@ def all_specs():
 
 
 def test_registry_names():
-    assert list(RECIPES) == ["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4"]
+    assert list(RECIPES) == ["fp8", "int4_awq", "w4a8_awq", "int8_sq", "nvfp4", "auto"]
     assert [r.name for r in RECIPES.values() if r.needs_cuda] == ["nvfp4"]
 
 
@@ -35,7 +38,7 @@ def test_spec_json_round_trip(spec):
 def test_unknown_recipe_lists_valid_ones():
     with pytest.raises(InputError) as e:
         get_recipe("int3")
-    assert "fp8, int4_awq, w4a8_awq, int8_sq, nvfp4" in str(e.value)
+    assert "fp8, int4_awq, w4a8_awq, int8_sq, nvfp4, auto" in str(e.value)
     with pytest.raises(InputError):
         QuantSpec("fp16")
 
