@@ -22,6 +22,17 @@ def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _bits(values):
+    from egm_edge.errors import InputError
+
+    if values is None:
+        return None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise InputError(f"--auto-bits {','.join(values)} must be numbers of bits, e.g. 5,6,7.") from None
+
+
 def register(p: argparse.ArgumentParser) -> None:
     from egm_edge.commands.validate import add_cluster_arguments, add_endpoint_kind_argument
 
@@ -32,7 +43,14 @@ def register(p: argparse.ArgumentParser) -> None:
     what.add_argument("--bundle", metavar="DIR", help="a built bundle, swept on this machine as its target (run it where it "
                       "was built); latency measured here")
     p.add_argument("--recipes", type=_list, default=None, metavar="R,R",
-                   help="with --model: full (no quantization) and quantize recipes (default full,fp8,int4_awq)")
+                   help="with --model: full (no quantization) and quantize recipes (default full,fp8,int4_awq); auto: AutoQuantize "
+                        "at each of --auto-bits, then the smallest that passes the validate gate (auto/auto.md)")
+    p.add_argument("--auto-bits", type=_list, default=None, metavar="B,B",
+                   help="with --recipes auto: the effective bits tried, fewest first (default 5,6,7,8)")
+    p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="P",
+                   help="with --recipes auto: the gate's largest Acc@0.5 drop in points (default 1.0)")
+    p.add_argument("--max-miou-drop", type=float, default=1.0, metavar="P",
+                   help="with --recipes auto: the gate's largest mean IoU drop in points (default 1.0)")
     # Each budget is parsed by sweep() (runtime.settings.parse_think_budget): a bad one is one sentence, before any work.
     p.add_argument("--budgets", type=_list, default=["0", "16", "32", "64", "128", "none"], metavar="N,N",
                    help="comma-separated thinking budgets, 'none' for unlimited (default 0,16,32,64,128,none)")
@@ -80,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         model_only = [o for o, v in (("--recipes", args.recipes), ("--calib", args.calib),
                                      ("--calib-with-reasoning", args.calib_with_reasoning), ("--cluster", args.cluster),
                                      ("--shared-dir", args.shared_dir), ("--shard-size", args.shard_size),
-                                     ("--target-engine", args.target_engine)) if v]
+                                     ("--target-engine", args.target_engine), ("--auto-bits", args.auto_bits)) if v]
         if model_only:
             raise InputError(f"{model_only[0]} applies to --model sweeps only; an endpoint or a bundle serves one "
                              "configuration, named with --label.")
@@ -112,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
         force=args.force, cluster=args.cluster, cluster_timeout=args.cluster_timeout, shared_dir=args.shared_dir,
         shard_size=args.shard_size, target_engine=args.target_engine or "tensorrt",
+        auto_bits=_bits(args.auto_bits), max_acc_drop=args.max_acc_drop, max_miou_drop=args.max_miou_drop,
     )
     print(result.summary())
     return 0

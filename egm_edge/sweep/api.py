@@ -58,6 +58,7 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     nodes: dict[str, dict] = field(default_factory=dict)  # where units ran now: {node: {"units", "seconds"}}
     measure_s: float = 0.0  # wall seconds of the measurement phase (the executor running the units)
+    auto: Any = None  # sweep.auto_search.AutoResult when the recipes held AutoQuantize rungs
 
     def summary(self) -> str:
         lines = [self.table, ""]
@@ -150,7 +151,8 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
           max_seq_len: int = 4096, progress: bool = True, say: Callable[[str], None] | None = None,
           calib_with_reasoning: bool = False, force: bool = False, cluster: str | None = None,
           cluster_timeout: float = 120.0, shared_dir=None, shard_size: int | None = None,
-          target_engine: str = "tensorrt") -> SweepResult:
+          target_engine: str = "tensorrt", auto_bits=None, max_acc_drop: float = 1.0,
+          max_miou_drop: float = 1.0) -> SweepResult:
     """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring.
 
     `out_dir` is new, empty or a sweep's own (its records.jsonl: resumed); `force` replaces another egm-edge
@@ -158,7 +160,10 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     `cluster` ("auto", "HOST:PORT", "ray://HOST:PORT"): units run as Ray tasks (`egm_edge.sweep.cluster`), shards of
     `shard_size` samples (default 16; locally one unit per run); units whose target no node offers for
     `cluster_timeout` seconds are reported; `shared_dir`: a folder every node sees, bundles placed there;
-    `target_engine` ("tensorrt" or "cpu"): what a gpu/jetson target's node runs (see the module docstring)."""
+    `target_engine` ("tensorrt" or "cpu"): what a gpu/jetson target's node runs (see the module docstring).
+    Recipe "auto" becomes one recipe per rung of `auto_bits` (default `auto_search.LADDER`) and, once measured, the
+    rungs are validated against the full model until one passes the gate (`max_acc_drop`, `max_miou_drop`): the
+    pick is in the result's `auto`, auto/auto.md and the report (`egm_edge.sweep.auto_search`)."""
     from egm_edge.artifacts import check_output_dir, prepare_output_dir
     from egm_edge.reference.runner import read_model_config
     from egm_edge.sweep import bundles as B
@@ -179,7 +184,10 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     read_model_config(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise CheckpointError(f"Model directory {model_dir} has no tokenizer.json; copy the model's tokenizer files there.")
-    recipes, budgets, tprofiles = B.check_recipes(tuple(recipes)), _check_budgets(tuple(budgets)), _targets(targets)
+    from egm_edge.sweep import auto_search
+
+    budgets, tprofiles = _check_budgets(tuple(budgets)), _targets(targets)
+    recipes = B.check_recipes(auto_search.expand(tuple(recipes), tprofiles, tuple(auto_bits or auto_search.LADDER)))
     for name, v in (("latency_budget_ms", latency_budget_ms), ("memory_budget_gb", memory_budget_gb)):
         if v is not None and (not isinstance(v, (int, float)) or v <= 0):
             raise InputError(f"{name} must be a positive number, got {v!r}.")
@@ -300,7 +308,16 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     records = [r for r in store.load() if r["key"] in set(wanted)]
     recs, plots, tab, more = analyze(records, out, targets=[cpu.name, *[t.name for t in others]],
                                      latency_budget_ms=latency_budget_ms, memory_budget_gb=memory_budget_gb)
-    return SweepResult(out, records, recs, plots, tab, ran, notes + more, nodes, round(measure_s, 3))
+    auto = None
+    if auto_search.rungs(recipes):
+        full, _ = B.bundle_for(model_dir, B.FULL, out / "bundles", max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len,
+                               say=say)
+        auto = auto_search.search(out, recipes, full, data, limit=limit, seed=seed, image_root=image_root, strict=strict,
+                                  max_new_tokens=max_seq_len // 2, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say)
+        more.append(auto.sentence())
+        with open(out / "report.md", "a") as f:
+            f.write(f"\n## Recipe auto\n\n{auto.sentence()} ([rungs and layer maps](auto/auto.md))\n")
+    return SweepResult(out, records, recs, plots, tab, ran, notes + more, nodes, round(measure_s, 3), auto)
 
 
 @dataclass

@@ -42,8 +42,16 @@ def recipe_names() -> tuple[str, ...]:
 
 
 def check_recipes(recipes) -> tuple[str, ...]:
+    """The recipes, each a registered name, "full", or one AutoQuantize rung ("auto@BITS[:FORMAT/FORMAT]")."""
+    from egm_edge.sweep.auto_search import parse
+
     names = recipe_names()
-    bad = [r for r in recipes if r not in names]
+    bad = []
+    for r in recipes:
+        if str(r).startswith("auto@"):
+            parse(r)  # one sentence for a malformed rung
+        elif r not in names:
+            bad.append(r)
     if bad or not recipes:
         raise InputError(f"Unknown recipe {bad[0] if bad else '(none given)'!r}. Choose from: {', '.join(names)}.")
     if len(set(recipes)) != len(recipes):
@@ -66,7 +74,7 @@ def int4_block_size(model_dir: Path, recipe: str) -> int | None:
 
     if recipe == FULL:
         return None
-    return choose_int4_block(recipe, config_widths(json.loads((model_dir / "config.json").read_text())).values())[0]
+    return choose_int4_block(recipe.partition("@")[0], config_widths(json.loads((model_dir / "config.json").read_text())).values())[0]
 
 
 def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict, with_reasoning: bool = False) -> str:
@@ -108,8 +116,10 @@ def checkpoint_for(model_dir, recipe: str, root, *, calibration=None, say: Calla
         return out, True
     key_file.unlink(missing_ok=True)
     say(f"{recipe}: quantizing {model_dir.name}")
-    quantize(model_dir, recipe, calibration, out, block_size=int4_block_size(model_dir, recipe), force=True, progress=quantize_progress,
-             calib_with_reasoning=with_reasoning)
+    from egm_edge.sweep.auto_search import quant_spec
+
+    quantize(model_dir, quant_spec(recipe, int4_block_size(model_dir, recipe), with_reasoning), calibration, out, force=True,
+             progress=quantize_progress)
     key_file.write_text(key + "\n")  # after the stage renamed its output into place: only a finished one is reused
     return out, False
 

@@ -146,7 +146,7 @@ def planner_precision(recipe: str, target) -> str:
     """The planner's precision for a recipe on a target: 'full' is what the build pipeline runs unquantized there."""
     from egm_edge.builder.pipeline import full_precision
 
-    return full_precision(target) if recipe == "full" else recipe
+    return full_precision(target) if recipe == "full" else recipe.partition("@")[0]  # an AutoQuantize rung plans as auto
 
 
 def predict(spec, target, recipe: str, think_tokens: float, budget_cap: int, image_wh: tuple[int, int]) -> dict[str, Any]:

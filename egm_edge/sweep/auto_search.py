@@ -1,0 +1,161 @@
+"""`sweep --recipes auto`: the smallest AutoQuantize configuration that passes the validate gate.
+
+Contract: `expand(recipes, targets, ladder)` turns "auto" into one recipe per rung of effective bits, "auto@5",
+"auto@6", ... (with ":FORMAT/FORMAT" appended where the formats every sweep target runs are fewer than the cpu
+target's), and the sweep builds and measures each rung like any recipe (CPU bundle, every budget, predictions for
+the other targets). `parse(name)` reads a rung, `quant_spec(name, ...)` is the QuantSpec any recipe name quantizes
+with. After the measurement, `search(...)` validates the rungs against the full-precision bundle from the fewest
+bits up (unlimited thinking, the validate gate with its thresholds) and stops at the first that passes: the pick,
+the smallest configuration that holds accuracy. It writes auto.md (a row per rung tried: effective bits, decoder
+bytes and their fraction of the full decoder, layers per format, verdict, Acc@0.5 and mean IoU deltas, the split
+mean) with the rungs' layer-map pictures beside it, and auto.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from egm_edge.errors import InputError
+
+AUTO = "auto"
+LADDER = (5.0, 6.0, 7.0, 8.0)  # effective bits tried, fewest first (4 is plain INT4: the recipe int4_awq)
+
+
+def parse(name: str) -> tuple[float, tuple[str, ...] | None]:
+    """"auto@6" -> (6.0, None: the cpu target's formats); "auto@5.5:int4_awq" -> (5.5, ("int4_awq",))."""
+    head, _, rest = str(name).partition("@")
+    bits, _, fmts = rest.partition(":")
+    try:
+        value = float(bits)
+    except ValueError:
+        value = None
+    if head != AUTO or value is None:
+        raise InputError(f"Recipe {name!r} is not an AutoQuantize rung; write auto@BITS (e.g. auto@6) or auto@BITS:FORMAT/FORMAT.")
+    from egm_edge.quantize.recipes import QuantSpec
+
+    formats = tuple(fmts.split("/")) if fmts else None
+    QuantSpec(AUTO, formats=formats or ("int4_awq",), effective_bits=value)  # one sentence for bad bits or formats
+    return value, formats
+
+
+def label(bits: float, formats: tuple[str, ...] | None) -> str:
+    return f"{AUTO}@{bits:g}" + (f":{'/'.join(formats)}" if formats else "")
+
+
+def expand(recipes, targets, ladder=LADDER) -> tuple[str, ...]:
+    """`recipes` with "auto" replaced by its rungs (module docstring); `targets`: the sweep's target profiles."""
+    if AUTO not in recipes:
+        return tuple(recipes)
+    from egm_edge.targets import auto_formats, load_target
+
+    cpu = auto_formats(load_target("cpu"))
+    common = tuple(f for f in cpu if all(f in auto_formats(t) for t in targets))
+    if not common:
+        raise InputError(f"Recipe auto needs a per-layer format every sweep target runs, and {', '.join(t.name for t in targets)} "
+                         "share none; sweep those targets apart.")
+    rungs = [label(b, None if common == cpu else common) for b in sorted(set(ladder))]
+    out = []
+    for r in recipes:
+        out += rungs if r == AUTO else [r]
+    return tuple(dict.fromkeys(out))
+
+
+def quant_spec(recipe: str, block_size: int | None, with_reasoning: bool):
+    """The QuantSpec a sweep recipe name quantizes with."""
+    from egm_edge.quantize.recipes import QuantSpec
+
+    if not recipe.startswith(AUTO + "@"):
+        return QuantSpec(recipe, block_size=block_size, calib_with_reasoning=with_reasoning)
+    from egm_edge.targets import auto_formats, load_target
+
+    bits, formats = parse(recipe)
+    formats = formats or auto_formats(load_target("cpu"))
+    return QuantSpec(AUTO, block_size=block_size if "int4_awq" in formats else None, formats=formats, effective_bits=bits)
+
+
+def rungs(recipes) -> list[str]:
+    """The AutoQuantize rungs among `recipes`, fewest bits first."""
+    return sorted((r for r in recipes if str(r).startswith(AUTO + "@")), key=lambda r: parse(r)[0])
+
+
+@dataclass
+class AutoResult:
+    pick: str | None
+    rows: list[dict] = field(default_factory=list)
+    report: Path | None = None
+
+    def sentence(self) -> str:
+        if self.pick is None:
+            return (f"recipe auto: none of {', '.join(r['recipe'] for r in self.rows)} passes the validate gate against the full "
+                    "model; add rungs with more bits (--auto-bits) or keep 16-bit.")
+        r = next(r for r in self.rows if r["recipe"] == self.pick)
+        frac = f", {r['decoder_fraction']:.0%} of the full decoder" if r.get("decoder_fraction") else ""
+        return (f"recipe auto: {self.pick} is the smallest configuration that passes the validate gate "
+                f"(Acc@0.5 {r['acc_delta']:+.2f}, mean IoU {r['miou_delta']:+.2f} points{frac}); see {self.report}.")
+
+
+def search(out: Path, recipes, full_bundle: Path, data, *, limit, seed: int, image_root, strict: bool, max_new_tokens: int,
+           max_acc_drop: float, max_miou_drop: float, say: Callable[[str], None]) -> AutoResult:
+    """Validate the rungs fewest bits first until one passes (module docstring)."""
+    from egm_edge.validate.api import validate
+
+    result = AutoResult(None)
+    for recipe in rungs(recipes):
+        cand = out / "bundles" / recipe
+        if not (cand / "manifest.json").is_file():
+            cand = out / "checkpoints" / recipe  # no CPU bundle: its checkpoint through the PyTorch reference
+        say(f"recipe auto: validating {recipe} against the full model")
+        rep = validate(cand, full_bundle, data, out_dir=out / "auto" / recipe, think_budget="none", limit=limit, seed=seed,
+                       image_root=image_root, strict=strict, max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop,
+                       max_miou_drop=max_miou_drop, progress=False, force=True)
+        result.rows.append(_row(recipe, rep, out))
+        if rep.verdict == "pass":
+            result.pick = recipe
+            break
+    result.report = _write(out, result, max_acc_drop, max_miou_drop)
+    return result
+
+
+def _row(recipe: str, rep, out: Path) -> dict:
+    o = rep.data["groups"]["overall"]
+    q = json.loads((out / "checkpoints" / recipe / "manifest.json").read_text())
+    auto, dec = q.get("auto") or {}, q.get("decoder_bytes") or {}
+    picture = None
+    src = out / "checkpoints" / recipe / (auto.get("picture") or "layer_map.png")
+    if src.is_file():
+        picture = f"layer-map-{recipe.replace(':', '_').replace('/', '+')}.png"
+        shutil.copyfile(src, out / "auto" / picture)
+    sm = (rep.data.get("split_mean") or {}).get("delta") or {}
+    return {"recipe": recipe, "verdict": rep.verdict, "n": o["n"], "acc_delta": o["delta"]["acc_delta"],
+            "miou_delta": o["delta"]["miou_delta"], "miou_delta_ci95": o["delta"]["miou_delta_ci95"],
+            "split_mean_acc_delta": sm.get("acc_delta"), "split_mean_miou_delta": sm.get("miou_delta"),
+            "effective_bits": auto.get("effective_bits_target"), "formats": (auto.get("summary") or {}).get("formats"),
+            "decoder_bytes": dec.get("quantized"), "decoder_fraction": auto.get("decoder_fraction"),
+            "failures": rep.failures, "picture": picture, "report": str(rep.out_dir / "report.md")}
+
+
+def _write(out: Path, result: AutoResult, max_acc_drop: float, max_miou_drop: float) -> Path:
+    lines = ["# Recipe auto: the smallest configuration that passes the gate", "",
+             f"Rungs validated against the full-precision bundle, fewest effective bits first, until one passes (gate: "
+             f"Acc@0.5 and mean IoU drops of at most {max_acc_drop:g} / {max_miou_drop:g} points, unless within sampling noise).", "",
+             "| recipe | effective bits | decoder | layers | Acc@0.5 delta | mIoU delta (95% CI) | split mean mIoU delta | gate |",
+             "|---|---:|---:|---|---:|---|---:|---|"]
+    for r in result.rows:
+        fmts = ", ".join(f"{k} {v}" for k, v in (r["formats"] or {}).items()) or "-"
+        frac = f"{r['decoder_fraction']:.0%}" if r["decoder_fraction"] else "-"
+        ci = r["miou_delta_ci95"]
+        sm = r["split_mean_miou_delta"]
+        lines.append(f"| {r['recipe']} | {r['effective_bits'] if r['effective_bits'] is not None else '-'} | {frac} | {fmts} | "
+                     f"{r['acc_delta']:+.2f} | {r['miou_delta']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | "
+                     f"{'-' if sm is None else f'{sm:+.2f}'} | {r['verdict'].upper()} |")
+    (out / "auto").mkdir(parents=True, exist_ok=True)
+    path = result.report = out / "auto" / "auto.md"
+    lines += ["", result.sentence(), ""]
+    lines += [f"![{r['recipe']}]({r['picture']})" for r in result.rows if r["picture"]]
+    path.write_text("\n".join(lines) + "\n")
+    (out / "auto" / "auto.json").write_text(json.dumps({"pick": result.pick, "rows": result.rows}, indent=2) + "\n")
+    return path
