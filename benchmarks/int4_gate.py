@@ -100,9 +100,23 @@ def measure(model: Path, out: Path, data: Path, name: str, spec, reference: Path
     }
 
 
+def versus(out: Path, name: str, base: str) -> dict | None:
+    """Paired deltas of system `name` against system `base` on the same samples (both validated in `out`)."""
+    from egm_edge.validate.stats import paired
+
+    def rows(system):
+        f = out / "validate" / system / "predictions-candidate.jsonl"
+        return {r["id"]: r for r in map(json.loads, f.read_text().splitlines())} if f.is_file() else None
+
+    a, b = rows(name), rows(base)
+    if a is None or b is None or name == base:
+        return None
+    return paired(a, b, sorted(set(a) & set(b)), seed=0)
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| system | decoder bytes | layers | Acc@0.5 drop | mIoU delta (95% CI) | split-mean mIoU delta | flips h->m / m->h | gate |\n"
-            "|---|---:|---|---:|---|---:|---|---|")
+    head = ("| system | decoder bytes | layers | Acc@0.5 drop | mIoU delta (95% CI) | split-mean mIoU delta | flips h->m / m->h | gate "
+            "| mIoU vs base (95% CI) |\n|---|---:|---|---:|---|---:|---|---|---|")
     lines = [head]
     for r in rows:
         sm = ((r.get("split_mean") or {}).get("delta") or {}).get("miou_delta")
@@ -110,8 +124,15 @@ def table(rows: list[dict]) -> str:
         frac = f"{r['decoder_fraction']:.0%}" if r["decoder_fraction"] else "-"
         lines.append(f"| {r['system']} | {frac} | {fmts} | {-r['acc_delta']:+.2f} | {r['miou_delta']:+.2f} "
                      f"[{r['miou_delta_ci95'][0]:+.2f}, {r['miou_delta_ci95'][1]:+.2f}] | "
-                     f"{sm:+.2f} | {r['hit_to_miss']} / {r['miss_to_hit']} | {r['verdict'].upper()} |")
+                     f"{sm:+.2f} | {r['hit_to_miss']} / {r['miss_to_hit']} | {r['verdict'].upper()} | {_vs(r.get('versus'))} |")
     return "\n".join(lines)
+
+
+def _vs(v) -> str:
+    if not v:
+        return "-"
+    ci = v["miou_delta_ci95"]
+    return f"{v['miou_delta']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
 
 
 def main(argv=None) -> int:
@@ -120,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default="int4_awq,auto@6,auto@6:int4_awq")
     ap.add_argument("--out", default="runs/int4_gate")
     ap.add_argument("--model", default=None, help="default: the embedded tiny grounder")
+    ap.add_argument("--base", default=None, help="a system measured in --out that every row is also compared with, paired")
+    ap.add_argument("--table-only", action="store_true", help="print the table of results.json (with --base) and measure nothing")
     args = ap.parse_args(argv)
     from egm_edge.assets import default_model_dir
 
@@ -131,8 +154,13 @@ def main(argv=None) -> int:
     rows = []
     results = out / "results.json"
     old = {r["system"]: r for r in json.loads(results.read_text())} if results.is_file() else {}
+    if args.table_only:
+        rows = [{**r, "versus": versus(out, r["system"], args.base) if args.base else None} for r in old.values()]
+        print(table(rows))
+        return 0
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
         rows.append(measure(model, out, data, name, parse_system(name), reference))
+        rows[-1]["versus"] = versus(out, name, args.base) if args.base else None
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         old[name] = rows[-1]
         results.write_text(json.dumps(list(old.values()), indent=2) + "\n")

@@ -26,7 +26,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="INT4 weight block (int4_awq, w4a8_awq): 128 or 64 (default: the largest of 128, 64 that divides every layer width)")
     p.add_argument("--awq", metavar="A", default=None,
-                   help=f"AWQ variant for INT4 weights: {', '.join(AWQ_ALGORITHMS)} (default: the recipe's, awq_lite)")
+                   help=f"AWQ variant for INT4 weights: {', '.join(AWQ_ALGORITHMS)} (default: the recipe's: awq_full for int4_awq, awq_lite for w4a8_awq)")
     p.add_argument("--target", metavar="T", default=None,
                    help=f"recipe auto: search the per-layer formats this target runs (of {', '.join(AUTO_FORMATS)}; 16-bit always)")
     p.add_argument("--formats", metavar="F,F", default=None,
@@ -36,6 +36,12 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", default=None, metavar="N",
                    help="recipe auto: the largest decoder (language model + lm_head) to write, in bytes (suffixes K, M, G: powers of 1024); "
                         "sets the effective bits")
+    p.add_argument("--max-acc-drop", type=float, default=None, metavar="P",
+                   help="recipe auto: quantize at each of --auto-bits and keep the fewest bits whose checkpoint passes the validate "
+                        "gate against the full model on --data (Acc@0.5 and mean IoU drops of at most P points)")
+    p.add_argument("--data", metavar="FILE", default=None, help="with --max-acc-drop: grounding samples the gate is measured on")
+    p.add_argument("--limit", type=int, default=None, metavar="K", help="with --max-acc-drop: a seeded subset of K samples")
+    p.add_argument("--auto-bits", default=None, metavar="B,B", help="with --max-acc-drop: the effective bits tried (default 5,6,7,8)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="where calibration sets are materialised (default ~/.cache/egm-edge)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded and calibrated in: auto (the checkpoint's), float32, bfloat16, float16")
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note, flush=True)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
+    if args.max_acc_drop is not None or args.data or args.auto_bits:
+        return _gated(args, formats)
     out = quantize(
         args.model, args.recipe, args.calib, args.out,
         kv_cache=args.kv_cache, vision=args.vision, calib_with_reasoning=args.calib_with_reasoning,
@@ -80,6 +88,28 @@ def run(args: argparse.Namespace) -> int:
               f"(map: {out / auto['picture']})")
     print(f"calibration: {m['calibration']['calibration']['n']} samples, sha256 {m['calibration']['sha256'][:16]}")
     print(f"wrote {out} ({m['recipe']['name']}, {m['timings']['total_s']:.1f} s)")
+    return 0
+
+
+def _gated(args: argparse.Namespace, formats) -> int:
+    """--recipe auto --max-acc-drop P --data D: the smallest AutoQuantize checkpoint that passes the gate."""
+    from egm_edge.errors import InputError
+    from egm_edge.sweep.auto_search import LADDER, smallest_checkpoint
+
+    if args.recipe != "auto" or args.max_acc_drop is None or not args.data:
+        raise InputError("--max-acc-drop, --data and --auto-bits search recipe auto's effective bits against the validate gate; "
+                         "give --recipe auto with both --max-acc-drop P and --data FILE.")
+    if args.effective_bits is not None or args.max_bytes is not None:
+        raise InputError("--max-acc-drop searches the effective bits itself; drop --effective-bits and --max-bytes.")
+    try:
+        ladder = [float(b) for b in args.auto_bits.split(",") if b.strip()] if args.auto_bits else list(LADDER)
+    except ValueError:
+        raise InputError(f"--auto-bits {args.auto_bits!r} must be numbers of bits, e.g. 5,6,7.") from None
+    out, result = smallest_checkpoint(args.model, args.calib, args.out, args.data, target=args.target, formats=formats, ladder=ladder,
+                                      max_acc_drop=args.max_acc_drop, limit=args.limit,
+                                      force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, say=lambda m: print(m, flush=True))
+    print(result.sentence())
+    print(f"wrote {out}")
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from egm_edge.errors import EgmError, UnsupportedError
 from egm_edge.models.families import get_family
-from egm_edge.quantize.recipes import KV_CACHE, QuantSpec
+from egm_edge.quantize.recipes import AWQ_ALGORITHMS, KV_CACHE, QuantSpec
 
 GROUPS = ("language_model", "vision", "lm_head", "embeddings", "kv_cache")
 KINDS = ("weight", "input", "output", "kv", "attn")
@@ -73,8 +73,9 @@ def build_modelopt_config(spec: QuantSpec, family) -> dict[str, Any]:
     entries = list(cfg.get("quant_cfg") or [{"quantizer_name": "*", "enable": False}])
     if spec.block_size is not None:
         _set_int4_block(entries, spec.block_size)
-    if spec.awq is not None and spec.awq != _method(cfg.get("algorithm")):
-        cfg["algorithm"] = {"method": spec.awq}  # ModelOpt's AWQ{Lite,Clip,Full}CalibConfig, its own defaults
+    method = spec.awq or recipe.algorithm
+    if method in AWQ_ALGORITHMS and method != _method(cfg.get("algorithm")):
+        cfg["algorithm"] = {"method": method}  # ModelOpt's AWQ{Lite,Clip,Full}CalibConfig with its own defaults
     if spec.kv_cache:
         kv = copy.deepcopy(getattr(mtq, KV_CACHE[spec.kv_cache][0]))
         entries += list(kv["quant_cfg"])

@@ -89,56 +89,124 @@ class AutoResult:
     report: Path | None = None
 
     def sentence(self) -> str:
+        last = self.rows[-1] if self.rows else None
+        if self.pick is None and last is not None and last["verdict"] != "fail":
+            why = (last.get("notes") or ["see its report"])[0]
+            return f"recipe auto: the validation of {last['recipe']} is {last['verdict']} ({why.rstrip('.')}); nothing was picked."
         if self.pick is None:
             return (f"recipe auto: none of {', '.join(r['recipe'] for r in self.rows)} passes the validate gate against the full "
                     "model; add rungs with more bits (--auto-bits) or keep 16-bit.")
         r = next(r for r in self.rows if r["recipe"] == self.pick)
         frac = f", {r['decoder_fraction']:.0%} of the full decoder" if r.get("decoder_fraction") else ""
         return (f"recipe auto: {self.pick} is the smallest configuration that passes the validate gate "
-                f"(Acc@0.5 {r['acc_delta']:+.2f}, mean IoU {r['miou_delta']:+.2f} points{frac}); see {self.report}.")
+                f"(Acc@0.5 {_pm(r['acc_delta'])}, mean IoU {_pm(r['miou_delta'])} points{frac}); see {self.report}.")
 
 
 def search(out: Path, recipes, full_bundle: Path, data, *, limit, seed: int, image_root, strict: bool, max_new_tokens: int,
            max_acc_drop: float, max_miou_drop: float, say: Callable[[str], None]) -> AutoResult:
-    """Validate the rungs fewest bits first until one passes (module docstring)."""
-    from egm_edge.validate.api import validate
+    """The sweep's rungs (built and measured under out/bundles, out/checkpoints) validated fewest bits first until one
+    passes (module docstring)."""
 
-    result = AutoResult(None)
-    for recipe in rungs(recipes):
+    def candidate(recipe: str) -> tuple[Path, Path]:
         cand = out / "bundles" / recipe
         if not (cand / "manifest.json").is_file():
             cand = out / "checkpoints" / recipe  # no CPU bundle: its checkpoint through the PyTorch reference
-        say(f"recipe auto: validating {recipe} against the full model")
-        rep = validate(cand, full_bundle, data, out_dir=out / "auto" / recipe, think_budget="none", limit=limit, seed=seed,
+        return cand, out / "checkpoints" / recipe
+
+    return gate_ladder(out / "auto", rungs(recipes), candidate, full_bundle, data, limit=limit, seed=seed, image_root=image_root,
+                       strict=strict, max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop,
+                       say=say)
+
+
+def gate_ladder(report_dir: Path, labels, candidate: Callable[[str], tuple[Path, Path]], reference: Path, data, *, limit, seed: int,
+                image_root, strict: bool, max_new_tokens: int, max_acc_drop: float, max_miou_drop: float,
+                say: Callable[[str], None]) -> AutoResult:
+    """Validate `candidate(label)` (what to validate, the quantized checkpoint it came from; made when asked, so the
+    rungs after the first pass are never quantized) against `reference` for each label in order until one passes the
+    gate; auto.md and auto.json in `report_dir`."""
+    from egm_edge.validate.api import validate
+
+    result = AutoResult(None)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for label in labels:
+        cand, checkpoint = candidate(label)
+        say(f"recipe auto: validating {label} against the full model")
+        rep = validate(cand, reference, data, out_dir=report_dir / label, think_budget="none", limit=limit, seed=seed,
                        image_root=image_root, strict=strict, max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop,
                        max_miou_drop=max_miou_drop, progress=False, force=True)
-        result.rows.append(_row(recipe, rep, out))
+        result.rows.append(_row(label, rep, checkpoint, report_dir))
         if rep.verdict == "pass":
-            result.pick = recipe
+            result.pick = label
+        if rep.verdict != "fail":  # a pass, or a validation that could not score every sample: no rung after it says more
             break
-    result.report = _write(out, result, max_acc_drop, max_miou_drop)
+    result.report = _write(report_dir, result, max_acc_drop, max_miou_drop)
     return result
 
 
-def _row(recipe: str, rep, out: Path) -> dict:
+def smallest_checkpoint(model_dir, calibration, out_dir, data, *, target=None, formats=None, ladder=LADDER,
+                        max_acc_drop: float = 1.0, max_miou_drop: float = 1.0, limit=None, seed: int = 0, image_root=None,
+                        strict: bool = True, max_new_tokens: int = 512, force: bool = False, cache_dir=None, dtype: str = "auto",
+                        progress: bool = True, say: Callable[[str], None] = print) -> tuple[Path, AutoResult]:
+    """`quantize --recipe auto --max-acc-drop P --data D`: AutoQuantize at each of `ladder` (fewest bits first), each
+    checkpoint validated against the full model (both through PyTorch) until one passes the gate; that checkpoint
+    becomes `out_dir`. Rungs, validation reports and auto.md stay in `<out_dir>.auto-search/`. None passing: an
+    EgmError naming the report, `out_dir` untouched."""
+    from egm_edge.artifacts import check_apart, check_output_dir, prepare_output_dir
+    from egm_edge.errors import EgmError
+    from egm_edge.quantize.api import quantize
+    from egm_edge.quantize.calibration import recipe_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    inputs = [model_dir, data if isinstance(data, (str, Path)) else None,
+              recipe_file(calibration) if isinstance(calibration, (str, Path)) else None]
+    check_output_dir(out_dir, force, inputs=inputs)
+    work = out_dir.with_name(out_dir.name + ".auto-search")
+    check_apart(work, inputs, "Search directory", "--out")
+    if not Path(data).is_file():
+        raise InputError(f"Data file {data} does not exist; pass grounding samples (EGM eval JSONL) with --data.")
+    prepare_output_dir(work, True, inputs=inputs, own=lambda d: (d / "checkpoints").is_dir())
+
+    def candidate(name: str) -> tuple[Path, Path]:
+        bits, _ = parse(name)
+        say(f"recipe auto: quantizing at {bits:g} effective bits")
+        ck = quantize(model_dir, AUTO, calibration, work / "checkpoints" / name, target=target, formats=formats,
+                      effective_bits=bits, force=True, cache_dir=cache_dir, dtype=dtype, progress=progress)
+        return ck, ck
+
+    labels = [label(b, None) for b in sorted(set(float(b) for b in ladder))]
+    result = gate_ladder(work, labels, candidate, model_dir, data, limit=limit, seed=seed, image_root=image_root, strict=strict,
+                         max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say)
+    if result.pick is None:
+        raise EgmError(result.sentence().replace("--auto-bits", "--auto-bits on quantize").rstrip(".") + f" (report: {result.report}).")
+    if out_dir.exists():  # check_output_dir allowed it: empty, or an egm-edge artifact replaced on --force
+        shutil.rmtree(out_dir)
+    (work / "checkpoints" / result.pick).rename(out_dir)
+    return out_dir, result
+
+
+def _row(recipe: str, rep, checkpoint: Path, report_dir: Path) -> dict:
     o = rep.data["groups"]["overall"]
-    q = json.loads((out / "checkpoints" / recipe / "manifest.json").read_text())
+    q = json.loads((checkpoint / "manifest.json").read_text())
     auto, dec = q.get("auto") or {}, q.get("decoder_bytes") or {}
     picture = None
-    src = out / "checkpoints" / recipe / (auto.get("picture") or "layer_map.png")
+    src = checkpoint / (auto.get("picture") or "layer_map.png")
     if src.is_file():
         picture = f"layer-map-{recipe.replace(':', '_').replace('/', '+')}.png"
-        shutil.copyfile(src, out / "auto" / picture)
+        shutil.copyfile(src, report_dir / picture)
     sm = (rep.data.get("split_mean") or {}).get("delta") or {}
     return {"recipe": recipe, "verdict": rep.verdict, "n": o["n"], "acc_delta": o["delta"]["acc_delta"],
             "miou_delta": o["delta"]["miou_delta"], "miou_delta_ci95": o["delta"]["miou_delta_ci95"],
             "split_mean_acc_delta": sm.get("acc_delta"), "split_mean_miou_delta": sm.get("miou_delta"),
             "effective_bits": auto.get("effective_bits_target"), "formats": (auto.get("summary") or {}).get("formats"),
             "decoder_bytes": dec.get("quantized"), "decoder_fraction": auto.get("decoder_fraction"),
-            "failures": rep.failures, "picture": picture, "report": str(rep.out_dir / "report.md")}
+            "failures": rep.failures, "notes": rep.data.get("notes") or [], "picture": picture, "report": str(rep.out_dir / "report.md")}
 
 
-def _write(out: Path, result: AutoResult, max_acc_drop: float, max_miou_drop: float) -> Path:
+def _pm(v, fmt: str = "+.2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _write(report_dir: Path, result: AutoResult, max_acc_drop: float, max_miou_drop: float) -> Path:
     lines = ["# Recipe auto: the smallest configuration that passes the gate", "",
              f"Rungs validated against the full-precision bundle, fewest effective bits first, until one passes (gate: "
              f"Acc@0.5 and mean IoU drops of at most {max_acc_drop:g} / {max_miou_drop:g} points, unless within sampling noise).", "",
@@ -147,15 +215,12 @@ def _write(out: Path, result: AutoResult, max_acc_drop: float, max_miou_drop: fl
     for r in result.rows:
         fmts = ", ".join(f"{k} {v}" for k, v in (r["formats"] or {}).items()) or "-"
         frac = f"{r['decoder_fraction']:.0%}" if r["decoder_fraction"] else "-"
-        ci = r["miou_delta_ci95"]
-        sm = r["split_mean_miou_delta"]
-        lines.append(f"| {r['recipe']} | {r['effective_bits'] if r['effective_bits'] is not None else '-'} | {frac} | {fmts} | "
-                     f"{r['acc_delta']:+.2f} | {r['miou_delta']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | "
-                     f"{'-' if sm is None else f'{sm:+.2f}'} | {r['verdict'].upper()} |")
-    (out / "auto").mkdir(parents=True, exist_ok=True)
-    path = result.report = out / "auto" / "auto.md"
+        ci = r["miou_delta_ci95"] or (None, None)
+        lines.append(f"| {r['recipe']} | {_pm(r['effective_bits'], 'g')} | {frac} | {fmts} | {_pm(r['acc_delta'])} | "
+                     f"{_pm(r['miou_delta'])} [{_pm(ci[0])}, {_pm(ci[1])}] | {_pm(r['split_mean_miou_delta'])} | {r['verdict'].upper()} |")
+    path = result.report = report_dir / "auto.md"
     lines += ["", result.sentence(), ""]
     lines += [f"![{r['recipe']}]({r['picture']})" for r in result.rows if r["picture"]]
     path.write_text("\n".join(lines) + "\n")
-    (out / "auto" / "auto.json").write_text(json.dumps({"pick": result.pick, "rows": result.rows}, indent=2) + "\n")
+    (report_dir / "auto.json").write_text(json.dumps({"pick": result.pick, "rows": result.rows}, indent=2) + "\n")
     return path

@@ -94,6 +94,10 @@ def bundle_key(model_dir: Path, recipe: str, calibration, caps: dict, with_reaso
             "egm_edge": __version__}
     if with_reasoning and recipe != FULL:  # calibrated on the full model's own reasoning (quantize --calib-with-reasoning)
         blob["calibration_reasoning"] = True
+    if recipe != FULL:  # what the recipe means (its registry definition, AutoQuantize formats and bits): a changed default rebuilds
+        from egm_edge.sweep.auto_search import quant_spec
+
+        blob["quant_spec"] = quant_spec(recipe, blob["int4_block"], with_reasoning).to_dict()
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -37,17 +37,20 @@ def test_auto_spec_validates_and_round_trips():
 
 def test_awq_variant_replaces_only_the_algorithm_of_a_deep_copy():
     pytest.importorskip("modelopt")
+    import copy
+
     import modelopt.torch.quantization as mtq
 
     from egm_edge.quantize.policy import build_modelopt_config
 
-    import copy
-
     before = copy.deepcopy(mtq.INT4_AWQ_CFG)
-    lite = build_modelopt_config(QuantSpec("int4_awq", block_size=64), "qwen3_vl")
+    default = build_modelopt_config(QuantSpec("int4_awq", block_size=64), "qwen3_vl")
+    lite = build_modelopt_config(QuantSpec("int4_awq", block_size=64, awq="awq_lite"), "qwen3_vl")
     clip = build_modelopt_config(QuantSpec("int4_awq", block_size=64, awq="awq_clip"), "qwen3_vl")
+    assert default["algorithm"] == {"method": "awq_full"}  # the recipe's measured default (recipes.py)
     assert lite["algorithm"] == mtq.INT4_AWQ_CFG["algorithm"] and clip["algorithm"] == {"method": "awq_clip"}
-    assert clip["quant_cfg"] == lite["quant_cfg"]
+    assert clip["quant_cfg"] == lite["quant_cfg"] == default["quant_cfg"]
+    assert build_modelopt_config(QuantSpec("w4a8_awq"), "qwen3_vl")["algorithm"] == mtq.W4A8_AWQ_BETA_CFG["algorithm"]
     assert mtq.INT4_AWQ_CFG == before
 
 
@@ -146,3 +149,31 @@ def test_auto_quantize_exports_builds_and_decodes_like_its_pytorch_reference(tin
     assert em["precision"] == "auto" and em["validation"]["passed"]
     assert set(em["layer_formats"].values()) == {f for f in layers.values() if f != "16-bit"}
     grounds_like_reference(build_cpu(ex, tmp_path / "bundle", max_answer_tokens=8), q)
+
+
+def test_max_acc_drop_keeps_the_fewest_bits_that_pass_the_gate(tiny_ckpt, tmp_path, make_calib, capsys):
+    """quantize --recipe auto --max-acc-drop P --data D: rungs quantized fewest bits first, each validated against the
+    full model, the first that passes becomes --out (here a gate wide enough that the first rung passes, so the
+    second is never quantized); a bad combination of flags is one sentence."""
+    import sys
+    from pathlib import Path
+
+    from egm_edge.cli import main
+    from egm_edge.sweep.auto_search import smallest_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "validate"))
+    from validate_helpers import write_dataset
+
+    data, _ = write_dataset(tmp_path / "data", n=3)
+    out, result = smallest_checkpoint(tiny_ckpt, make_calib(samples=2, holdout=1), tmp_path / "q", data, target="cpu",
+                                      ladder=(8, 5), max_acc_drop=100, max_miou_drop=100, max_new_tokens=200,
+                                      cache_dir=tmp_path / "cache", progress=False, say=lambda m: None)
+    assert result.pick == "auto@5" and [r["recipe"] for r in result.rows] == ["auto@5"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "auto" and m["auto"]["effective_bits_target"] == 5.0
+    search = tmp_path / "q.auto-search"
+    assert "auto@5 is the smallest configuration" in (search / "auto.md").read_text() and not (search / "checkpoints" / "auto@8").exists()
+    for argv, needle in ((["--recipe", "int4_awq", "--max-acc-drop", "1"], "give --recipe auto"),
+                         (["--recipe", "auto", "--max-acc-drop", "1", "--data", str(data), "--effective-bits", "6"], "drop --effective-bits")):
+        rc = main(["quantize", "--model", str(tiny_ckpt), "--calib", "synth", "--out", str(tmp_path / "q2"), *argv])
+        assert rc != 0 and needle in capsys.readouterr().err

@@ -66,6 +66,6 @@ def test_auto_sweep_measures_each_rung_and_picks_the_smallest_that_passes(tiny_c
     assert rows[0]["effective_bits"] == 5.0 and 0 < rows[0]["decoder_fraction"] < 1 and sum(rows[0]["formats"].values()) > 0
     out = tmp_path / "out"
     md = (out / "auto" / "auto.md").read_text()
-    assert "| auto@5 | 5.0 |" in md and f"![auto@5]({rows[0]['picture']})" in md and (out / "auto" / rows[0]["picture"]).is_file()
+    assert "| auto@5 | 5 |" in md and f"![auto@5]({rows[0]['picture']})" in md and (out / "auto" / rows[0]["picture"]).is_file()
     assert json.loads((out / "auto" / "auto.json").read_text())["pick"] == res.auto.pick
     assert "## Recipe auto" in (out / "report.md").read_text() and res.auto.sentence() in res.summary()
