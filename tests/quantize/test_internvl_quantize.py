@@ -178,3 +178,20 @@ def test_quantize_api_end_to_end(tmp_path, ivl_ckpt, make_calib):
 
     runner = ReferenceRunner.open(out)  # the quantized checkpoint through the dequantizing loader
     assert type(runner.model).__name__ == "InternVLForConditionalGeneration"
+
+
+def test_auto_quantize_on_internvl_maps_the_stored_layer_names_to_the_models(tmp_path, ivl_ckpt, make_calib):
+    """Recipe auto on InternVL: ModelOpt names layers as the checkpoint stores them (`language_model.model.*`); the
+    manifest's layer map uses the model's names, covers every language-model Linear, and the loader reads it back."""
+    import egm_edge
+
+    out = egm_edge.quantize(ivl_ckpt, "auto", make_calib(max_pixels="model"), tmp_path / "q", target="jetson-orin-nano-8gb",
+                            effective_bits=6.0, cache_dir=tmp_path / "cache", progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    layers = m["auto"]["layers"]
+    assert len(layers) == 14 and all(k.startswith("model.language_model.layers.") for k in layers)
+    assert "int4_awq" in layers.values() and set(layers.values()) <= {"int4_awq", "int8_sq", "16-bit"}
+    assert sum(f != "16-bit" for f in layers.values()) == m["quantizers"]["enabled"]["language_model"]["weight"]
+    from egm_edge.reference import ReferenceRunner
+
+    assert type(ReferenceRunner.open(out).model).__name__ == "InternVLForConditionalGeneration"
