@@ -48,7 +48,7 @@ RECIPES: dict[str, Recipe] = {
         # (200 fresh samples, block 64, benchmarks/README.md "INT4 AWQ variants") it held mean IoU best with and without the
         # model's reasoning in calibration (-1.02 / -0.89 points vs awq_lite's -1.56 / -1.46) and passed the validate gate
         # where awq_lite failed it; paired against awq_lite the gain is +0.54 / +0.67 points, inside noise at that n. Cost:
-        # 2.7x awq_lite's calibration time there (20 s vs 7.6 s). --awq awq_lite restores ModelOpt's default.
+        # 2.7-5x awq_lite's calibration time there (20 s vs 7.6 s with reasoning). --awq awq_lite restores ModelOpt's default.
         Recipe("int4_awq", "INT4_AWQ_CFG", "int4", None, "awq_full", "W4A16_AWQ", block_size=128,
                description="INT4 weights in blocks of 128 with AWQ scaling and clipping (awq_full), 16-bit activations."),
         Recipe("w4a8_awq", "W4A8_AWQ_BETA_CFG", "int4", "fp8", "awq_lite", "W4A8_AWQ", block_size=128,
