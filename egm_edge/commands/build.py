@@ -42,6 +42,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="with --model and int4_awq or w4a8_awq: INT4 weight block 128 or 64 (default: the largest of 128, 64 "
                         "that divides every layer width)")
+    p.add_argument("--effective-bits", type=float, default=None, metavar="B",
+                   help="with --model and --recipe auto: AutoQuantize's average bits per language-model Linear weight (default 6) "
+                        "over the formats the target runs")
     p.add_argument("--image", default=None, metavar="WxH", help="largest image size the plan budgets for (default 640x480)")
     p.add_argument("--work-dir", metavar="DIR", default=None, help="with --model: where stage outputs go (default: <out>-stages)")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="TensorRT-LLM serving batch (datacenter targets)")
@@ -146,13 +149,18 @@ def run(args: argparse.Namespace) -> int:
         _require(args, "recipe")
         out = build_from_model(
             args.model, args.recipe, args.target, args.out, calib=args.calib, think_budget=budget,
-            block_size=args.block_size, kv_cache=args.kv_cache, image_wh=_image(args.image) if args.image else None, work_dir=args.work_dir,
+            block_size=args.block_size, effective_bits=args.effective_bits, kv_cache=args.kv_cache, image_wh=_image(args.image) if args.image else None, work_dir=args.work_dir,
             force=args.force, budget_mode=args.budget_mode, max_answer_tokens=args.max_answer_tokens,
             max_batch_size=args.max_batch_size, vision_int8=args.vision_int8, prefill_int8=args.prefill_int8, progress=say)
         print(f"bundle: {out}")
         return _finalize_remote(out, ex, args.force, say) if ex is not None else 0
     from egm_edge.targets import load_target
 
+    if args.effective_bits is not None:
+        from egm_edge.errors import InputError
+
+        raise InputError("--effective-bits sets recipe auto's search in the quantize stage, which only --model runs; quantize with "
+                         "`egm-edge quantize --recipe auto --effective-bits` before exporting.")
     if args.block_size is not None:
         from egm_edge.errors import InputError
 

@@ -5,6 +5,8 @@ vision="16bit", calib_with_reasoning=False, force=False)`, the same as
 `egm_edge.quantize.quantize(...)` (see `egm_edge.quantize.api`). As with
 `egm_edge.export`, the package is callable because its name is also the stage's
 function. `load_dequantized(model_dir)` runs a quantized checkpoint in PyTorch.
+Recipe "auto" (`egm_edge.quantize.auto`, with `target=`/`formats=` and `effective_bits=`/`max_bytes=`) picks
+each language-model Linear's format with ModelOpt's AutoQuantize and writes a MIXED_PRECISION checkpoint.
 Recipes and calibration recipes are registries of frozen specs. Importing this
 package is cheap: torch, transformers and modelopt load inside the calls.
 """

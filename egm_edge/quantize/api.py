@@ -6,7 +6,8 @@ an output directory holding an artifact without force, a calibration recipe with
 no usable samples, too little memory for the estimate). Then: load the model,
 render (and optionally let it reason on) the calibration set, materialise and
 hash it, quantize with ModelOpt under the project policy (module prefixes from the
-checkpoint's family record, `family_of_config`), check the quantizer
+checkpoint's family record, `family_of_config`; recipe auto: `auto.search`, per-layer formats
+by AutoQuantize, its layer map, decoder bytes and layer_map.png in the manifest), check the quantizer
 census, export with `export_hf_checkpoint` into a staged directory, copy the
 tokenizer/processor/chat-template files, measure fidelity against the full model
 through `loader.load_dequantized`, write fidelity.json/.md and `manifest.json`

@@ -92,6 +92,17 @@ def test_full_precision_follows_the_target():
         assert full_precision(target) in target.precisions and full_precision(target) in ("fp16", "bf16")
 
 
+def test_recipe_auto_plans_with_the_formats_of_the_target(tiny_ckpt, capsys, tmp_path):
+    from egm_edge.builder.pipeline import preflight
+    from egm_edge.cli import main
+
+    pf = preflight(tiny_ckpt, "auto", "jetson-orin-nano-8gb", calib="synth", effective_bits=5.5)
+    assert pf.precision == "auto" and pf.quant.formats == ("int4_awq", "int8_sq") and pf.quant.effective_bits == 5.5
+    assert preflight(tiny_ckpt, "auto", "h100", calib="synth").quant.formats == ("int4_awq", "int8_sq", "fp8")
+    rc = main(["build", "--export", str(tmp_path), "--target", "cpu", "--out", str(tmp_path / "b"), "--effective-bits", "6"])
+    assert rc != 0 and "only --model runs" in capsys.readouterr().err
+
+
 def test_stages_are_reused_when_their_inputs_match(tiny_export_trt, tiny_ckpt, tmp_path, monkeypatch):
     """The export stage runs once; a rebuild reuses it; a changed checkpoint gets a new one."""
     from egm_edge.builder import pipeline
