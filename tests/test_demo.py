@@ -22,6 +22,8 @@ def test_demo_runs_the_whole_story(tmp_path):
     assert list((out / "sweep").glob("pareto-*.png"))
     assert res.validations["int4_awq"]["verdict"] in ("pass", "fail")
     assert (out / "validate" / "int4_awq" / "report.md").is_file()
+    assert res.validations["auto@6"]["verdict"] in ("pass", "fail") and (out / "sweep" / "auto" / "auto.md").is_file()
+    assert ("auto@6", None) in {(r["recipe"], r.get("think_budget")) for r in cpu}
     assert len(res.images) == 2 and all(p.is_file() for p in res.images)
     assert any(line.startswith("[4/4]") for line in lines)
     # A second run reuses every bundle and record.
