@@ -14,7 +14,9 @@ manifest is written last, so a directory without one is not an export):
     decoder.onnx [+ decoder.onnx.data]  weights in one external file when above EXTERNAL_DATA_THRESHOLD
     config.json, tokenizer*, preprocessor_config.json, generation_config.json, chat_template.jinja
     manifest.json   stage "export": family, architecture, inputs (sha256), precision, opset, versions, timings,
-                    runtime (decoder / vision configs the host needs), graphs, validation figures
+                    runtime (decoder / vision configs the host needs), graphs, validation figures; for a per-layer
+                    mixed checkpoint (recipe auto) also layer_formats and lowered_as, the precision whose
+                    threshold it was validated against (its loosest layer's, `CheckpointInfo.lowered_as`)
 
 The graphs are checked against the PyTorch reference before the rename
 (egm_edge.export.validate); a miss raises EgmError and leaves nothing behind.
