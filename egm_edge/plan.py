@@ -459,3 +459,24 @@ def _verdict(p: Plan, spec: ModelSpec, target: TargetProfile, explore: bool, kw:
     if not alts and p.max_think_budget is None:
         alts.append(f"nothing in the {spec.family} registry fits {target.name} with a {p.think_budget}-token budget")
     return head, tuple(alts)
+
+
+def auto_effective_bits(spec: ModelSpec | str, target: TargetProfile | str, think_budget: int,
+                        image_wh: tuple[int, int] = DEFAULT_IMAGE_WH, block: int | None = 128) -> tuple[float, dict[str, int]]:
+    """(bits, {"usable_bytes", "other_bytes"}): the most effective bits recipe auto may spend on the language model's Linear weights (INT4 block
+    scales counted) for `spec` to still fit `target` with `think_budget` reasoning tokens: the plan's usable memory
+    less everything else it holds ("other_bytes": embeddings, head, vision, KV cache, activations, overhead), at most
+    16. UnsupportedError when not even all-INT4 fits."""
+    from egm_edge.errors import UnsupportedError
+
+    spec, target = _resolve(spec, target)
+    p = plan(spec, target, "auto", think_budget, image_wh=image_wh, explore=False)
+    matmul = spec.params()["language_blocks"].matmul
+    rest = p.total_bytes - _bytes(matmul, PRECISIONS["auto"].bytes_per_weight)
+    scale_bits = 16 / block if block else 0.0
+    bits = 8 * (p.usable_bytes - rest) / matmul - scale_bits
+    if bits < 4:
+        raise UnsupportedError(f"{spec.name} does not fit {target.name} with a {think_budget}-token think budget even with every "
+                               f"language-model Linear in INT4 ({(rest + matmul * (4 + scale_bits) / 8) / GIB:.1f} GiB of "
+                               f"{p.usable_bytes / GIB:.1f} GiB usable); lower the think budget or choose a larger target.")
+    return min(16.0, math.floor(bits * 100) / 100), {"usable_bytes": p.usable_bytes, "other_bytes": rest}

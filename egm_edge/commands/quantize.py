@@ -31,8 +31,11 @@ def register(p: argparse.ArgumentParser) -> None:
                    help=f"recipe auto: search the per-layer formats this target runs (of {', '.join(AUTO_FORMATS)}; 16-bit always)")
     p.add_argument("--formats", metavar="F,F", default=None,
                    help=f"recipe auto: the per-layer formats to search instead of the target's, comma-separated ({', '.join(AUTO_FORMATS)})")
-    p.add_argument("--effective-bits", type=float, default=None, metavar="B",
-                   help=f"recipe auto: average bits per language-model Linear weight (4-16, default {AUTO_EFFECTIVE_BITS:g})")
+    p.add_argument("--effective-bits", default=None, metavar="B|fit",
+                   help=f"recipe auto: average bits per language-model Linear weight (4-16, default {AUTO_EFFECTIVE_BITS:g}); "
+                        "fit: the most that lets the model fit --target's memory at --think-budget (the planner's figures)")
+    p.add_argument("--think-budget", type=int, default=None, metavar="N",
+                   help="with --effective-bits fit: the reasoning tokens the plan reserves (default 1024, the build's)")
     p.add_argument("--max-bytes", default=None, metavar="N",
                    help="recipe auto: the largest decoder (language model + lm_head) to write, in bytes (suffixes K, M, G: powers of 1024); "
                         "sets the effective bits")
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     if args.max_acc_drop is not None or args.data or args.auto_bits:
         return _gated(args, formats)
+    args.effective_bits = _effective_bits(args)
     out = quantize(
         args.model, args.recipe, args.calib, args.out,
         kv_cache=args.kv_cache, vision=args.vision, calib_with_reasoning=args.calib_with_reasoning,
@@ -89,6 +93,45 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibration: {m['calibration']['calibration']['n']} samples, sha256 {m['calibration']['sha256'][:16]}")
     print(f"wrote {out} ({m['recipe']['name']}, {m['timings']['total_s']:.1f} s)")
     return 0
+
+
+def _effective_bits(args: argparse.Namespace) -> float | None:
+    """--effective-bits as a number; "fit" asks the planner for the most bits that fit --target (said in one line)."""
+    from egm_edge.errors import InputError
+
+    if args.think_budget is not None and args.effective_bits != "fit":
+        raise InputError("--think-budget sizes the plan of --effective-bits fit; give both, or neither.")
+    if args.effective_bits is None:
+        return None
+    if args.effective_bits != "fit":
+        try:
+            return float(args.effective_bits)
+        except ValueError:
+            raise InputError(f"--effective-bits {args.effective_bits!r} must be a number of bits (4-16) or fit.") from None
+    if args.recipe != "auto" or not args.target:
+        raise InputError("--effective-bits fit sizes recipe auto for a target's memory; give --recipe auto and --target T.")
+    from pathlib import Path
+
+    from egm_edge.builder.pipeline import DEFAULT_THINK_BUDGET
+    from egm_edge.models import spec_from_config
+    from egm_edge.plan import GIB, auto_effective_bits
+    from egm_edge.quantize.policy import config_widths
+    from egm_edge.quantize.recipes import choose_int4_block
+    from egm_edge.targets import load_target
+
+    budget = DEFAULT_THINK_BUDGET if args.think_budget is None else args.think_budget
+    spec, target = spec_from_config(Path(args.model)), load_target(args.target)
+    block = args.block_size or choose_int4_block("int4_awq", config_widths(json.loads((Path(args.model) / "config.json").read_text())).values())[0]
+    bits, room = auto_effective_bits(spec, target, budget, block=block or 128)
+    if bits >= 16:
+        from egm_edge.errors import UnsupportedError
+
+        raise UnsupportedError(f"{spec.name} fits {target.name} unquantized with a {budget}-token think budget, so --effective-bits fit "
+                               "leaves recipe auto nothing to save; build recipe full, or give --effective-bits B for a smaller model.")
+    print(f"recipe auto: {bits:g} effective bits is the most that fits {target.name} with a {budget}-token think budget "
+          f"({room['other_bytes'] / GIB:.2f} GiB beside the language model's Linear weights, {room['usable_bytes'] / GIB:.2f} GiB "
+          "usable; planner's figures)", flush=True)
+    return bits
 
 
 def _gated(args: argparse.Namespace, formats) -> int:

@@ -177,3 +177,34 @@ def test_max_acc_drop_keeps_the_fewest_bits_that_pass_the_gate(tiny_ckpt, tmp_pa
                          (["--recipe", "auto", "--max-acc-drop", "1", "--data", str(data), "--effective-bits", "6"], "drop --effective-bits")):
         rc = main(["quantize", "--model", str(tiny_ckpt), "--calib", "synth", "--out", str(tmp_path / "q2"), *argv])
         assert rc != 0 and needle in capsys.readouterr().err
+
+
+def test_effective_bits_fit_asks_the_planner():
+    from egm_edge.errors import UnsupportedError
+    from egm_edge.plan import GIB, auto_effective_bits
+
+    bits, room = auto_effective_bits("egm-8b", "jetson-orin-nx-16gb", 1024)
+    assert 4 < bits < 16 and room["other_bytes"] < room["usable_bytes"]
+    # The bits spend exactly the room left: the language model's Linear weights at (bits + block scales) / 8 bytes.
+    from egm_edge.models import get_spec
+
+    matmul = get_spec("egm-8b").params()["language_blocks"].matmul
+    used = room["other_bytes"] + matmul * (bits + 16 / 128) / 8
+    assert used <= room["usable_bytes"] < used + matmul * 0.01 / 8 + 1
+    longer, _ = auto_effective_bits("egm-8b", "jetson-orin-nx-16gb", 16000)
+    assert longer < bits  # a longer reasoning budget needs more KV cache, leaving fewer bits
+    with pytest.raises(UnsupportedError, match="even with every language-model Linear in INT4"):
+        auto_effective_bits("egm-8b", "jetson-orin-nano-8gb", 1024)
+    assert GIB == 2**30
+
+
+def test_effective_bits_fit_on_the_cli(tmp_path, tiny_ckpt, capsys):
+    from egm_edge.cli import main
+
+    base = ["quantize", "--model", str(tiny_ckpt), "--calib", "synth", "--out", str(tmp_path / "q")]
+    for argv, needle in ((["--recipe", "auto", "--effective-bits", "fit"], "give --recipe auto and --target T"),
+                         (["--recipe", "auto", "--target", "cpu", "--effective-bits", "fit"], "fits cpu unquantized"),
+                         (["--recipe", "auto", "--target", "cpu", "--think-budget", "64"], "give both, or neither"),
+                         (["--recipe", "auto", "--target", "cpu", "--effective-bits", "six"], "must be a number")):
+        assert main(base + argv) != 0 and needle in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
