@@ -45,6 +45,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="FILE", default=None, help="with --max-acc-drop: grounding samples the gate is measured on")
     p.add_argument("--limit", type=int, default=None, metavar="K", help="with --max-acc-drop: a seeded subset of K samples")
     p.add_argument("--auto-bits", default=None, metavar="B,B", help="with --max-acc-drop: the effective bits tried (default 5,6,7,8)")
+    p.add_argument("--gate", choices=["significant", "point"], default="significant",
+                   help="with --max-acc-drop: validate's gate rule; significant (default) passes an over-limit drop whose 95%% CI "
+                        "reaches no change, point fails every over-limit drop")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="where calibration sets are materialised (default ~/.cache/egm-edge)")
     p.add_argument("--dtype", default="auto", help="dtype the model is loaded and calibrated in: auto (the checkpoint's), float32, bfloat16, float16")
@@ -149,7 +152,7 @@ def _gated(args: argparse.Namespace, formats) -> int:
     except ValueError:
         raise InputError(f"--auto-bits {args.auto_bits!r} must be numbers of bits, e.g. 5,6,7.") from None
     out, result = smallest_checkpoint(args.model, args.calib, args.out, args.data, target=args.target, formats=formats, ladder=ladder,
-                                      max_acc_drop=args.max_acc_drop, limit=args.limit,
+                                      max_acc_drop=args.max_acc_drop, limit=args.limit, gate=args.gate,
                                       force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, say=lambda m: print(m, flush=True))
     print(result.sentence())
     print(f"wrote {out}")

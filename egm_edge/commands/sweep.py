@@ -51,6 +51,9 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="with --recipes auto: the gate's largest Acc@0.5 drop in points (default 1.0)")
     p.add_argument("--max-miou-drop", type=float, default=1.0, metavar="P",
                    help="with --recipes auto: the gate's largest mean IoU drop in points (default 1.0)")
+    p.add_argument("--gate", choices=["significant", "point"], default="significant",
+                   help="with --recipes auto: validate's gate rule; significant (default) passes an over-limit drop whose 95%% CI "
+                        "reaches no change, point fails every over-limit drop")
     # Each budget is parsed by sweep() (runtime.settings.parse_think_budget): a bad one is one sentence, before any work.
     p.add_argument("--budgets", type=_list, default=["0", "16", "32", "64", "128", "none"], metavar="N,N",
                    help="comma-separated thinking budgets, 'none' for unlimited (default 0,16,32,64,128,none)")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         model_only = [o for o, v in (("--recipes", args.recipes), ("--calib", args.calib),
                                      ("--calib-with-reasoning", args.calib_with_reasoning), ("--cluster", args.cluster),
                                      ("--shared-dir", args.shared_dir), ("--shard-size", args.shard_size),
-                                     ("--target-engine", args.target_engine), ("--auto-bits", args.auto_bits)) if v]
+                                     ("--target-engine", args.target_engine), ("--auto-bits", args.auto_bits), ("--gate", args.gate != "significant")) if v]
         if model_only:
             raise InputError(f"{model_only[0]} applies to --model sweeps only; an endpoint or a bundle serves one "
                              "configuration, named with --label.")
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
         force=args.force, cluster=args.cluster, cluster_timeout=args.cluster_timeout, shared_dir=args.shared_dir,
         shard_size=args.shard_size, target_engine=args.target_engine or "tensorrt",
-        auto_bits=_bits(args.auto_bits), max_acc_drop=args.max_acc_drop, max_miou_drop=args.max_miou_drop,
+        auto_bits=_bits(args.auto_bits), max_acc_drop=args.max_acc_drop, max_miou_drop=args.max_miou_drop, gate=args.gate,
     )
     print(result.summary())
     return 0

@@ -152,7 +152,7 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
           calib_with_reasoning: bool = False, force: bool = False, cluster: str | None = None,
           cluster_timeout: float = 120.0, shared_dir=None, shard_size: int | None = None,
           target_engine: str = "tensorrt", auto_bits=None, max_acc_drop: float = 1.0,
-          max_miou_drop: float = 1.0) -> SweepResult:
+          max_miou_drop: float = 1.0, gate: str = "significant") -> SweepResult:
     """Run (or resume) the sweep into `out_dir` and recommend a configuration; see the module docstring.
 
     `out_dir` is new, empty or a sweep's own (its records.jsonl: resumed); `force` replaces another egm-edge
@@ -162,7 +162,7 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
     `cluster_timeout` seconds are reported; `shared_dir`: a folder every node sees, bundles placed there;
     `target_engine` ("tensorrt" or "cpu"): what a gpu/jetson target's node runs (see the module docstring).
     Recipe "auto" becomes one recipe per rung of `auto_bits` (default `auto_search.LADDER`) and, once measured, the
-    rungs are validated against the full model until one passes the gate (`max_acc_drop`, `max_miou_drop`): the
+    rungs are validated against the full model until one passes the gate (`max_acc_drop`, `max_miou_drop`, `gate`): the
     pick is in the result's `auto`, auto/auto.md and the report (`egm_edge.sweep.auto_search`)."""
     from egm_edge.artifacts import check_output_dir, prepare_output_dir
     from egm_edge.reference.runner import read_model_config
@@ -313,7 +313,8 @@ def sweep(model_dir, recipes=DEFAULT_RECIPES, budgets=DEFAULT_BUDGETS, targets=(
         full, _ = B.bundle_for(model_dir, B.FULL, out / "bundles", max_answer_tokens=max_answer_tokens, max_seq_len=max_seq_len,
                                say=say)
         auto = auto_search.search(out, recipes, full, data, limit=limit, seed=seed, image_root=image_root, strict=strict,
-                                  max_new_tokens=max_seq_len // 2, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say)
+                                  max_new_tokens=max_seq_len // 2, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say,
+                                  gate=gate)
         more.append(auto.sentence())
         with open(out / "report.md", "a") as f:
             f.write(f"\n## Recipe auto\n\n{auto.sentence()} ([rungs and layer maps](auto/auto.md))\n")

@@ -98,12 +98,14 @@ class AutoResult:
                     "model; add rungs with more bits (--auto-bits) or keep 16-bit.")
         r = next(r for r in self.rows if r["recipe"] == self.pick)
         frac = f", {r['decoder_fraction']:.0%} of the full decoder" if r.get("decoder_fraction") else ""
+        held = (f"; {len(r['held'])} drop(s) over the limit passed as within sampling noise (gate rule 'point' fails them)"
+                if r.get("held") else "")
         return (f"recipe auto: {self.pick} is the smallest configuration that passes the validate gate "
-                f"(Acc@0.5 {_pm(r['acc_delta'])}, mean IoU {_pm(r['miou_delta'])} points{frac}); see {self.report}.")
+                f"(Acc@0.5 {_pm(r['acc_delta'])}, mean IoU {_pm(r['miou_delta'])} points{frac}{held}); see {self.report}.")
 
 
 def search(out: Path, recipes, full_bundle: Path, data, *, limit, seed: int, image_root, strict: bool, max_new_tokens: int,
-           max_acc_drop: float, max_miou_drop: float, say: Callable[[str], None]) -> AutoResult:
+           max_acc_drop: float, max_miou_drop: float, say: Callable[[str], None], gate: str = "significant") -> AutoResult:
     """The sweep's rungs (built and measured under out/bundles, out/checkpoints) validated fewest bits first until one
     passes (module docstring)."""
 
@@ -115,15 +117,16 @@ def search(out: Path, recipes, full_bundle: Path, data, *, limit, seed: int, ima
 
     return gate_ladder(out / "auto", rungs(recipes), candidate, full_bundle, data, limit=limit, seed=seed, image_root=image_root,
                        strict=strict, max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop,
-                       say=say)
+                       say=say, gate=gate)
 
 
 def gate_ladder(report_dir: Path, labels, candidate: Callable[[str], tuple[Path, Path]], reference: Path, data, *, limit, seed: int,
                 image_root, strict: bool, max_new_tokens: int, max_acc_drop: float, max_miou_drop: float,
-                say: Callable[[str], None]) -> AutoResult:
+                say: Callable[[str], None], gate: str = "significant") -> AutoResult:
     """Validate `candidate(label)` (what to validate, the quantized checkpoint it came from; made when asked, so the
     rungs after the first pass are never quantized) against `reference` for each label in order until one passes the
-    gate; auto.md and auto.json in `report_dir`."""
+    gate (`gate`: validate's rule, "significant" holds an over-limit drop whose 95% CI reaches no change, "point" fails
+    it); auto.md and auto.json in `report_dir`."""
     from egm_edge.validate.api import validate
 
     result = AutoResult(None)
@@ -133,20 +136,20 @@ def gate_ladder(report_dir: Path, labels, candidate: Callable[[str], tuple[Path,
         say(f"recipe auto: validating {label} against the full model")
         rep = validate(cand, reference, data, out_dir=report_dir / label, think_budget="none", limit=limit, seed=seed,
                        image_root=image_root, strict=strict, max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop,
-                       max_miou_drop=max_miou_drop, progress=False, force=True)
+                       max_miou_drop=max_miou_drop, gate=gate, progress=False, force=True)
         result.rows.append(_row(label, rep, checkpoint, report_dir))
         if rep.verdict == "pass":
             result.pick = label
         if rep.verdict != "fail":  # a pass, or a validation that could not score every sample: no rung after it says more
             break
-    result.report = _write(report_dir, result, max_acc_drop, max_miou_drop)
+    result.report = _write(report_dir, result, max_acc_drop, max_miou_drop, gate)
     return result
 
 
 def smallest_checkpoint(model_dir, calibration, out_dir, data, *, target=None, formats=None, ladder=LADDER,
                         max_acc_drop: float = 1.0, max_miou_drop: float = 1.0, limit=None, seed: int = 0, image_root=None,
                         strict: bool = True, max_new_tokens: int = 512, force: bool = False, cache_dir=None, dtype: str = "auto",
-                        progress: bool = True, say: Callable[[str], None] = print) -> tuple[Path, AutoResult]:
+                        progress: bool = True, say: Callable[[str], None] = print, gate: str = "significant") -> tuple[Path, AutoResult]:
     """`quantize --recipe auto --max-acc-drop P --data D`: AutoQuantize at each of `ladder` (fewest bits first), each
     checkpoint validated against the full model (both through PyTorch) until one passes the gate; that checkpoint
     becomes `out_dir`. Rungs, validation reports and auto.md stay in `<out_dir>.auto-search/`. None passing: an
@@ -175,7 +178,8 @@ def smallest_checkpoint(model_dir, calibration, out_dir, data, *, target=None, f
 
     labels = [label(b, None) for b in sorted(set(float(b) for b in ladder))]
     result = gate_ladder(work, labels, candidate, model_dir, data, limit=limit, seed=seed, image_root=image_root, strict=strict,
-                         max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say)
+                         max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say,
+                         gate=gate)
     if result.pick is None:
         raise EgmError(result.sentence().replace("--auto-bits", "--auto-bits on quantize").rstrip(".") + f" (report: {result.report}).")
     if out_dir.exists():  # check_output_dir allowed it: empty, or an egm-edge artifact replaced on --force
@@ -199,17 +203,19 @@ def _row(recipe: str, rep, checkpoint: Path, report_dir: Path) -> dict:
             "split_mean_acc_delta": sm.get("acc_delta"), "split_mean_miou_delta": sm.get("miou_delta"),
             "effective_bits": auto.get("effective_bits_target"), "formats": (auto.get("summary") or {}).get("formats"),
             "decoder_bytes": dec.get("quantized"), "decoder_fraction": auto.get("decoder_fraction"),
-            "failures": rep.failures, "notes": rep.data.get("notes") or [], "picture": picture, "report": str(rep.out_dir / "report.md")}
+            "failures": rep.failures, "held": rep.data.get("held") or [], "notes": rep.data.get("notes") or [], "picture": picture, "report": str(rep.out_dir / "report.md")}
 
 
 def _pm(v, fmt: str = "+.2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def _write(report_dir: Path, result: AutoResult, max_acc_drop: float, max_miou_drop: float) -> Path:
+def _write(report_dir: Path, result: AutoResult, max_acc_drop: float, max_miou_drop: float, gate: str) -> Path:
     lines = ["# Recipe auto: the smallest configuration that passes the gate", "",
              f"Rungs validated against the full-precision bundle, fewest effective bits first, until one passes (gate: "
-             f"Acc@0.5 and mean IoU drops of at most {max_acc_drop:g} / {max_miou_drop:g} points, unless within sampling noise).", "",
+             f"Acc@0.5 and mean IoU drops of at most {max_acc_drop:g} / {max_miou_drop:g} points, "
+             + ("unless within sampling noise" if gate == "significant" else "rule point: every drop over the limit fails")
+             + ", overall and per split).", "",
              "| recipe | effective bits | decoder | layers | Acc@0.5 delta | mIoU delta (95% CI) | split mean mIoU delta | gate |",
              "|---|---:|---:|---|---:|---|---:|---|"]
     for r in result.rows:

@@ -57,7 +57,7 @@ def test_auto_sweep_measures_each_rung_and_picks_the_smallest_that_passes(tiny_c
     calib = CalibrationRecipe.from_dict({"samples": 2, "holdout": 1, "seed": 0, "max_pixels": "model", "max_new_tokens": 64,
                                          "sources": [{"kind": "synth", "n": 4, "seed": 11}]}, name="test")
     res = sweep(tiny_ckpt, recipes=("full", "auto"), budgets=(3,), targets=("cpu",), data=data, out_dir=tmp_path / "out",
-                limit=4, max_answer_tokens=8, progress=False, calibration=calib, auto_bits=(5, 8))
+                limit=4, max_answer_tokens=8, progress=False, calibration=calib, auto_bits=(5, 8), gate="point")
     assert {r["recipe"] for r in res.records} == {"full", "auto@5", "auto@8"}
     rows = res.auto.rows
     assert [r["recipe"] for r in rows] == ["auto@5", "auto@8"][: len(rows)]  # fewest bits first, stopping at a pass
@@ -69,3 +69,4 @@ def test_auto_sweep_measures_each_rung_and_picks_the_smallest_that_passes(tiny_c
     assert "| auto@5 | 5 |" in md and f"![auto@5]({rows[0]['picture']})" in md and (out / "auto" / rows[0]["picture"]).is_file()
     assert json.loads((out / "auto" / "auto.json").read_text())["pick"] == res.auto.pick
     assert "## Recipe auto" in (out / "report.md").read_text() and res.auto.sentence() in res.summary()
+    assert "rule point" in md and all(not r["held"] for r in rows)  # the strict rule holds nothing back
