@@ -138,7 +138,7 @@ def test_targets_command_never_lists_an_impossible_combination(capsys):
     rows = [line for line in out.splitlines() if line.split() and line.split()[0] in REQUIRED]
     assert len(rows) == len(REQUIRED) and not any("w4a8_awq" in r or "nvfp4" in r for r in rows)
     assert "checkpoint only (TensorRT-LLM serving config), no bundle: w4a8_awq, nvfp4" in out
-    assert "int4_awq, w4a8_awq and int8_sq checkpoints are for TensorRT-LLM only" in out
+    assert "int4_awq, w4a8_awq, int8_sq and auto (per-layer mixed) checkpoints are for TensorRT-LLM only" in out
     assert main(["targets", "--json"]) == 0
     h100 = next(t for t in __import__("json").loads(capsys.readouterr().out) if t["name"] == "h100")
     assert h100["serving_precisions"] == ["w4a8_awq"] and "w4a8_awq" not in h100["precisions"]
