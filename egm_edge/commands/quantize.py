@@ -8,7 +8,8 @@ import json
 from egm_edge.quantize.recipes import AUTO_EFFECTIVE_BITS, AUTO_FORMATS, AWQ_ALGORITHMS, KV_CACHE, RECIPES, SERVING_NOTE, VISION_MODES
 
 NAME = "quantize"
-HELP = "Quantize an EGM checkpoint with NVIDIA ModelOpt (fp8, int4_awq, w4a8_awq, int8_sq, nvfp4) into a unified HF checkpoint."
+HELP = ("Quantize an EGM checkpoint with NVIDIA ModelOpt (fp8, int4_awq, w4a8_awq, int8_sq, nvfp4, or auto: per-layer formats by "
+        "AutoQuantize) into a unified HF checkpoint.")
 ORDER = 20
 
 
