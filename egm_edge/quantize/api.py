@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from egm_edge.errors import CheckpointError, EgmError, UnsupportedError
+from egm_edge.errors import CheckpointError, EgmError, InputError, UnsupportedError
 from egm_edge.quantize.recipes import QuantSpec
 
 SIDE_FILES = (
@@ -213,7 +213,7 @@ def quantize(
 
         formats = auto_formats(load_target(target) if isinstance(target, (str, Path)) else target)
     if max_bytes is not None and (effective_bits is not None or recipe != "auto"):
-        raise EgmError("--max-bytes sets recipe auto's constraint from a decoder size; give it alone with --recipe auto "
+        raise InputError("--max-bytes sets recipe auto's constraint from a decoder size; give it alone with --recipe auto "
                        "(not with --effective-bits or another recipe).")
     spec = recipe if isinstance(recipe, QuantSpec) else QuantSpec(recipe, kv_cache, vision, calib_with_reasoning, block_size, awq,
                                                                   tuple(formats or ()), effective_bits)

@@ -208,3 +208,18 @@ def test_effective_bits_fit_on_the_cli(tmp_path, tiny_ckpt, capsys):
                          (["--recipe", "auto", "--target", "cpu", "--effective-bits", "six"], "must be a number")):
         assert main(base + argv) != 0 and needle in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_max_bytes_caps_the_written_decoder(tiny_ckpt, tmp_path, make_calib):
+    from egm_edge.quantize.api import quantize
+    from egm_edge.quantize.layer_map import decoder_bytes
+
+    full = decoder_bytes(tiny_ckpt, "qwen3_vl")
+    cap = int(0.55 * full)
+    q = quantize(tiny_ckpt, "auto", make_calib(samples=2, holdout=0), tmp_path / "q", formats=("int4_awq", "int8_sq"),
+                 max_bytes=cap, cache_dir=tmp_path / "cache", progress=False, fidelity=False)
+    m = json.loads((q / "manifest.json").read_text())
+    assert m["decoder_bytes"]["full"] == full and m["decoder_bytes"]["quantized"] <= cap == m["auto"]["max_bytes"]
+    assert 4 < m["recipe"]["effective_bits"] < 16
+    with pytest.raises(InputError, match="--max-bytes sets recipe auto's constraint"):
+        quantize(tiny_ckpt, "int4_awq", make_calib(), tmp_path / "q2", max_bytes=cap)
