@@ -63,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note, flush=True)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
+    if args.recipe != "auto" and (args.target or formats):
+        from egm_edge.errors import InputError
+
+        raise InputError(f"--target and --formats choose recipe auto's per-layer formats and recipe {args.recipe} is one format; "
+                         "drop them, or choose --recipe auto.")
     if args.max_acc_drop is not None or args.data or args.auto_bits:
         return _gated(args, formats)
     args.effective_bits = _effective_bits(args)

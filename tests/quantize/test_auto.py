@@ -205,7 +205,8 @@ def test_effective_bits_fit_on_the_cli(tmp_path, tiny_ckpt, capsys):
     for argv, needle in ((["--recipe", "auto", "--effective-bits", "fit"], "give --recipe auto and --target T"),
                          (["--recipe", "auto", "--target", "cpu", "--effective-bits", "fit"], "fits cpu unquantized"),
                          (["--recipe", "auto", "--target", "cpu", "--think-budget", "64"], "give both, or neither"),
-                         (["--recipe", "auto", "--target", "cpu", "--effective-bits", "six"], "must be a number")):
+                         (["--recipe", "auto", "--target", "cpu", "--effective-bits", "six"], "must be a number"),
+                         (["--recipe", "int4_awq", "--target", "cpu"], "is one format")):
         assert main(base + argv) != 0 and needle in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 
