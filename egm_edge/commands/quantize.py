@@ -62,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     note = _int4_block_note(args)
     if note:
         print(note, flush=True)
+    if args.awq is None and args.recipe == "int4_awq" or (args.recipe == "auto" and args.awq is None
+                                                          and "int4_awq" in (args.formats or "int4_awq")):
+        from egm_edge.quantize.recipes import AWQ_COST_NOTE
+
+        print(AWQ_COST_NOTE, flush=True)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     if args.recipe != "auto" and (args.target or formats):
         from egm_edge.errors import InputError

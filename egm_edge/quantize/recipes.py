@@ -48,7 +48,9 @@ RECIPES: dict[str, Recipe] = {
         # (200 fresh samples, block 64, benchmarks/README.md "INT4 AWQ variants") it held mean IoU best with and without the
         # model's reasoning in calibration (-1.02 / -0.89 points vs awq_lite's -1.56 / -1.46) and passed the validate gate
         # where awq_lite failed it; paired against awq_lite the gain is +0.54 / +0.67 points, inside noise at that n. Cost:
-        # 2.7-5x awq_lite's calibration time there (20 s vs 7.6 s with reasoning). --awq awq_lite restores ModelOpt's default.
+        # 2.7-5x awq_lite's calibration time there (20 s vs 7.6 s with reasoning), and more at scale: on EGM-InternVL3-1B
+        # (2-core CPU) the clip search took ~230 s per calibration sample beside ~34 s for awq_lite's whole pass (~8x).
+        # --awq awq_lite restores ModelOpt's default (AWQ_COST_NOTE says so when quantizing).
         Recipe("int4_awq", "INT4_AWQ_CFG", "int4", None, "awq_full", "W4A16_AWQ", block_size=128,
                description="INT4 weights in blocks of 128 with AWQ scaling and clipping (awq_full), 16-bit activations."),
         Recipe("w4a8_awq", "W4A8_AWQ_BETA_CFG", "int4", "fp8", "awq_lite", "W4A8_AWQ", block_size=128,
@@ -70,6 +72,8 @@ AUTO_FORMATS = ("int4_awq", "int8_sq", "fp8")
 # awq_clip a weight clipping ratio per block, awq_full both. Default: the recipe's own (int4_awq: awq_full, chosen from
 # the comparison in benchmarks/README.md "INT4 AWQ variants"; w4a8_awq: ModelOpt's awq_lite).
 AWQ_ALGORITHMS = ("awq_lite", "awq_clip", "awq_full")
+AWQ_COST_NOTE = ("int4_awq calibrates with awq_full (scaling, then a clipping search per block: about 8x awq_lite's time "
+                 "on a 1B model on CPU); --awq awq_lite is ModelOpt's faster default")
 # The default AutoQuantize constraint: effective bits over the language model's Linear weights (16 = unquantized).
 AUTO_EFFECTIVE_BITS = 6.0
 
