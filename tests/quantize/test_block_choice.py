@@ -43,8 +43,10 @@ def test_quantize_cli_picks_64_for_the_embedded_grounder_without_a_flag(tmp_path
     argv = ["quantize", "--model", str(default_model_dir()), "--recipe", "int4_awq", "--calib", "synth", "--out", str(tmp_path / "q")]
     assert main(argv) == 2
     out, err = capsys.readouterr()
-    assert out.strip() == NOTE and "GiB" in err and "block" not in err
-    assert main([*argv, "--block-size", "128"]) == 2  # an explicit block is kept: refused by the width check, nothing said
+    from egm_edge.quantize.recipes import AWQ_COST_NOTE
+
+    assert out.splitlines() == [NOTE, AWQ_COST_NOTE] and "GiB" in err and "block" not in err
+    assert main([*argv, "--block-size", "128", "--awq", "awq_lite"]) == 2  # an explicit block is kept: refused by the width check
     out, err = capsys.readouterr()
     assert out == "" and "not multiples of 128" in err and "--block-size 64" in err
 
