@@ -42,6 +42,17 @@ def file_hashes(root: Path, names=None) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in paths if p.is_file()}
 
 
+def safetensors_entries(model_dir):
+    """(tensor name, header entry: dtype, shape, data_offsets) of every *.safetensors file in `model_dir`, read from
+    the headers only."""
+    import struct
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as h:
+            header = json.loads(h.read(struct.unpack("<Q", h.read(8))[0]))
+        yield from ((k, v) for k, v in header.items() if k != "__metadata__")
+
+
 def package_versions() -> dict[str, str]:
     from importlib import metadata
 

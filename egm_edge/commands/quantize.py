@@ -62,17 +62,16 @@ def run(args: argparse.Namespace) -> int:
     note = _int4_block_note(args)
     if note:
         print(note, flush=True)
-    if args.awq is None and args.recipe == "int4_awq" or (args.recipe == "auto" and args.awq is None
-                                                          and "int4_awq" in (args.formats or "int4_awq")):
-        from egm_edge.quantize.recipes import AWQ_COST_NOTE
-
-        print(AWQ_COST_NOTE, flush=True)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip()) if args.formats else None
     if args.recipe != "auto" and (args.target or formats):
         from egm_edge.errors import InputError
 
         raise InputError(f"--target and --formats choose recipe auto's per-layer formats and recipe {args.recipe} is one format; "
                          "drop them, or choose --recipe auto.")
+    if args.awq is None and (args.recipe == "int4_awq" or args.recipe == "auto" and "int4_awq" in (formats or ("int4_awq",))):
+        from egm_edge.quantize.recipes import AWQ_COST_NOTE
+
+        print(AWQ_COST_NOTE, flush=True)
     if args.max_acc_drop is not None or args.data or args.auto_bits:
         return _gated(args, formats)
     args.effective_bits = _effective_bits(args)
@@ -151,17 +150,14 @@ def _effective_bits(args: argparse.Namespace) -> float | None:
 def _gated(args: argparse.Namespace, formats) -> int:
     """--recipe auto --max-acc-drop P --data D: the smallest AutoQuantize checkpoint that passes the gate."""
     from egm_edge.errors import InputError
-    from egm_edge.sweep.auto_search import LADDER, smallest_checkpoint
+    from egm_edge.sweep.auto_search import LADDER, parse_ladder, smallest_checkpoint
 
     if args.recipe != "auto" or args.max_acc_drop is None or not args.data:
         raise InputError("--max-acc-drop, --data and --auto-bits search recipe auto's effective bits against the validate gate; "
                          "give --recipe auto with both --max-acc-drop P and --data FILE.")
     if args.effective_bits is not None or args.max_bytes is not None:
         raise InputError("--max-acc-drop searches the effective bits itself; drop --effective-bits and --max-bytes.")
-    try:
-        ladder = [float(b) for b in args.auto_bits.split(",") if b.strip()] if args.auto_bits else list(LADDER)
-    except ValueError:
-        raise InputError(f"--auto-bits {args.auto_bits!r} must be numbers of bits, e.g. 5,6,7.") from None
+    ladder = parse_ladder(args.auto_bits) if args.auto_bits else list(LADDER)
     out, result = smallest_checkpoint(args.model, args.calib, args.out, args.data, target=args.target, formats=formats, ladder=ladder,
                                       max_acc_drop=args.max_acc_drop, limit=args.limit, gate=args.gate,
                                       force=args.force, cache_dir=args.cache_dir, dtype=args.dtype, say=lambda m: print(m, flush=True))

@@ -22,17 +22,6 @@ def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _bits(values):
-    from egm_edge.errors import InputError
-
-    if values is None:
-        return None
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        raise InputError(f"--auto-bits {','.join(values)} must be numbers of bits, e.g. 5,6,7.") from None
-
-
 def register(p: argparse.ArgumentParser) -> None:
     from egm_edge.commands.validate import add_cluster_arguments, add_endpoint_kind_argument
 
@@ -96,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from egm_edge.errors import InputError
     from egm_edge.sweep import sweep, sweep_deployed
+    from egm_edge.sweep.auto_search import parse_ladder
 
     if args.endpoint or args.bundle:
         model_only = [o for o, v in (("--recipes", args.recipes), ("--calib", args.calib),
@@ -133,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, say=lambda m: print(m, flush=True), calib_with_reasoning=args.calib_with_reasoning,
         force=args.force, cluster=args.cluster, cluster_timeout=args.cluster_timeout, shared_dir=args.shared_dir,
         shard_size=args.shard_size, target_engine=args.target_engine or "tensorrt",
-        auto_bits=_bits(args.auto_bits), max_acc_drop=args.max_acc_drop, max_miou_drop=args.max_miou_drop, gate=args.gate,
+        auto_bits=parse_ladder(args.auto_bits) if args.auto_bits is not None else None, max_acc_drop=args.max_acc_drop, max_miou_drop=args.max_miou_drop, gate=args.gate,
     )
     print(result.summary())
     return 0

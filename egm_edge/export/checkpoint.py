@@ -55,11 +55,9 @@ class CheckpointInfo:
     def layer_formats(self) -> dict[str, str]:
         """{module: recipe name} of a per-layer mixed checkpoint (recipe auto; {"*": format} where its search gave every
         quantized layer one format); {} for a single-recipe one."""
-        from egm_edge.quantize.layer_map import ALGO_FORMATS, layer_formats
+        from egm_edge.quantize.layer_map import layer_formats
 
-        formats = layer_formats(self.quant_config)
-        one = ALGO_FORMATS.get(str((self.quant_config.get("quantization") or {}).get("quant_algo")))
-        return formats or ({"*": one} if self.precision == "auto" and one else {})
+        return layer_formats(self.quant_config, ["*"] if self.precision == "auto" else ())
 
     @property
     def lowered_as(self) -> str:

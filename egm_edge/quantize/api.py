@@ -21,7 +21,6 @@ import gc
 import hashlib
 import json
 import shutil
-import struct
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,8 +42,6 @@ SIDE_FILES = (
 MEMORY_FACTOR = 3.0
 AUTO_MEMORY_FACTOR = 3.3
 LIBRARY_BYTES = 512 * 2**20
-_STORED_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # what export_hf_checkpoint stores an unquantized weight in
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
 
 
 def default_cache_dir() -> Path:
@@ -55,18 +52,11 @@ def default_cache_dir() -> Path:
 
 def parameter_count(model_dir: Path) -> int:
     """Number of stored tensor elements, read from the safetensors headers only."""
-    n = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as h:
-            size = struct.unpack("<Q", h.read(8))[0]
-            header = json.loads(h.read(size))
-        for k, v in header.items():
-            if k != "__metadata__":
-                elems = 1
-                for d in v["shape"]:
-                    elems *= d
-                n += elems
-    return n
+    from math import prod
+
+    from egm_edge.artifacts import safetensors_entries
+
+    return sum(prod(v["shape"]) for _, v in safetensors_entries(model_dir))
 
 
 def available_memory(device: str) -> int | None:
@@ -80,11 +70,16 @@ def available_memory(device: str) -> int | None:
     return available_host_memory()
 
 
-def check_memory(model_dir: Path, dtype: str, device: str, factor: float = MEMORY_FACTOR) -> dict[str, Any]:
+def element_size(dtype: str) -> int:
+    """Bytes of one element of a torch dtype name ("bfloat16" -> 2)."""
     import torch
 
+    return torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+
+
+def check_memory(model_dir: Path, dtype: str, device: str, factor: float = MEMORY_FACTOR) -> dict[str, Any]:
     params = parameter_count(model_dir)
-    need = int(params * torch.tensor([], dtype=getattr(torch, dtype)).element_size() * factor) + LIBRARY_BYTES
+    need = int(params * element_size(dtype) * factor) + LIBRARY_BYTES
     free = available_memory(device)
     if free is not None and need > free:
         raise UnsupportedError(
@@ -146,13 +141,7 @@ def _expected_quant_algo(spec: QuantSpec) -> set[str]:
     return {algo} if spec.vision == "16bit" or algo == "FP8" else {"MIXED_PRECISION"}
 
 
-def _grad_enabled():
-    import torch
-
-    return torch.enable_grad()
-
-
-def _auto_report(tmp: Path, hf_quant: dict, linears: dict[str, str], family, search: dict, full_decoder: int, max_bytes,
+def _auto_report(tmp: Path, hf_quant: dict, linears: dict[str, str], search: dict, full_decoder: int, quantized: int, max_bytes,
                  spec) -> dict:
     """The manifest's `auto` section (search figures, per-layer formats, decoder bytes) and layer_map.png beside it.
     `linears`: the language model's Linear names as the checkpoint stores them -> as the model names them."""
@@ -161,7 +150,6 @@ def _auto_report(tmp: Path, hf_quant: dict, linears: dict[str, str], family, sea
     cfg = json.loads((tmp / "config.json").read_text())
     formats = lm.layer_formats(hf_quant, linears)  # one format for every searched layer: ModelOpt wrote that one quant_algo
     full = {model_name: formats.get(saved, lm.SIXTEEN) for saved, model_name in linears.items()}
-    quantized = lm.decoder_bytes(tmp, family)
     if max_bytes is not None and quantized > int(max_bytes):
         raise EgmError(f"AutoQuantize at {spec.effective_bits:g} effective bits wrote a {quantized / 2**20:.2f} MiB decoder, over "
                        f"--max-bytes {int(max_bytes) / 2**20:.2f} MiB; lower --max-bytes a little (scales and norms are extra).")
@@ -274,7 +262,7 @@ def quantize(
 
         n_linear = auto.linear_params(model, family)
         spec = replace(spec, effective_bits=auto.effective_bits_for_bytes(
-            int(max_bytes), full_decoder, n_linear, _STORED_BYTES[dtype], spec.weight_block_size))
+            int(max_bytes), full_decoder, n_linear, element_size(dtype), spec.weight_block_size))
 
     image_cfg = calibset.image_config_for(runner.image_config, calib_recipe.max_pixels, calib_recipe.min_pixels)
     key = _calibration_key(calib_recipe, spec, input_hashes["tokenizer.json"], image_cfg, input_hashes, calib_samples + hold_samples,
@@ -326,7 +314,7 @@ def quantize(
         from egm_edge.quantize import auto
 
         close = runner.tokenizer.token_to_id(family.tokens.think_close)
-        with _grad_enabled():
+        with torch.enable_grad():  # AutoQuantize's scores need the backward pass
             model, search = auto.search(model, spec, family, calib_items, answer_from=close, progress=progress,
                                         forward_inputs=lambda it: calibset.model_inputs(it, image_token_id, device, pdtype))
     else:
@@ -356,9 +344,10 @@ def quantize(
                 f"for {spec.describe()}; expected {sorted(_expected_quant_algo(spec))} and {spec.kv_cache_quant_algo!r}."
             )
 
+        quantized_decoder = decoder_bytes(tmp, family)
         layers = None
         if search is not None:
-            layers = _auto_report(tmp, hf_quant, linear_names, family, search, full_decoder, max_bytes, spec)
+            layers = _auto_report(tmp, hf_quant, linear_names, search, full_decoder, quantized_decoder, max_bytes, spec)
         report: dict[str, Any] = {"recipe": spec.describe()}
         if fidelity:
             t0 = time.perf_counter()
@@ -385,7 +374,7 @@ def quantize(
                     "modelopt_config": spec.recipe_spec.modelopt_config},
             quantizers={"enabled": census, "expected": policy.expected_census(spec, linears), "linear_layers": linears},
             auto=layers,
-            decoder_bytes={"full": full_decoder, "quantized": decoder_bytes(tmp, family)},
+            decoder_bytes={"full": full_decoder, "quantized": quantized_decoder},
             calibration={"recipe": calib_recipe.to_dict(), "sha256": calib_sha, "file": str(calib_file), "reused": reused,
                          "with_reasoning": spec.calib_with_reasoning, "sources": source_summary,
                          "calibration": calibset.stats(calib_items), "holdout": calibset.stats(hold_items)},

@@ -28,8 +28,6 @@ INT4_SCALE_BITS = 16  # one 16-bit scale per INT4 block (ModelOpt's AWQ export),
 
 
 def candidate_configs(spec, family) -> list[dict[str, Any]]:
-    from dataclasses import replace
-
     from egm_edge.quantize import policy
     from egm_edge.quantize.recipes import QuantSpec
 
@@ -37,7 +35,7 @@ def candidate_configs(spec, family) -> list[dict[str, Any]]:
     for fmt in spec.formats:
         int4 = fmt == "int4_awq"
         one = QuantSpec(fmt, block_size=spec.block_size if int4 else None, awq=spec.awq if int4 else None)
-        out.append(policy.build_modelopt_config(replace(one), family))
+        out.append(policy.build_modelopt_config(one, family))
     return out
 
 
@@ -70,12 +68,9 @@ def grounding_loss(logits, item, answer_from: int | None):
 
 def linear_params(model, family) -> int:
     """Weights of the language model's Linear layers: what AutoQuantize's effective bits are an average over."""
-    from egm_edge.quantize import policy
+    from egm_edge.quantize.policy import linear_widths
 
-    import torch
-
-    return sum(m.weight.numel() for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and policy.quantizer_group(n + ".weight_quantizer", family) == "language_model")
+    return sum(model.get_submodule(name).weight.numel() for name in linear_widths(model, family))
 
 
 def effective_bits_for_bytes(max_bytes: int, full_decoder_bytes: int, linear_weights: int, full_bytes_per_weight: float,

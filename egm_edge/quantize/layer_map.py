@@ -13,17 +13,13 @@ Contract (pure Python apart from `draw`, which imports matplotlib when called):
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from pathlib import Path
 
 SIXTEEN = "16-bit"
 # ModelOpt's per-layer quant_algo -> the recipe that writes it (egm_edge.quantize.recipes).
 ALGO_FORMATS = {"W4A16_AWQ": "int4_awq", "W8A8_SQ_PER_CHANNEL": "int8_sq", "FP8": "fp8", "W4A8_AWQ": "w4a8_awq", "NVFP4": "nvfp4"}
 COLOURS = {"int4_awq": "#d95f02", "int8_sq": "#7570b3", "fp8": "#1b9e77", "w4a8_awq": "#e7298a", "nvfp4": "#66a61e", SIXTEEN: "#d9d9d9"}
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I64": 8, "I32": 4,
-                "I16": 2, "BOOL": 1}
 _LAYER = re.compile(r"\.layers\.(\d+)\.(.+)$")
 
 
@@ -50,20 +46,15 @@ def full_map(formats: dict[str, str], linears) -> dict[str, str]:
 
 def decoder_bytes(model_dir, family) -> int:
     """Stored bytes of the language model (and an untied lm_head) in `model_dir`'s safetensors."""
+    from egm_edge.artifacts import safetensors_entries
     from egm_edge.models.families import get_family
 
-    fam = get_family(family)
-    total = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as h:
-            header = json.loads(h.read(struct.unpack("<Q", h.read(8))[0]))
-        for k, v in header.items():
-            if k == "__metadata__" or not (k.startswith(fam.language_prefix) or k.startswith("language_model.")
-                                           or k.startswith("lm_head.")):
-                continue
-            start, end = v["data_offsets"]
-            total += int(end) - int(start)
-    return total
+    lp = get_family(family).language_prefix
+    # The record names modules as the model does ("model.language_model."); transformers saves some families one level
+    # up (InternVL: "language_model.model.*", its head "language_model.lm_head.*"), others as named, head "lm_head.".
+    prefixes = (lp, lp.partition(".")[2], "lm_head.")
+    return sum(int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in safetensors_entries(model_dir)
+               if k.startswith(prefixes))
 
 
 def summary(layer_map: dict[str, str]) -> dict:

@@ -23,6 +23,7 @@ from egm_edge.errors import InputError
 
 AUTO = "auto"
 LADDER = (5.0, 6.0, 7.0, 8.0)  # effective bits tried, fewest first (4 is plain INT4: the recipe int4_awq)
+SEARCH_MARKER = "auto-search.json"  # written first into `smallest_checkpoint`'s work folder: the folder is the search's
 
 
 def parse(name: str) -> tuple[float, tuple[str, ...] | None]:
@@ -40,6 +41,15 @@ def parse(name: str) -> tuple[float, tuple[str, ...] | None]:
     formats = tuple(fmts.split("/")) if fmts else None
     QuantSpec(AUTO, formats=formats or ("int4_awq",), effective_bits=value)  # one sentence for bad bits or formats
     return value, formats
+
+
+def parse_ladder(values) -> list[float]:
+    """--auto-bits as numbers ("5,6.5" or ["5", "6.5"]); one sentence for anything else."""
+    items = [v.strip() for v in values.split(",")] if isinstance(values, str) else [str(v).strip() for v in values]
+    try:
+        return [float(v) for v in items if v]
+    except ValueError:
+        raise InputError(f"--auto-bits {','.join(items)} must be numbers of bits, e.g. 5,6,7.") from None
 
 
 def label(bits: float, formats: tuple[str, ...] | None) -> str:
@@ -167,7 +177,10 @@ def smallest_checkpoint(model_dir, calibration, out_dir, data, *, target=None, f
     check_apart(work, inputs, "Search directory", "--out")
     if not Path(data).is_file():
         raise InputError(f"Data file {data} does not exist; pass grounding samples (EGM eval JSONL) with --data.")
-    prepare_output_dir(work, True, inputs=inputs, own=lambda d: (d / "checkpoints").is_dir())
+    # Resumed when it is this search's own (its marker); another egm-edge artifact there is replaced only on --force.
+    prepare_output_dir(work, force, inputs=inputs, own=lambda d: (d / SEARCH_MARKER).is_file())
+    (work / SEARCH_MARKER).write_text(json.dumps({"command": "quantize --recipe auto --max-acc-drop", "model": str(model_dir.resolve()),
+                                                  "out": str(out_dir.resolve())}, indent=2) + "\n")
 
     def candidate(name: str) -> tuple[Path, Path]:
         bits, _ = parse(name)
@@ -181,7 +194,7 @@ def smallest_checkpoint(model_dir, calibration, out_dir, data, *, target=None, f
                          max_new_tokens=max_new_tokens, max_acc_drop=max_acc_drop, max_miou_drop=max_miou_drop, say=say,
                          gate=gate)
     if result.pick is None:
-        raise EgmError(result.sentence().replace("--auto-bits", "--auto-bits on quantize").rstrip(".") + f" (report: {result.report}).")
+        raise EgmError(result.sentence().rstrip(".") + f" (report: {result.report}).")
     if out_dir.exists():  # check_output_dir allowed it: empty, or an egm-edge artifact replaced on --force
         shutil.rmtree(out_dir)
     (work / "checkpoints" / result.pick).rename(out_dir)
@@ -203,7 +216,8 @@ def _row(recipe: str, rep, checkpoint: Path, report_dir: Path) -> dict:
             "split_mean_acc_delta": sm.get("acc_delta"), "split_mean_miou_delta": sm.get("miou_delta"),
             "effective_bits": auto.get("effective_bits_target"), "formats": (auto.get("summary") or {}).get("formats"),
             "decoder_bytes": dec.get("quantized"), "decoder_fraction": auto.get("decoder_fraction"),
-            "failures": rep.failures, "held": rep.data.get("held") or [], "notes": rep.data.get("notes") or [], "picture": picture, "report": str(rep.out_dir / "report.md")}
+            "failures": rep.failures, "held": rep.data.get("held") or [], "notes": rep.data.get("notes") or [],
+            "picture": picture, "report": str(rep.out_dir / "report.md")}
 
 
 def _pm(v, fmt: str = "+.2f") -> str:

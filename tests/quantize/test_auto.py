@@ -173,6 +173,7 @@ def test_max_acc_drop_keeps_the_fewest_bits_that_pass_the_gate(tiny_ckpt, tmp_pa
     assert m["precision"] == "auto" and m["auto"]["effective_bits_target"] == 5.0
     search = tmp_path / "q.auto-search"
     assert "auto@5 is the smallest configuration" in (search / "auto.md").read_text() and not (search / "checkpoints" / "auto@8").exists()
+    assert (search / "auto-search.json").is_file()  # the marker that lets a rerun resume there
     for argv, needle in ((["--recipe", "int4_awq", "--max-acc-drop", "1"], "give --recipe auto"),
                          (["--recipe", "auto", "--max-acc-drop", "1", "--data", str(data), "--effective-bits", "6"], "drop --effective-bits")):
         rc = main(["quantize", "--model", str(tiny_ckpt), "--calib", "synth", "--out", str(tmp_path / "q2"), *argv])
